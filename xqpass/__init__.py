@@ -1,0 +1,21 @@
+"""xqpass: int8 / int4 quantized matmul for PyTorch on XLA.
+
+``import xqpass`` registers ``torch.ops.xq.quantized_matmul`` (CPU reference, fake kernel, XLA
+lowering). torch_xla is imported only when an XLA tensor reaches the op.
+"""
+from . import ops  # noqa: F401  (registers torch.ops.xq.quantized_matmul)
+from .nn import XlaQuantizedLinear, quantize_model
+from .quant import QuantizedWeight, dequantize, pack_int4, quantize_per_token, quantize_weight, unpack_int4
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedWeight",
+    "XlaQuantizedLinear",
+    "dequantize",
+    "pack_int4",
+    "quantize_model",
+    "quantize_per_token",
+    "quantize_weight",
+    "unpack_int4",
+]

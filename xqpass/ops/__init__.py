@@ -1,0 +1,18 @@
+"""``torch.ops.xq.quantized_matmul``: definition, CPU reference, fake kernel and XLA lowering.
+
+Importing this package registers the op and all its kernels. torch_xla itself is imported only when
+an XLA tensor reaches the XLA kernel.
+"""
+from . import xla as _xla_lowering  # noqa: F401  (registers the "xla" kernel)
+from .checks import MatmulSpec, check_inputs, compute_dtype, max_int32_reduction
+from .quantized_matmul import quantized_matmul
+from .reference import quantized_matmul_reference
+
+__all__ = [
+    "MatmulSpec",
+    "check_inputs",
+    "compute_dtype",
+    "max_int32_reduction",
+    "quantized_matmul",
+    "quantized_matmul_reference",
+]

@@ -1,0 +1,144 @@
+"""Input validation shared by every kernel of ``xq::quantized_matmul`` (CPU, fake, XLA).
+
+Runs on shapes and dtypes only, so a bad call fails at trace time (Dynamo, AOT, export, lazy XLA
+tracing) with a ``TypeError`` (wrong dtype / kind) or ``ValueError`` (wrong shape / value) that names
+what was expected and what came. Under ``torch.compile`` Dynamo re-raises it as ``TorchRuntimeError``
+carrying the same message. (TypeError messages here avoid the word Dynamo treats as a graph-break
+signal, so the error stays an error instead of a silent graph break.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, value_range
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """What validation learned about a call: sizes of the contraction and the output."""
+
+    in_features: int  # K
+    out_features: int  # N
+    block_size: int  # -1 or B
+    num_blocks: int  # 1 for per-channel, K/B for blockwise
+
+    @property
+    def reduction_length(self) -> int:
+        """Length of one integer dot: K per-channel, B blockwise (the int32 accumulation bound)."""
+        return self.in_features if self.block_size == PER_CHANNEL else self.block_size
+
+
+def max_int32_reduction(w_dtype: torch.dtype, int4_weight: bool) -> int:
+    """Longest dot of int8 activations (|x_q| <= 127) with these weights that cannot overflow int32."""
+    lo, hi = value_range(w_dtype, int4_weight)
+    return INT32_MAX // (127 * max(abs(lo), abs(hi)))
+
+
+def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Precision the op computes in: float64 for float64 activations, float32 otherwise."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_inputs(
+    x,
+    w,
+    scale,
+    zero_point=None,
+    block_size: int = PER_CHANNEL,
+    int4_weight: bool = False,
+    quantize_activation: bool = False,
+    packed: bool = False,
+) -> MatmulSpec:
+    """Validate one call of the op; see :mod:`xqpass.quant.layouts` for the layouts."""
+    for name, t in (("x", x), ("w", w), ("scale", scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"quantized_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        hint = " (integer activations: pass float x and quantize_activation=True)" if not x.is_floating_point() else ""
+        raise TypeError(
+            f"quantized_matmul: x must be float32, bfloat16, float16 or float64, got {x.dtype}{hint}"
+        )
+    if x.dim() < 1:
+        raise ValueError(f"quantized_matmul: x must have at least 1 dim [..., K], got a 0-d tensor")
+    if w.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"quantized_matmul: w must be torch.int8 or torch.uint8 (quantized), got {w.dtype}")
+    if not scale.is_floating_point():
+        raise TypeError(f"quantized_matmul: scale must be a floating tensor, got {scale.dtype}")
+    if zero_point is not None:
+        if not isinstance(zero_point, torch.Tensor):
+            raise TypeError(f"quantized_matmul: zero_point must be a torch.Tensor or None, got {type(zero_point).__name__}")
+        if not zero_point.is_floating_point():
+            raise TypeError(
+                "quantized_matmul: zero_point must be floating (the seed's convention w * scale - zero_point; "
+                f"an integer zero z maps to z * scale), got {zero_point.dtype}"
+            )
+    for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {x.device}")
+    if not isinstance(block_size, int) and not isinstance(block_size, torch.SymInt):
+        raise TypeError(f"quantized_matmul: block_size must be an int, got {type(block_size).__name__}")
+    if block_size != PER_CHANNEL and block_size <= 0:
+        raise ValueError(f"quantized_matmul: block_size must be -1 (per-channel) or positive, got {block_size}")
+    if packed and not int4_weight:
+        raise ValueError("quantized_matmul: packed=True holds two 4-bit values a byte; it needs int4_weight=True")
+
+    k = x.shape[-1]
+    pack = 2 if packed else 1
+    if block_size == PER_CHANNEL:
+        if w.dim() != 2:
+            raise ValueError(
+                f"quantized_matmul: per-channel w must be 2-D [N, K{'/2' if packed else ''}], got shape {_shape(w)}"
+                + (" (a 3-D weight is blockwise: pass block_size)" if w.dim() == 3 else "")
+            )
+        n = w.shape[0]
+        if w.shape[1] * pack != k:
+            raise ValueError(
+                f"quantized_matmul: K mismatch: x has K={k} in its last dim, w {_shape(w)} "
+                f"{'packs' if packed else 'holds'} K={w.shape[1] * pack}"
+                + (" (int4 weights unpacked one a byte: pass packed=False)" if packed and w.shape[1] == k else "")
+                + (" (two 4-bit values a byte: pass packed=True)" if int4_weight and not packed and 2 * w.shape[1] == k else "")
+            )
+        expected = (n,)
+        num_blocks = 1
+    else:
+        if w.dim() != 3:
+            raise ValueError(
+                f"quantized_matmul: blockwise w must be 3-D [K/B, B{'/2' if packed else ''}, N], got shape {_shape(w)}"
+            )
+        if k % block_size:
+            raise ValueError(f"quantized_matmul: block_size={block_size} does not divide K={k}")
+        if packed and block_size % 2:
+            raise ValueError(f"quantized_matmul: packed int4 needs an even block_size, got {block_size}")
+        num_blocks = k // block_size
+        n = w.shape[2]
+        want = (num_blocks, block_size // pack, n)
+        if _shape(w) != want:
+            raise ValueError(
+                f"quantized_matmul: blockwise w for K={k}, block_size={block_size}"
+                f"{', packed' if packed else ''} must be {want} [K/B, B{'/2' if packed else ''}, N], got {_shape(w)}"
+            )
+        expected = (num_blocks, n)
+    if _shape(scale) != expected:
+        raise ValueError(f"quantized_matmul: scale must have shape {expected}, got {_shape(scale)}")
+    if zero_point is not None and _shape(zero_point) != expected:
+        raise ValueError(f"quantized_matmul: zero_point must have shape {expected} like scale, got {_shape(zero_point)}")
+
+    spec = MatmulSpec(in_features=k, out_features=n, block_size=block_size, num_blocks=num_blocks)
+    if quantize_activation:
+        bound = max_int32_reduction(w.dtype, int4_weight)
+        if spec.reduction_length > bound:
+            raise ValueError(
+                f"quantized_matmul: quantize_activation accumulates in int32, which can overflow for "
+                f"{'K' if block_size == PER_CHANNEL else 'block_size'}={spec.reduction_length} with "
+                f"{'4-bit ' if int4_weight else ''}{w.dtype} weights; the bound is {bound}"
+            )
+    return spec

@@ -1,0 +1,68 @@
+"""Definition of ``torch.ops.xq.quantized_matmul``: schema, default kernel, fake kernel, autograd.
+
+Schema (the seed's positional arguments, plus a keyword-only ``packed``)::
+
+    xq::quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point=None,
+                         SymInt block_size=-1, bool int4_weight=False,
+                         bool quantize_activation=False, *, bool packed=False) -> Tensor
+
+``x [..., K]`` float; ``w`` / ``scale`` / ``zero_point`` in a layout of :mod:`xqpass.quant.layouts`;
+returns ``[..., N]`` in ``x.dtype``. Numerics: :mod:`xqpass.ops.reference`. The default kernel (CPU and
+any non-XLA device) is the reference; XLA tensors take :mod:`xqpass.ops.xla`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..quant.layouts import dequantize
+from .checks import check_inputs, compute_dtype
+from .reference import quantized_matmul_reference
+
+
+@torch.library.custom_op("xq::quantized_matmul", mutates_args=())
+def quantized_matmul(
+    x: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    zero_point: Optional[Tensor] = None,
+    block_size: int = -1,
+    int4_weight: bool = False,
+    quantize_activation: bool = False,
+    *,
+    packed: bool = False,
+) -> Tensor:
+    """``x @ w_deq.T`` with ``w_deq = w * scale - zero_point`` kept quantized until the kernel."""
+    return quantized_matmul_reference(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+
+
+@quantized_matmul.register_fake
+def _quantized_matmul_fake(
+    x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, *, packed=False
+):
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+    return x.new_empty((*x.shape[:-1], spec.out_features))
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    _x, w, scale, zero_point, block_size = inputs[:5]
+    ctx.save_for_backward(w, scale, zero_point)
+    ctx.block_size = block_size
+    ctx.packed = keyword_only_inputs.get("packed", False)
+
+
+def _backward(ctx, grad_out):
+    """Gradient for ``x`` only: ``grad @ w_deq`` (straight-through for quantized activations).
+
+    The integer weight has no gradient; ``scale`` and ``zero_point`` are treated as constants.
+    """
+    w, scale, zero_point = ctx.saved_tensors
+    cdt = compute_dtype(grad_out.dtype)
+    w_deq = dequantize(w, scale, zero_point, ctx.block_size, ctx.packed, cdt)  # [N, K]
+    grad_x = torch.matmul(grad_out.to(cdt), w_deq).to(grad_out.dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+quantized_matmul.register_autograd(_backward, setup_context=_setup_context)

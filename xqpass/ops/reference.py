@@ -1,0 +1,61 @@
+"""The CPU reference of ``xq::quantized_matmul``: the readable definition of the op's numerics.
+
+With ``w_deq`` the dequantized weight (``w * scale - zero_point``, see :mod:`xqpass.quant.layouts`)::
+
+    quantize_activation=False (W8A16, W4A16):   out = x @ w_deq.T
+    quantize_activation=True  (W8A8,  W4A8):    out = (x_q * x_scale) @ w_deq.T
+
+where ``x_q, x_scale = quantize_per_token(x)`` (int8 per row, the seed's scheme). The scale is
+applied after the dot, as the seed does, so the integer part of a W8A8 / W4A8 dot accumulates exactly
+in int32 (over K per-channel, over B blockwise; inputs that could overflow are rejected):
+
+    per-channel:  out[.., n] = (sum_k x[.., k] w[n, k]) * scale[n] - (sum_k x[.., k]) * zero_point[n]
+    blockwise:    out[.., n] = sum_s [ (sum_b x[.., s, b] w[s, b, n]) * scale[s, n]
+                                       - (sum_b x[.., s, b]) * zero_point[s, n] ]
+
+(times ``x_scale`` with ``x`` replaced by ``x_q`` when activations are quantized). Float work runs in
+float32 (float64 for float64 ``x``); the output has ``x``'s dtype and shape ``[..., N]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.layouts import PER_CHANNEL, unpacked_weight
+from ..quant.quantize import quantize_per_token
+from .checks import check_inputs, compute_dtype
+
+
+def quantized_matmul_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    block_size: int = PER_CHANNEL,
+    int4_weight: bool = False,
+    quantize_activation: bool = False,
+    packed: bool = False,
+) -> torch.Tensor:
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+    cdt = compute_dtype(x.dtype)
+    w = unpacked_weight(w, packed)  # one value an element, per-channel [N, K] or blockwise [K/B, B, N]
+    if quantize_activation:
+        x_q, x_scale = quantize_per_token(x.to(cdt))
+        lhs, wv, acc_dtype = x_q.to(torch.int32), w.to(torch.int32), torch.int32  # exact integer dot
+    else:
+        lhs, wv, acc_dtype = x.to(cdt), w.to(cdt), cdt
+    scale, zp = scale.to(cdt), None if zero_point is None else zero_point.to(cdt)
+
+    if block_size == PER_CHANNEL:
+        acc = torch.matmul(lhs, wv.t()).to(cdt)  # [..., N]
+        out = acc * scale
+        if zp is not None:
+            out = out - lhs.sum(dim=-1, keepdim=True).to(cdt) * zp
+    else:
+        blocks = lhs.reshape(*lhs.shape[:-1], spec.num_blocks, block_size)  # [..., K/B, B]
+        acc = torch.einsum("...sb,sbn->...sn", blocks, wv).to(cdt)  # [..., K/B, N]
+        out = (acc * scale).sum(dim=-2)
+        if zp is not None:
+            out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), zp)
+    if quantize_activation:
+        out = out * x_scale
+    return out.to(x.dtype)

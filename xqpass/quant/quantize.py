@@ -1,0 +1,146 @@
+"""Round-to-nearest quantization of float weights into the op's layouts, and of activations per token.
+
+Pure torch. Layouts, packing and the zero-point convention are defined in :mod:`xqpass.quant.layouts`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layouts import PER_CHANNEL, dequantize, pack_int4, per_channel_to_blockwise
+
+ACTIVATION_QMAX = 127  # per-token int8 activations use the symmetric range [-127, 127]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight in the op's layout: the arguments of ``torch.ops.xq.quantized_matmul`` after ``x``.
+
+    ``weight``: int8/uint8, per-channel ``[N, K]`` or blockwise ``[K/B, B, N]`` (K or B halved when
+    ``packed``); ``scale`` ``[N]`` / ``[K/B, N]``; ``zero_point`` same shape as ``scale`` or ``None``.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    block_size: int
+    int4_weight: bool
+    packed: bool
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.int4_weight else 8
+
+    @property
+    def out_features(self) -> int:
+        return self.scale.shape[-1]
+
+    @property
+    def in_features(self) -> int:
+        k = self.weight.shape[1] * (2 if self.packed else 1)
+        return k if self.block_size == PER_CHANNEL else k * self.weight.shape[0]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight ``[N, K]`` (``w * scale - zero_point``)."""
+        return dequantize(self.weight, self.scale, self.zero_point, self.block_size, self.packed, dtype)
+
+    def op_kwargs(self) -> dict:
+        """Keyword arguments of the op for this weight (everything but ``x``)."""
+        return dict(
+            w=self.weight,
+            scale=self.scale,
+            zero_point=self.zero_point,
+            block_size=self.block_size,
+            int4_weight=self.int4_weight,
+            packed=self.packed,
+        )
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int = 8,
+    block_size: int = PER_CHANNEL,
+    symmetric: bool = True,
+    packed: bool | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a float ``weight [N, K]`` (an ``nn.Linear`` weight).
+
+    * ``bits``: 8 or 4. ``packed`` (default: ``True`` for 4 bits) stores two 4-bit values a byte.
+    * ``block_size``: ``-1`` for one scale per output channel, else groups of ``block_size`` input
+      features (must divide K) and the blockwise layout ``[K/B, B, N]``.
+    * ``symmetric=True``: int8 storage, ``scale = amax / (2**(bits-1) - 1)``, no zero point.
+      ``symmetric=False``: uint8 storage in ``[0, 2**bits - 1]``, ``scale = (max - min) / (2**bits - 1)``
+      over a range that includes 0, integer zero ``z = round(-min / scale)``, returned in the op's float
+      convention ``zero_point = z * scale`` (so ``w_deq = (q - z) * scale``).
+
+    Every element of the dequantized weight lies within ``scale / 2`` (plus float rounding) of ``weight``.
+    An all-zero group gets ``scale = 0`` and dequantizes to exactly 0.
+    """
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        got = f"{weight.dtype} {weight.dim()}-D tensor" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"quantize_weight expects a floating [out_features, in_features] tensor, got {got}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if packed is None:
+        packed = bits == 4
+    if packed and bits != 4:
+        raise ValueError("packed=True needs bits=4 (two 4-bit values a byte)")
+    n, k = weight.shape
+    if block_size != PER_CHANNEL and (block_size <= 0 or k % block_size):
+        raise ValueError(f"block_size must be -1 or a positive divisor of in_features={k}, got {block_size}")
+    group = k if block_size == PER_CHANNEL else block_size
+    if packed and group % 2:
+        raise ValueError(f"packed int4 needs an even {'in_features' if block_size == PER_CHANNEL else 'block_size'}, got {group}")
+
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    grouped = w.reshape(n, k // group, group)  # [N, G, group]
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax - 1
+        scale = (grouped.abs().amax(dim=-1) / qmax).to(scale_dtype)  # [N, G]
+        zero = None
+        dtype = torch.int8
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo = grouped.amin(dim=-1).clamp(max=0)
+        hi = grouped.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / qmax).to(scale_dtype)
+        dtype = torch.uint8
+    s = scale.to(w.dtype)  # quantize against the scale as it is stored
+    safe = torch.where(s == 0, torch.ones_like(s), s)[..., None]
+    if symmetric:
+        q = torch.round(grouped / safe)
+    else:
+        zero = torch.round(-lo[..., None] / safe).clamp(qmin, qmax)
+        q = torch.round(grouped / safe) + zero
+    q = q.clamp(qmin, qmax).to(dtype).reshape(n, k)
+    zero_point = None if zero is None else (zero[..., 0] * s).to(scale_dtype)  # float convention
+
+    if block_size == PER_CHANNEL:
+        q_layout, scale, zero_point = q, scale[:, 0], None if zero_point is None else zero_point[:, 0]
+    else:
+        q_layout = per_channel_to_blockwise(q, block_size)
+        scale = scale.t().contiguous()
+        zero_point = None if zero_point is None else zero_point.t().contiguous()
+    if packed:
+        q_layout = pack_int4(q_layout, axis=1)
+    return QuantizedWeight(q_layout.contiguous(), scale.contiguous(), zero_point, block_size, bits == 4, packed)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 quantization of each row of ``x`` along its last dim (the seed's scheme).
+
+    Returns ``(x_q, x_scale)``: ``x_q`` int8 in ``[-127, 127]`` shaped like ``x``, and
+    ``x_scale = amax(|x|, dim=-1, keepdim=True) / 127`` in ``x.dtype``, so ``x ~= x_q * x_scale``.
+    Unlike the seed, an all-zero row quantizes to zeros (no 0/0), values are clamped (no int8
+    wrap-around at 127.5), and a NaN never reaches the int8 cast (undefined behaviour): a row with a
+    NaN or an infinity has a NaN or infinite ``x_scale``, which carries it to the output.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True)  # explicit dim: torch_xla 2.9's dim-less amax is wrong
+    x_scale = amax / ACTIVATION_QMAX
+    safe = torch.where(x_scale == 0, torch.ones_like(x_scale), x_scale)
+    q = torch.round(x / safe).clamp(-ACTIVATION_QMAX, ACTIVATION_QMAX)
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)
+    return q.to(torch.int8), x_scale
