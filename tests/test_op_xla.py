@@ -1,0 +1,128 @@
+"""The XLA lowering on XLA:CPU: agreement with the CPU reference and the float64 oracle, one compiled
+graph with no graph break, no recompilation and no host round trip, weights quantized on the device."""
+import re
+
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from hypothesis import given, settings
+
+from oracle import assert_within, oracle
+from xqpass.testing import strategies as xst
+
+op = torch.ops.xq.quantized_matmul
+
+
+def _to(kw, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@settings(max_examples=30)
+@given(case=xst.op_cases())
+def test_xla_eager_matches_cpu_reference_and_oracle(case, xla_device):
+    kw = case.op_kwargs()
+    cpu = op(case.x, **kw)
+    xla = op(case.x.to(xla_device), **_to(kw, xla_device)).cpu()
+    assert xla.dtype == case.x.dtype and xla.shape == cpu.shape
+    expected, allowance = oracle(case.x, **kw)
+    assert_within(xla, expected, allowance, "xla vs oracle " + case.fmt.name)
+    if case.fmt.quantize_activation:  # the same int8 activations: both differ from the oracle alike
+        assert_within(xla, cpu.double().numpy(), allowance, "xla vs cpu " + case.fmt.name)
+
+
+def _counter(name):
+    return met.counter_value(name) or 0
+
+
+def _metric_count(name):
+    data = met.metric_data(name)
+    return data[0] if data else 0
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        xst.WeightFormat(8, -1, True, False, False),
+        xst.WeightFormat(4, -1, True, True, False),  # the seed's int4 per-channel fails on XLA:CPU
+        xst.WeightFormat(4, 32, False, True, False),
+        xst.WeightFormat(8, 32, True, False, True),
+        xst.WeightFormat(4, -1, False, True, True),
+    ],
+    ids=lambda f: f.name,
+)
+def test_compiled_openxla_one_graph_no_recompile_no_host_transfer(fmt, xla_device):
+    qw = xst.random_quantized_weight(fmt, 48, 64, seed=7)
+    kw = _to(qw.op_kwargs(), xla_device)
+
+    def f(x, w, scale, zero_point):
+        return op(x, w, scale, zero_point, fmt.block_size, fmt.bits == 4, fmt.quantize_activation, packed=fmt.packed)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="openxla", fullgraph=True)  # fullgraph: a graph break would raise
+    args = lambda x: (x.to(xla_device), kw["w"], kw["scale"], kw["zero_point"])  # noqa: E731
+    x1, x2 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    out1 = compiled(*args(x1)).cpu()
+    compiles = _metric_count("CompileTime")
+    to_host = _metric_count("TransferFromDeviceTime")
+    out2 = compiled(*args(x2))
+    torch_xla.sync()
+    assert _metric_count("CompileTime") == compiles, "second call recompiled"
+    assert _metric_count("TransferFromDeviceTime") == to_host, "the op copied something to the host"
+    for x, out in ((x1, out1), (x2, out2.cpu())):
+        expected, allowance = oracle(x, **qw.op_kwargs(), quantize_activation=fmt.quantize_activation)
+        assert_within(out, expected, allowance, fmt.name)
+
+
+def test_hlo_keeps_weight_quantized_until_inside_the_graph(xla_device):
+    """The graph's parameters are the stored bytes (packed int4 as [N, K/2] u8), never a float weight."""
+    for fmt, w_type in ((xst.WeightFormat(8, -1, True, False, False), "s8[48,64]"),
+                        (xst.WeightFormat(4, -1, False, True, False), "u8[48,32]"),
+                        (xst.WeightFormat(8, -1, True, False, True), "s8[48,64]")):
+        qw = xst.random_quantized_weight(fmt, 48, 64, seed=8)
+        out = op(torch.randn(3, 64).to(xla_device), quantize_activation=fmt.quantize_activation,
+                 **_to(qw.op_kwargs(), xla_device))
+        hlo = torch_xla._XLAC._get_xla_tensors_hlo([out])
+        params = re.findall(r"(\w+\[[\d,]*\])\{?[\d,]*\}? parameter\(", hlo)
+        assert w_type in params, (fmt.name, params)
+        assert not any(p.startswith(("f32[48,64]", "bf16[48,64]", "f32[64,48]")) for p in params), params
+        if fmt.quantize_activation:  # an integer dot with an int32 result
+            assert re.search(r"s32\[\d+,\d+\]\{[\d,]*\} dot\(", hlo), hlo
+
+
+def test_export_is_one_node_with_dynamic_batch():
+    qw = xst.random_quantized_weight(xst.WeightFormat(4, 16, True, True, False), 12, 32, seed=9)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return op(x, **qw.op_kwargs())
+
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(M(), (torch.randn(4, 32),), dynamic_shapes={"x": {0: batch}})
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and n.target == op.default]
+    assert len(calls) == 1
+    assert sum(n.op == "call_function" for n in ep.graph.nodes) == 1  # nothing else: no decomposition
+    x = torch.randn(7, 32)
+    expected, allowance = oracle(x, **qw.op_kwargs())
+    assert_within(ep.module()(x), expected, allowance, "exported")
+
+
+def test_dynamo_and_aot_graphs_hold_one_node():
+    qw = xst.random_quantized_weight(xst.WeightFormat(8, -1, False, False, True), 12, 32, seed=10)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x):
+        return op(x, **qw.op_kwargs(), quantize_activation=True) * 2
+
+    torch._dynamo.reset()
+    x5 = torch.randn(5, 32)
+    assert torch.equal(torch.compile(f, backend=record, fullgraph=True, dynamic=True)(x5), f(x5))
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"].count(op) == 1
+    aot = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (3, 6):
+        x = torch.randn(rows, 32)
+        assert torch.equal(aot(x), f(x))

@@ -1,0 +1,1 @@
+"""Testing helpers for users' own property tests: ``xqpass.testing.strategies`` (needs hypothesis)."""

@@ -1,0 +1,129 @@
+"""Hypothesis strategies for quantized weights in every format of ``torch.ops.xq.quantized_matmul``.
+
+For users' own property tests (and ours)::
+
+    from hypothesis import given
+    from xqpass.testing import strategies as xst
+
+    @given(xst.op_cases())
+    def test_my_kernel(case):
+        out = my_kernel(case.x, **case.op_kwargs())
+        ...
+
+Weights are drawn as raw integers over the whole range of their storage (not produced by
+quantizing a float weight), scales as positive floats, zero points as signed floats, so every value a
+real checkpoint could hold is reachable. Requires ``hypothesis`` (the ``test`` extra).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from ..quant.layouts import PER_CHANNEL, pack_int4, value_range
+from ..quant.quantize import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One row of the op's format table (docs/ops.md)."""
+
+    bits: int  # 8 or 4
+    block_size: int  # -1 per-channel, else the block (group) size along K
+    symmetric: bool  # False: uint8 storage and a float zero point
+    packed: bool  # 4-bit only: two values a byte
+    quantize_activation: bool  # W8A8 / W4A8
+
+    @property
+    def name(self) -> str:
+        act = "A8" if self.quantize_activation else "A16"
+        gran = "per-channel" if self.block_size == PER_CHANNEL else f"blockwise(B={self.block_size})"
+        packing = " packed" if self.packed else (" unpacked" if self.bits == 4 else "")
+        return f"W{self.bits}{act} {gran} {'sym' if self.symmetric else 'asym'}{packing}"
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.int8 if self.symmetric else torch.uint8
+
+
+@st.composite
+def weight_formats(draw, bits=(8, 4), block_sizes=(PER_CHANNEL, 2, 4, 8, 16, 32), quantize_activation=(False, True)):
+    """A :class:`WeightFormat`. ``block_sizes`` lists the candidates (-1 = per-channel)."""
+    b = draw(st.sampled_from(bits))
+    return WeightFormat(
+        bits=b,
+        block_size=draw(st.sampled_from(block_sizes)),
+        symmetric=draw(st.booleans()),
+        packed=draw(st.booleans()) if b == 4 else False,
+        quantize_activation=draw(st.sampled_from(quantize_activation)),
+    )
+
+
+def _random_ints(gen: torch.Generator, shape, lo: int, hi: int, dtype) -> torch.Tensor:
+    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int16).to(dtype)
+
+
+def random_quantized_weight(
+    fmt: WeightFormat, out_features: int, in_features: int, seed: int, scale_dtype=torch.float32
+) -> QuantizedWeight:
+    """Random integers over the storage's full range, in ``fmt``'s layout (K or B halved if packed)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = value_range(fmt.weight_dtype, fmt.bits == 4)
+    n, k = out_features, in_features
+    if fmt.block_size == PER_CHANNEL:
+        w_shape, s_shape = (n, k), (n,)
+    else:
+        w_shape, s_shape = (k // fmt.block_size, fmt.block_size, n), (k // fmt.block_size, n)
+    w = _random_ints(gen, w_shape, lo, hi, fmt.weight_dtype)
+    if fmt.packed:
+        w = pack_int4(w, axis=1)
+    # scales spread over two decades, as real checkpoints' are; kept small so outputs stay O(1)
+    scale = (torch.rand(s_shape, generator=gen) * 0.099 + 0.001).to(scale_dtype) / max(hi, 1)
+    zero_point = None
+    if not fmt.symmetric:  # a real-valued zero z in the storage range, in the float convention z * scale
+        z = torch.rand(s_shape, generator=gen) * (hi - lo) + lo
+        zero_point = (z * scale.float()).to(scale_dtype)
+    return QuantizedWeight(w, scale, zero_point, fmt.block_size, fmt.bits == 4, fmt.packed)
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One call of the op: ``torch.ops.xq.quantized_matmul(case.x, **case.op_kwargs())``."""
+
+    x: torch.Tensor
+    weight: QuantizedWeight
+    fmt: WeightFormat
+
+    def op_kwargs(self) -> dict:
+        return dict(self.weight.op_kwargs(), quantize_activation=self.fmt.quantize_activation)
+
+
+@st.composite
+def op_cases(
+    draw,
+    formats=None,
+    x_dtypes=(torch.float32, torch.bfloat16),
+    max_out_features: int = 24,
+    max_blocks: int = 4,
+    x_ranks=(1, 2, 3),
+):
+    """An :class:`OpCase`: a format, odd and even sizes, a 1-3-D activation, a weight in that format."""
+    fmt = draw(formats if formats is not None else weight_formats())
+    n = draw(st.integers(1, max_out_features))
+    if fmt.block_size == PER_CHANNEL:
+        k = draw(st.integers(1, 48))
+        if fmt.packed:
+            k = 2 * ((k + 1) // 2)
+    else:
+        if fmt.packed and fmt.block_size % 2:
+            fmt = WeightFormat(fmt.bits, fmt.block_size * 2, fmt.symmetric, fmt.packed, fmt.quantize_activation)
+        k = fmt.block_size * draw(st.integers(1, max_blocks))
+    rank = draw(st.sampled_from(x_ranks))
+    lead = draw(st.lists(st.integers(1, 5), min_size=rank - 1, max_size=rank - 1))
+    dtype = draw(st.sampled_from(x_dtypes))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn((*lead, k), generator=gen) * draw(st.sampled_from([0.1, 1.0, 10.0]))).to(dtype)
+    weight = random_quantized_weight(fmt, n, k, seed + 1)
+    return OpCase(x, weight, fmt)
