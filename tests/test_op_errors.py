@@ -16,6 +16,7 @@ def _good():
         int4_weight=False,
         quantize_activation=False,
         packed=False,
+        bias=None,
     )
 
 
@@ -39,6 +40,8 @@ BAD = {
     "block_size -2": (dict(block_size=-2), ValueError, r"got -2"),
     "packed without int4": (dict(packed=True), ValueError, r"needs int4_weight=True"),
     "packed K mismatch hint": (dict(packed=True, int4_weight=True), ValueError, r"packs K=16.*pass packed=False"),
+    "bias shape": (dict(bias=torch.rand(8)), ValueError, r"bias must have shape \(4,\), got \(8,\)"),
+    "integer bias": (dict(bias=torch.ones(4, dtype=torch.int64)), TypeError, r"bias must be a floating tensor or None, got torch.int64"),
     "unpacked int4 hint": (dict(int4_weight=True, x=torch.randn(3, 16)), ValueError, r"holds K=8.*pass packed=True"),
 }
 BAD_BLOCKWISE = {
@@ -54,7 +57,7 @@ CASES = {**{k: (_good, *v) for k, v in BAD.items()}, **{k: (_blockwise, *v) for 
 def _call(kwargs):
     kw = dict(kwargs)
     return op(kw.pop("x"), kw.pop("w"), kw.pop("scale"), kw.pop("zero_point"), kw.pop("block_size"),
-              kw.pop("int4_weight"), kw.pop("quantize_activation"), packed=kw.pop("packed"))
+              kw.pop("int4_weight"), kw.pop("quantize_activation"), kw.pop("bias"), packed=kw.pop("packed"))
 
 
 def _make(name):

@@ -123,3 +123,17 @@ def test_gradient_wrt_x_matches_dequantized_linear():
     op(x, **qw.op_kwargs()).sum().backward()
     w_deq = torch.from_numpy(dequantized(qw.weight, qw.scale, qw.zero_point, 4, True)[0])
     assert torch.allclose(x.grad, w_deq.sum(0).expand(3, 8), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [-1, 4])
+def test_bias_is_added_and_gets_its_gradient(block):
+    fmt = xst.WeightFormat(8, block, False, False, False)
+    qw = xst.random_quantized_weight(fmt, 5, 8, seed=11)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out = op(x, qw.weight, qw.scale, qw.zero_point, block, False, False, bias)
+    expected, _ = oracle(x.detach(), **qw.op_kwargs())
+    assert torch.allclose(out.detach(), torch.from_numpy(expected) + bias.detach(), rtol=1e-10, atol=1e-12)
+    out.sum().backward()
+    assert torch.equal(bias.grad, torch.full((5,), 6.0, dtype=torch.float64))
+    assert x.grad.shape == x.shape

@@ -24,6 +24,9 @@ def test_xla_eager_matches_cpu_reference_and_oracle(case, xla_device):
     kw = case.op_kwargs()
     cpu = op(case.x, **kw)
     xla = op(case.x.to(xla_device), **_to(kw, xla_device)).cpu()
+    bias = torch.randn(case.weight.out_features)
+    with_bias = op(case.x.to(xla_device), **_to(kw, xla_device), bias=bias.to(xla_device)).cpu()
+    assert torch.allclose(with_bias.double(), xla.double() + bias.double(), rtol=2e-2, atol=2e-2)
     assert xla.dtype == case.x.dtype and xla.shape == cpu.shape
     expected, allowance = oracle(case.x, **kw)
     assert_within(xla, expected, allowance, "xla vs oracle " + case.fmt.name)

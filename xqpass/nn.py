@@ -133,7 +133,7 @@ class XlaQuantizedLinear(nn.Module):
         self.zero_point = zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.xq.quantized_matmul(
+        return torch.ops.xq.quantized_matmul(
             x,
             self.weight,
             self.weight_scaler,
@@ -141,11 +141,9 @@ class XlaQuantizedLinear(nn.Module):
             self.block_size,
             self.int4_weight,
             self.quantize_activation,
+            self.bias,
             packed=self.packed,
         )
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out
 
     def extra_repr(self) -> str:
         bits = "int4" if self.int4_weight else "int8"

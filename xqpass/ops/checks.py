@@ -57,6 +57,7 @@ def check_inputs(
     int4_weight: bool = False,
     quantize_activation: bool = False,
     packed: bool = False,
+    bias=None,
 ) -> MatmulSpec:
     """Validate one call of the op; see :mod:`xqpass.quant.layouts` for the layouts."""
     for name, t in (("x", x), ("w", w), ("scale", scale)):
@@ -81,7 +82,11 @@ def check_inputs(
                 "quantized_matmul: zero_point must be floating (the seed's convention w * scale - zero_point; "
                 f"an integer zero z maps to z * scale), got {zero_point.dtype}"
             )
-    for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point)):
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise TypeError(f"quantized_matmul: bias must be a floating tensor or None, got {got}")
+    for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {x.device}")
     if not isinstance(block_size, int) and not isinstance(block_size, torch.SymInt):
@@ -132,6 +137,8 @@ def check_inputs(
     if zero_point is not None and _shape(zero_point) != expected:
         raise ValueError(f"quantized_matmul: zero_point must have shape {expected} like scale, got {_shape(zero_point)}")
 
+    if bias is not None and _shape(bias) != (n,):
+        raise ValueError(f"quantized_matmul: bias must have shape ({n},), got {_shape(bias)}")
     spec = MatmulSpec(in_features=k, out_features=n, block_size=block_size, num_blocks=num_blocks)
     if quantize_activation:
         bound = max_int32_reduction(w.dtype, int4_weight)

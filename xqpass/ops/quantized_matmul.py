@@ -1,13 +1,14 @@
 """Definition of ``torch.ops.xq.quantized_matmul``: schema, default kernel, fake kernel, autograd.
 
-Schema (the seed's positional arguments, plus a keyword-only ``packed``)::
+Schema (the seed's seven positional arguments, then ``bias`` and a keyword-only ``packed``)::
 
     xq::quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point=None,
                          SymInt block_size=-1, bool int4_weight=False,
-                         bool quantize_activation=False, *, bool packed=False) -> Tensor
+                         bool quantize_activation=False, Tensor? bias=None, *,
+                         bool packed=False) -> Tensor
 
 ``x [..., K]`` float; ``w`` / ``scale`` / ``zero_point`` in a layout of :mod:`xqpass.quant.layouts`;
-returns ``[..., N]`` in ``x.dtype``. Numerics: :mod:`xqpass.ops.reference`. The default kernel (CPU and
+``bias [N]`` float or None; returns ``[..., N]`` in ``x.dtype``. Numerics: :mod:`xqpass.ops.reference`. The default kernel (CPU and
 any non-XLA device) is the reference; XLA tensors take :mod:`xqpass.ops.xla`.
 """
 from __future__ import annotations
@@ -31,18 +32,21 @@ def quantized_matmul(
     block_size: int = -1,
     int4_weight: bool = False,
     quantize_activation: bool = False,
+    bias: Optional[Tensor] = None,
     *,
     packed: bool = False,
 ) -> Tensor:
-    """``x @ w_deq.T`` with ``w_deq = w * scale - zero_point`` kept quantized until the kernel."""
-    return quantized_matmul_reference(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+    """``x @ w_deq.T (+ bias)`` with ``w_deq = w * scale - zero_point`` kept quantized until the kernel."""
+    return quantized_matmul_reference(
+        x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias
+    )
 
 
 @quantized_matmul.register_fake
 def _quantized_matmul_fake(
-    x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, *, packed=False
+    x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, bias=None, *, packed=False
 ):
-    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
     return x.new_empty((*x.shape[:-1], spec.out_features))
 
 
@@ -54,7 +58,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """Gradient for ``x`` only: ``grad @ w_deq`` (straight-through for quantized activations).
+    """Gradients for ``x`` (``grad @ w_deq``, straight-through for quantized activations) and ``bias``.
 
     The integer weight has no gradient; ``scale`` and ``zero_point`` are treated as constants.
     """
@@ -62,7 +66,10 @@ def _backward(ctx, grad_out):
     cdt = compute_dtype(grad_out.dtype)
     w_deq = dequantize(w, scale, zero_point, ctx.block_size, ctx.packed, cdt)  # [N, K]
     grad_x = torch.matmul(grad_out.to(cdt), w_deq).to(grad_out.dtype)
-    return grad_x, None, None, None, None, None, None
+    grads = [grad_x] + [None] * (len(ctx.needs_input_grad) - 1)  # one per positional input given
+    if len(grads) > 7 and ctx.needs_input_grad[7]:  # bias
+        grads[7] = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return tuple(grads)
 
 
 quantized_matmul.register_autograd(_backward, setup_context=_setup_context)

@@ -13,7 +13,8 @@ in int32 (over K per-channel, over B blockwise; inputs that could overflow are r
     blockwise:    out[.., n] = sum_s [ (sum_b x[.., s, b] w[s, b, n]) * scale[s, n]
                                        - (sum_b x[.., s, b]) * zero_point[s, n] ]
 
-(times ``x_scale`` with ``x`` replaced by ``x_q`` when activations are quantized). Float work runs in
+(times ``x_scale`` with ``x`` replaced by ``x_q`` when activations are quantized), plus ``bias`` when
+given (added before the single rounding to ``x.dtype``). Float work runs in
 float32 (float64 for float64 ``x``); the output has ``x``'s dtype and shape ``[..., N]``.
 """
 from __future__ import annotations
@@ -34,8 +35,9 @@ def quantized_matmul_reference(
     int4_weight: bool = False,
     quantize_activation: bool = False,
     packed: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
     cdt = compute_dtype(x.dtype)
     w = unpacked_weight(w, packed)  # one value an element, per-channel [N, K] or blockwise [K/B, B, N]
     if quantize_activation:
@@ -58,4 +60,6 @@ def quantized_matmul_reference(
             out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), zp)
     if quantize_activation:
         out = out * x_scale
+    if bias is not None:
+        out = out + bias.to(cdt)
     return out.to(x.dtype)

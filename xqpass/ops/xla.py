@@ -32,9 +32,9 @@ def _int_dot(lhs: torch.Tensor, rhs: torch.Tensor, contracting, batch=([], [])) 
 
 @quantized_matmul.register_kernel("xla")
 def quantized_matmul_xla(
-    x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, *, packed=False
+    x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, bias=None, *, packed=False
 ):
-    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed)
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
     cdt = compute_dtype(x.dtype)
     k, n = spec.in_features, spec.out_features
     lead = x.shape[:-1]
@@ -67,4 +67,6 @@ def quantized_matmul_xla(
         out = (w_deq.reshape(k, n).t() @ x2.t()).t()
     if quantize_activation:
         out = out * x_scale
+    if bias is not None:
+        out = out + bias.to(cdt)
     return out.to(x.dtype).reshape(*lead, n)
