@@ -1,0 +1,92 @@
+"""``torch.compile`` backends: the pass, then a compiler.
+
+* ``xq_openxla``: the pass, then torch_xla's ``openxla`` compiler (XLA devices).
+* ``xq_eager``: the pass, then plain eager execution of the rewritten graph (CPU; for debugging, and
+  for tensor subclasses that cannot move to an XLA device).
+
+Both run the pass twice: on Dynamo's torch-level graph (where layers keep their module names), then,
+inside AOT autograd, on the aten-level graph (where tensor subclasses such as torchao's have been
+flattened into plain ops). Registered on ``import xqpass`` and through the ``torch_dynamo_backends``
+entry point, so ``torch.compile(model, backend="xq_openxla")`` works in a fresh process.
+
+The compiler after the pass is a parameter (:func:`make_backend`): another lowering (Inductor, a
+TorchTPU backend) plugs in here without touching the patterns.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.registry import register_backend
+
+from .rewrite import RewriteReport, rewrite
+
+log = logging.getLogger("xqpass")
+
+Compiler = Callable[[torch.fx.GraphModule, list], Callable]
+
+
+def make_backend(compiler: Compiler, *, boxed: bool, reports: list | None = None, name: str = "xq"):
+    """A Dynamo backend: the pass on the torch-level graph, AOT autograd, the pass on the aten-level
+    forward graph, then ``compiler(gm, example_inputs)``. ``boxed``: whether ``compiler`` returns a
+    boxed function (AOT's calling convention). Reports are appended to ``reports`` when given."""
+    counter = {"graphs": 0}
+
+    def after_aot(gm: torch.fx.GraphModule, example_inputs):
+        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)")
+        _record(report, reports)
+        compiled = compiler(gm, example_inputs)
+        if boxed:
+            return compiled
+        from functorch.compile import make_boxed_func
+
+        return make_boxed_func(compiled)
+
+    aot = aot_autograd(fw_compiler=after_aot)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (torch)")
+        counter["graphs"] += 1
+        _record(report, reports)
+        return aot(gm, example_inputs)
+
+    return backend
+
+
+def _record(report: RewriteReport, reports: list | None) -> None:
+    if report.rewrites or report.misses:
+        log.info("%s", report)
+    if reports is not None:
+        reports.append(report)
+
+
+def _eager(gm, example_inputs):
+    return gm.forward
+
+
+def _openxla(gm, example_inputs):
+    from torch._dynamo.backends.torchxla import openxla_eval_boxed
+
+    return openxla_eval_boxed(gm, example_inputs)
+
+
+xq_eager = make_backend(_eager, boxed=False, name="xq_eager")
+xq_openxla = make_backend(_openxla, boxed=True, name="xq_openxla")
+
+
+
+def _register(name: str, fn) -> None:
+    """Register once. When Dynamo found our ``torch_dynamo_backends`` entry point first, it is loading
+    this module right now and registers the function itself after the import (registering here too
+    would trip its duplicate check)."""
+    from torch._dynamo.backends import registry
+
+    if name in registry._COMPILER_FNS or registry._BACKENDS.get(name) is not None:
+        return
+    register_backend(name=name, compiler_fn=fn)
+
+
+_register("xq_eager", xq_eager)
+_register("xq_openxla", xq_openxla)

@@ -1,0 +1,118 @@
+"""The pattern catalogue: every dequantize -> matmul form the pass rewrites, each declared once.
+
+A pattern = a weight **form** (how the dequantized weight is computed from the integer storage) inside a
+**product** (how it meets the activation). Spellings (``.to`` vs ``_to_copy``, ``F.linear`` vs
+``addmm(t(w))``, views around rank > 2 activations) and layouts (transposes before or after the cast,
+``[N, K]`` or ``[K, N]``, grouped ``[N, G, g]`` views) are absorbed by :mod:`.spellings` and
+:mod:`.dsl`, so they are not listed here. docs/patterns.md shows one example of each entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .dsl import (
+    AnyOf,
+    Cast,
+    DequantizePerChannel,
+    DequantizePerTensor,
+    IntWeight,
+    Matmul,
+    Mul,
+    Named,
+    Operand,
+    PackedNibbles,
+    Pattern,
+    PostBias,
+    PostScale,
+    Sub,
+)
+
+#: the integer storage, preferring packed int4 in the op's nibble order
+QUANTIZED = AnyOf((PackedNibbles("w"), IntWeight("w")))
+#: the storage cast to float, not yet scaled
+CAST = Cast(QUANTIZED)
+
+
+@dataclass(frozen=True)
+class WeightForm:
+    name: str
+    example: str  # one line of user code, for docs/patterns.md
+    pattern: Pattern
+
+
+WEIGHT_FORMS = (
+    WeightForm(
+        "scale",
+        "w.to(dt) * s[:, None]",
+        Named("scale", Mul(CAST, Operand("scale"))),
+    ),
+    WeightForm(
+        "zero point, then scale",
+        "(w.to(dt) - zp[:, None]) * s[:, None]",
+        Named("zero point, then scale", Mul(Sub(CAST, Operand("zero", "zero")), Operand("scale")), zero_kind="int"),
+    ),
+    WeightForm(
+        "scale, then float zero point",
+        "w.to(dt) * s[:, None] - zp[:, None]",
+        Named("scale, then float zero point", Sub(Mul(CAST, Operand("scale")), Operand("zero", "zero")),
+              zero_kind="float"),
+    ),
+    WeightForm(
+        "PT2E dequantize_per_channel",
+        "quantized_decomposed.dequantize_per_channel(w, s, zp, 0, qmin, qmax, torch.int8)",
+        Named("PT2E dequantize_per_channel", DequantizePerChannel()),
+    ),
+    WeightForm(
+        "PT2E dequantize_per_tensor",
+        "quantized_decomposed.dequantize_per_tensor(w, s, zp, qmin, qmax, torch.int8)",
+        Named("PT2E dequantize_per_tensor", DequantizePerTensor()),
+    ),
+    WeightForm(
+        "cast only (unit scale)",
+        "w.to(dt)",
+        Named("cast only", CAST),
+    ),
+)
+
+#: any dequantized weight, optionally cast again (e.g. computed in float32, used in bfloat16)
+DEQUANTIZED = AnyOf(tuple(f.pattern for f in WEIGHT_FORMS) + tuple(
+    Cast(f.pattern, from_float=True) for f in WEIGHT_FORMS))
+
+
+@dataclass(frozen=True)
+class ProductForm:
+    name: str
+    example: str
+    pattern: Pattern
+
+
+PRODUCT_FORMS = (
+    ProductForm(
+        "scale after the matmul, bias after",
+        "(x @ w.t().to(dt)) * s + b",
+        PostBias(PostScale(Matmul(Named("cast, scaled after the matmul", CAST)))),
+    ),
+    ProductForm(
+        "scale after the matmul, bias before",
+        "(x @ w.t().to(dt) + b) * s",
+        PostScale(PostBias(Matmul(Named("cast, scaled after the matmul", CAST)))),
+    ),
+    ProductForm(
+        "scale after the matmul",
+        "(x @ w.t().to(dt)) * s",
+        PostScale(Matmul(Named("cast, scaled after the matmul", CAST))),
+    ),
+    ProductForm(
+        "dequantized weight, bias added after",
+        "F.linear(x, deq) + b",
+        PostBias(Matmul(DEQUANTIZED)),
+    ),
+    ProductForm(
+        "dequantized weight",
+        "F.linear(x, deq, b) / x @ deq.t() / addmm(b, x, deq.t())",
+        Matmul(DEQUANTIZED),
+    ),
+)
+
+#: the node kinds a product can end in (where the driver starts a match)
+ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add")

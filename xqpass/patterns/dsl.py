@@ -1,0 +1,645 @@
+"""A small declarative pattern language over FX graphs, written against :mod:`.spellings` kinds.
+
+Patterns are trees of combinators (:class:`Cast`, :class:`Mul`, :class:`Matmul`, ...) declared once, as
+data, in :mod:`xqpass.patterns.catalogue`. Matching is a backtracking search that yields every way a
+node can match; each combinator checks what it is responsible for on the node metadata (dtypes and
+shapes of the FakeTensor in ``meta["val"]`` / ``meta["example_value"]``), so a match is an equivalence,
+not a resemblance.
+
+Weight-side combinators carry a **weight layout**: a tuple of axis tags for the node's dims, over
+N (output features), K (input features), and G, g (K split into G groups of g). A matmul asks for its
+weight operand in ``("N", "K")`` (``linear``) or ``("K", "N")`` (``matmul``); transposes, permutes and
+reshapes met on the way down change the layout asked of their input (so ``w.t().float()`` and
+``w.float().t()`` are one pattern), and every operand broadcast against the weight (a scale, a zero
+point) is checked against the tags: a scale must vary only along N (per channel) or along N and G (per
+group). Anything the rules cannot prove equivalent fails with a reason, which the driver reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import sympy
+import torch
+from torch.fx import Node
+
+from .spellings import Canon, canonical
+
+Layout = tuple  # of "N", "K", "G", "g"
+NK: Layout = ("N", "K")
+KN: Layout = ("K", "N")
+WEIGHT_DTYPES = (torch.int8, torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata and symbolic sizes
+
+
+def meta_value(node: Any, gm: torch.fx.GraphModule | None = None) -> Any:
+    """The FakeTensor / example value of a node (or the real tensor of a ``get_attr``)."""
+    if not isinstance(node, Node):
+        return node
+    for key in ("val", "example_value"):
+        v = node.meta.get(key)
+        if v is not None:
+            return v
+    if node.op == "get_attr" and gm is not None:
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj
+    return None
+
+
+def _expr(size: Any) -> Any:
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """``a == b`` for ints or SymInts, decided with sympy (never installs a guard)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return sympy.simplify(_expr(a) - _expr(b)) == 0
+    except (TypeError, AttributeError):
+        return False
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def static(size: Any) -> int | None:
+    """An int size, or None for a symbolic one."""
+    if isinstance(size, int):
+        return size
+    expr = _expr(size)
+    return int(expr) if expr.is_Integer else None
+
+
+# ----------------------------------------------------------------------------------------------
+# match state and context
+
+
+@dataclass(frozen=True)
+class State:
+    """Bindings made so far (name -> node / value) and the nodes the match covers."""
+
+    bind: tuple = ()
+    nodes: frozenset = frozenset()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        for k, v in reversed(self.bind):  # the latest binding of a name wins
+            if k == name:
+                return v
+        return default
+
+    def as_dict(self) -> dict:
+        return dict(self.bind)
+
+    def with_(self, node: Node | None = None, **binds: Any) -> "State":
+        nodes = self.nodes | {node} if isinstance(node, Node) else self.nodes
+        return State(self.bind + tuple(binds.items()), nodes)
+
+
+@dataclass
+class Context:
+    """What every combinator may consult: the graph module and a record of why matches failed."""
+
+    gm: torch.fx.GraphModule
+    failures: list = field(default_factory=list)  # (depth, reason)
+    depth: int = 0
+
+    def val(self, node: Any) -> Any:
+        return meta_value(node, self.gm)
+
+    def shape(self, node: Any) -> tuple | None:
+        v = self.val(node)
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape)
+        if isinstance(v, (int, float, bool)):
+            return ()
+        return None
+
+    def dtype(self, node: Any) -> torch.dtype | None:
+        v = self.val(node)
+        if isinstance(v, torch.Tensor):
+            return v.dtype
+        return None
+
+    def fail(self, reason: str) -> None:
+        self.failures.append((self.depth, reason))
+
+    def depends_on(self, node: Any, target: Node) -> bool:
+        """Whether ``node``'s value is computed from ``target``'s."""
+        if not isinstance(node, Node):
+            return False
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n is target:
+                return True
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts
+
+
+def _axis(layout: Layout, dim: int) -> int:
+    return dim % len(layout)
+
+
+def child_layout(ctx: Context, node: Node, canon: Canon, layout: Layout) -> Layout | None:
+    """The layout a layout op's input must have for its output to have ``layout`` (None: not provable)."""
+    kind = canon.kind
+    if kind == "noop":
+        return layout
+    if kind == "transpose":
+        a, b = (_axis(layout, d) for d in canon.params["dims"])
+        tags = list(layout)
+        tags[a], tags[b] = tags[b], tags[a]
+        return tuple(tags)
+    if kind == "permute":
+        dims = [_axis(layout, d) for d in canon.params["dims"]]
+        if sorted(dims) != list(range(len(layout))):
+            return None
+        tags = [None] * len(layout)
+        for out_dim, in_dim in enumerate(dims):
+            tags[in_dim] = layout[out_dim]
+        return tuple(tags)
+    if kind == "reshape":
+        out_shape, in_shape = ctx.shape(node), ctx.shape(canon.inputs[0])
+        if out_shape is None or in_shape is None:
+            return None
+        if same_shape(out_shape, in_shape):
+            return layout
+        # split / merge of K into (G, g), K being the last or first axis (the only reshapes that keep
+        # every weight element's (n, k) coordinates)
+        if layout == NK and len(in_shape) == 3 and same_size(in_shape[1] * in_shape[2], out_shape[1]) \
+                and same_size(in_shape[0], out_shape[0]):
+            return ("N", "G", "g")
+        if layout == KN and len(in_shape) == 3 and same_size(in_shape[0] * in_shape[1], out_shape[0]) \
+                and same_size(in_shape[2], out_shape[1]):
+            return ("G", "g", "N")
+        if layout == ("N", "G", "g") and len(in_shape) == 2 and same_size(in_shape[0], out_shape[0]):
+            return NK
+        if layout == ("G", "g", "N") and len(in_shape) == 2 and same_size(in_shape[1], out_shape[2]):
+            return KN
+        return None
+    return None
+
+
+LAYOUT_KINDS = ("noop", "transpose", "permute", "reshape")
+
+
+# ----------------------------------------------------------------------------------------------
+# combinators
+
+
+class Pattern:
+    """Base: ``match`` yields one State per way ``node`` matches with value layout ``layout``."""
+
+    #: whether layout ops (views, transposes) above this pattern are looked through
+    through_layout = True
+    name = "pattern"
+
+    #: try the input of a layout op before the layout op itself (find the storage, not a view of it)
+    prefer_below = False
+
+    def match(self, ctx: Context, node: Any, layout: Layout, st: State) -> Iterator[State]:
+        ctx.depth += 1
+        try:
+            if not self.prefer_below:
+                yield from self.here(ctx, node, layout, st)
+            if self.through_layout and isinstance(node, Node):
+                canon = canonical(node)
+                if canon is not None and canon.kind in LAYOUT_KINDS:
+                    below = child_layout(ctx, node, canon, layout)
+                    if below is None:
+                        ctx.fail(f"{node.name}: a reshape that mixes the weight's axes {layout} "
+                                 f"({ctx.shape(canon.inputs[0])} -> {ctx.shape(node)})")
+                    else:
+                        yield from self.match(ctx, canon.inputs[0], below, st.with_(node))
+            if self.prefer_below:
+                yield from self.here(ctx, node, layout, st)
+        finally:
+            ctx.depth -= 1
+
+    def here(self, ctx: Context, node: Any, layout: Layout, st: State) -> Iterator[State]:
+        raise NotImplementedError
+
+
+@dataclass
+class AnyOf(Pattern):
+    """The first-listed alternatives are tried first (so a more specific form wins)."""
+
+    options: tuple
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        for option in self.options:
+            yield from option.match(ctx, node, layout, st)
+
+
+@dataclass
+class IntWeight(Pattern):
+    """The quantized storage: an int8 / uint8 tensor (a graph input, a buffer, or computed)."""
+
+    bind: str = "w"
+    prefer_below = True
+
+    def here(self, ctx, node, layout, st):
+        dtype = ctx.dtype(node)
+        if dtype in WEIGHT_DTYPES:
+            yield st.with_(**{self.bind: node, f"{self.bind}_layout": layout, "packed": False})
+        elif dtype is not None:
+            ctx.fail(f"weight {getattr(node, 'name', node)} is {dtype}, not int8/uint8")
+
+
+@dataclass
+class PackedNibbles(Pattern):
+    """Two 4-bit values a byte unpacked in the graph, in the op's packed order (low nibble first).
+
+    ``stack([lo(p), hi(p)], dim=-1).reshape(N, K)`` of ``p [N, K/2]`` where, for uint8 ``p``,
+    ``lo = p & 15`` and ``hi = p >> 4`` (or ``(p >> 4) & 15``): unsigned nibbles; for int8 ``p``,
+    ``lo = (p << 4) >> 4`` and ``hi = p >> 4``: sign-extended nibbles. Other unpackings still match
+    :class:`IntWeight` on their result (the unpacking then stays in the graph).
+    """
+
+    bind: str = "w"
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        if layout != NK:
+            return
+        canon = canonical(node)
+        if canon is None or canon.kind != "reshape":
+            return
+        stack = canonical(canon.inputs[0])
+        out_shape, st_shape = ctx.shape(node), ctx.shape(canon.inputs[0])
+        if stack is None or stack.kind != "stack" or len(stack.inputs[0]) != 2 or st_shape is None:
+            return
+        if len(st_shape) != 3 or stack.params["dim"] not in (-1, 2) or not same_size(st_shape[1] * 2, out_shape[1]):
+            return
+        lo, hi = stack.inputs[0]
+        packed = self._source(ctx, lo, hi)
+        if packed is None:
+            ctx.fail(f"{node.name}: nibble unpacking not in the op's order/signedness; kept as an unpacked weight")
+            return
+        yield st.with_(node, **{self.bind: packed, f"{self.bind}_layout": NK, "packed": True}).with_(
+            canon.inputs[0]).with_(lo).with_(hi)
+
+    @staticmethod
+    def _is(node, kind, const=None):
+        c = canonical(node)
+        if c is None or c.kind != kind:
+            return None
+        if const is not None and c.inputs[1] != const:
+            return None
+        return c.inputs[0]
+
+    def _source(self, ctx, lo, hi):
+        # unsigned: p & 15, p >> 4 (or (p >> 4) & 15) on uint8 p
+        p = self._is(lo, "bitand", 15)
+        if p is not None and ctx.dtype(p) == torch.uint8:
+            h = self._is(hi, "rshift", 4)
+            if h is None:
+                inner = self._is(hi, "bitand", 15)
+                h = self._is(inner, "rshift", 4) if inner is not None else None
+            return p if h is p else None
+        # signed: (p << 4) >> 4, p >> 4 on int8 p
+        shifted = self._is(lo, "rshift", 4)
+        p = self._is(shifted, "lshift", 4) if shifted is not None else None
+        if p is not None and ctx.dtype(p) == torch.int8 and self._is(hi, "rshift", 4) is p:
+            return p
+        return None
+
+
+@dataclass
+class Cast(Pattern):
+    """A dtype conversion to a floating dtype of what ``inner`` matches."""
+
+    inner: Pattern
+    from_float: bool = False  # True: a float -> float cast above a dequantized weight
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None or canon.kind != "convert":
+            return
+        out, src = ctx.dtype(node), ctx.dtype(canon.inputs[0])
+        if out is None or not out.is_floating_point:
+            return
+        if self.from_float != (src is not None and src.is_floating_point):
+            return
+        yield from self.inner.match(ctx, canon.inputs[0], layout, st.with_(node))
+
+
+def classify_operand(ctx: Context, operand: Any, layout: Layout, weight_shape: tuple) -> tuple | str:
+    """How a tensor broadcast against the weight varies: ``(granularity, sizes)`` or a failure reason.
+
+    Granularity: "tensor" (one value), "channel" (along N only), "group" (along G, and maybe N).
+    ``sizes`` maps the tags N / G to the operand's (padded) dims that carry them.
+    """
+    shape = ctx.shape(operand)
+    if shape is None:
+        return f"no shape metadata for {getattr(operand, 'name', operand)}"
+    if len(shape) > len(layout):
+        return f"{getattr(operand, 'name', operand)} {list(shape)} has more dims than the weight {list(weight_shape)}"
+    padded = (1,) * (len(layout) - len(shape)) + tuple(shape)
+    varies = {}
+    for tag, size, wsize in zip(layout, padded, weight_shape):
+        if same_size(size, 1) and not same_size(wsize, 1):
+            continue
+        if not same_size(size, wsize):
+            return f"{getattr(operand, 'name', operand)} {list(shape)} does not broadcast to the weight {list(weight_shape)}"
+        if tag in ("K", "g") and not same_size(size, 1):
+            return (f"{getattr(operand, 'name', operand)} {list(shape)} varies along the input axis of the "
+                    f"weight (layout {'x'.join(layout)}): not a per-channel or per-group scale")
+        if not same_size(size, 1):
+            varies[tag] = len(varies)
+    if "G" in varies:
+        return ("group", padded)
+    if "N" in varies:
+        return ("channel", padded)
+    return ("tensor", padded)
+
+
+@dataclass
+class Operand(Pattern):
+    """A scale or zero point broadcast against the weight (a tensor or a Python number).
+
+    ``role``: "scale" (floating), "zero" (any dtype: integer zero points are converted).
+    """
+
+    bind: str
+    role: str = "scale"
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        x = st.get("x")
+        if x is not None and ctx.depends_on(node, x):
+            ctx.fail(f"{self.role} {getattr(node, 'name', node)} is computed from the activation")
+            return
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            yield st.with_(**{self.bind: node, f"{self.bind}_gran": ("tensor", ()), f"{self.bind}_layout": layout})
+            return
+        if not isinstance(node, Node):
+            return
+        dtype = ctx.dtype(node)
+        if self.role == "scale" and (dtype is None or not dtype.is_floating_point):
+            ctx.fail(f"scale {node.name} is {dtype}, not floating")
+            return
+        weight_shape = st.get("_weight_shape")
+        gran = classify_operand(ctx, node, layout, weight_shape)
+        if isinstance(gran, str):
+            ctx.fail(gran)
+            return
+        yield st.with_(**{self.bind: node, f"{self.bind}_gran": gran, f"{self.bind}_layout": layout})
+
+
+def _binary_operands(ctx, node, kind):
+    canon = canonical(node)
+    if canon is None or canon.kind != kind:
+        return None
+    return canon.inputs
+
+
+@dataclass
+class Mul(Pattern):
+    """``a * b`` in either order, ``value`` the weight side and ``operand`` the broadcast side."""
+
+    value: Pattern
+    operand: Operand
+
+    def here(self, ctx, node, layout, st):
+        ops = _binary_operands(ctx, node, "mul")
+        if ops is None:
+            return
+        shape = ctx.shape(node)
+        for a, b in (ops, ops[::-1]):
+            if isinstance(a, Node) and ctx.shape(a) is not None and same_shape(ctx.shape(a), shape):
+                for s in self.value.match(ctx, a, layout, st.with_(node, _weight_shape=shape)):
+                    yield from self.operand.match(ctx, b, layout, s.with_(_weight_shape=shape))
+
+
+@dataclass
+class Sub(Pattern):
+    """``value - operand``."""
+
+    value: Pattern
+    operand: Operand
+
+    def here(self, ctx, node, layout, st):
+        ops = _binary_operands(ctx, node, "sub")
+        if ops is None:
+            return
+        a, b = ops
+        shape = ctx.shape(node)
+        if isinstance(a, Node) and ctx.shape(a) is not None and same_shape(ctx.shape(a), shape):
+            for s in self.value.match(ctx, a, layout, st.with_(node, _weight_shape=shape)):
+                yield from self.operand.match(ctx, b, layout, s.with_(_weight_shape=shape))
+
+
+@dataclass
+class DequantizePerChannel(Pattern):
+    """PT2E ``quantized_decomposed.dequantize_per_channel(w, scales, zero_points, axis, ...)`` along N."""
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None or canon.kind != "dequantize_per_channel":
+            return
+        w, scales, zps, axis = canon.inputs
+        if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
+            ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
+            return
+        if layout[_axis(layout, axis)] != "N":
+            ctx.fail(f"{node.name}: PT2E channel axis {axis} is not the output axis of the weight")
+            return
+        n = ctx.shape(w)[axis % 2]
+        gran = ("channel", tuple(n if i == axis % 2 else 1 for i in range(2)))
+        yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scales, scale_gran=gran, scale_layout=layout,
+                       zero=zps, zero_gran=gran, zero_layout=layout, zero_kind="int",
+                       out_dtype=canon.params["out_dtype"])
+
+
+@dataclass
+class DequantizePerTensor(Pattern):
+    """PT2E ``quantized_decomposed.dequantize_per_tensor(w, scale, zero_point, ...)``."""
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None or canon.kind != "dequantize_per_tensor":
+            return
+        w, scale, zp = canon.inputs
+        if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
+            ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
+            return
+        gran = ("tensor", ())
+        yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scale, scale_gran=gran, scale_layout=layout,
+                       zero=zp, zero_gran=gran, zero_layout=layout, zero_kind="int",
+                       out_dtype=canon.params["out_dtype"])
+
+
+@dataclass
+class Named(Pattern):
+    """Tags a match with the name of the dequantization form (for reports)."""
+
+    form: str
+    inner: Pattern
+    zero_kind: str | None = None  # "int": (q - z) * s; "float": q * s - z
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        extra = {"form": self.form}
+        if self.zero_kind is not None:
+            extra["zero_kind"] = self.zero_kind
+        yield from self.inner.match(ctx, node, layout, st.with_(**extra))
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul roots
+
+
+@dataclass
+class Matmul(Pattern):
+    """A product of an activation ``x [..., K]`` with a weight, in every spelling, binding ``x``,
+    the weight through ``weight``, and ``bias`` where the op carries one.
+
+    ``linear(x, W, b)`` asks ``W`` in layout N x K; ``matmul / mm / @ (x, W)`` and ``addmm(b, x, W)``
+    ask ``W`` in K x N; ``bmm(x, W.expand(B, K, N))`` too; an aten-level ``view(mm(view(x)), ...)``
+    around a rank > 2 activation binds the original ``x``.
+    """
+
+    weight: Pattern
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None:
+            return
+        if canon.kind == "reshape":  # aten: view(mm(view(x, [-1, K]), W), [..., N])
+            inner = canonical(canon.inputs[0])
+            if inner is not None and inner.kind in ("matmul", "addmm"):
+                a = inner.inputs[0] if inner.kind == "matmul" else inner.inputs[1]
+                a_canon = canonical(a)
+                if a_canon is not None and a_canon.kind == "reshape":
+                    x = a_canon.inputs[0]
+                    xs, out = ctx.shape(x), ctx.shape(node)
+                    if xs is not None and out is not None and len(xs) == len(out) and \
+                            same_shape(xs[:-1], out[:-1]):
+                        yield from self._product(ctx, canon.inputs[0], inner, x, st.with_(node).with_(a))
+            return
+        if canon.kind in ("linear", "matmul", "addmm"):
+            x = canon.inputs[1] if canon.kind == "addmm" else canon.inputs[0]
+            yield from self._product(ctx, node, canon, x, st)
+
+    def _product(self, ctx, node, canon, x, st):
+        xs = ctx.shape(x)
+        if xs is None or len(xs) < 1 or not ctx.dtype(x) or not ctx.dtype(x).is_floating_point:
+            return
+        st = st.with_(node, x=x)
+        if canon.kind == "linear":
+            w, bias = canon.inputs[1], canon.inputs[2]
+            ws = ctx.shape(w)
+            if ws is None or len(ws) != 2 or not same_size(ws[1], xs[-1]):
+                return
+            for s in self.weight.match(ctx, w, NK, st.with_(_weight_shape=ws)):
+                yield s.with_(bias=bias, bias_kind="op")
+            return
+        if canon.kind == "addmm":
+            bias, w = canon.inputs[0], canon.inputs[2]
+        else:
+            bias, w = None, canon.inputs[1]
+        ws = ctx.shape(w)
+        if ws is None:
+            return
+        if len(ws) == 3:  # bmm(x, W.expand(B, K, N))
+            w_canon = canonical(w)
+            if w_canon is None or w_canon.kind != "expand" or len(xs) != 3:
+                return
+            st = st.with_(w)
+            w = w_canon.inputs[0]
+            ws = ctx.shape(w)
+            if ws is None or len(ws) != 2:
+                return
+        if len(ws) != 2 or not same_size(ws[0], xs[-1]):
+            return
+        for s in self.weight.match(ctx, w, KN, st.with_(_weight_shape=ws)):
+            yield s.with_(bias=bias, bias_kind="addmm" if bias is not None else None)
+
+
+@dataclass
+class PostScale(Pattern):
+    """``product * s`` with ``s`` varying only along the output's last dim (a per-channel scale applied
+    after the matmul: torchao's weight-only int8 form)."""
+
+    product: Pattern
+
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        ops = _binary_operands(ctx, node, "mul")
+        if ops is None:
+            return
+        out = ctx.shape(node)
+        for a, s in (ops, ops[::-1]):
+            if not isinstance(a, Node) or ctx.shape(a) is None or not same_shape(ctx.shape(a), out):
+                continue
+            for m in self.product.match(ctx, a, layout, st.with_(node)):
+                reason = _vector_along_last(ctx, s, out, m.get("x"), "scale")
+                if reason:
+                    ctx.fail(reason)
+                    continue
+                # a bias added before this scale is scaled with the product: the op gets b * s
+                yield m.with_(post_scale=s, bias_before_scale=m.get("post_bias") is not None)
+
+
+@dataclass
+class PostBias(Pattern):
+    """``product + b`` with ``b`` varying only along the output's last dim."""
+
+    product: Pattern
+
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        ops = _binary_operands(ctx, node, "add")
+        if ops is None:
+            return
+        out = ctx.shape(node)
+        for a, b in (ops, ops[::-1]):
+            if not isinstance(a, Node) or ctx.shape(a) is None or not same_shape(ctx.shape(a), out):
+                continue
+            for m in self.product.match(ctx, a, layout, st.with_(node)):
+                if m.get("bias") is not None:
+                    ctx.fail(f"{node.name}: a second bias")
+                    continue
+                reason = _vector_along_last(ctx, b, out, m.get("x"), "bias")
+                if reason:
+                    ctx.fail(reason)
+                    continue
+                yield m.with_(post_bias=b)
+
+
+def _vector_along_last(ctx: Context, v: Any, out_shape: tuple, x: Node | None, role: str) -> str | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return None
+    shape = ctx.shape(v)
+    if shape is None:
+        return f"no shape metadata for {role} {getattr(v, 'name', v)}"
+    dtype = ctx.dtype(v)
+    if dtype is not None and not dtype.is_floating_point:
+        return f"{role} {v.name} is {dtype}, not floating"
+    if len(shape) > len(out_shape) or any(not same_size(s, 1) for s in shape[:-1]) or \
+            (len(shape) and not (same_size(shape[-1], out_shape[-1]) or same_size(shape[-1], 1))):
+        return f"{role} {v.name} {list(shape)} does not vary along the output features only (output {list(out_shape)})"
+    if x is not None and ctx.depends_on(v, x):
+        return f"{role} {v.name} is computed from the activation"
+    return None

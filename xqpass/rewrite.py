@@ -1,0 +1,201 @@
+"""The matcher driver: ``xqpass.rewrite(gm)`` turns every dequantize -> matmul subgraph of an FX graph
+into one ``torch.ops.xq.quantized_matmul`` node, and reports what it rewrote and what it left alone.
+
+Works on torch-level graphs (Dynamo, ``torch.fx.symbolic_trace``) and aten-level graphs (AOT,
+``torch.export``); the patterns are in :mod:`xqpass.patterns.catalogue`. Nodes of a match are erased
+only when nothing else uses them (a dequantized weight saved for backward keeps its users).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .patterns.catalogue import PRODUCT_FORMS
+from .patterns.dsl import Context, State
+from .patterns.replacement import Rejected, build_call
+from .patterns.spellings import canonical
+
+log = logging.getLogger("xqpass")
+
+_MATMUL_KINDS = ("linear", "matmul", "addmm")
+_ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add")
+_DEQUANT_HINT_KINDS = ("convert", "mul", "sub", "dequantize_per_channel", "dequantize_per_tensor", "bitand", "rshift")
+
+
+@dataclass
+class Rewritten:
+    """One dequantize -> matmul replaced by the op."""
+
+    node: str  # the node that now holds the op's result
+    layer: str  # the module path, where the graph records it
+    pattern: str  # product form / weight form
+    format: dict  # bits, weight dtype, block_size, zero point, packed, N, K
+
+    def __str__(self) -> str:
+        f = self.format
+        gran = "per-channel" if f["block_size"] == -1 else f"blockwise(B={f['block_size']})"
+        fmt = (f"int{f['bits']}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
+               f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]")
+        return f"{self.layer or self.node}: {self.pattern} -> xq.quantized_matmul {fmt}"
+
+
+@dataclass
+class Missed:
+    """A matmul whose weight looks dequantized but that the pass left alone, and why."""
+
+    node: str
+    layer: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.layer or self.node}: not rewritten: {self.reason}"
+
+
+@dataclass
+class RewriteReport:
+    """What one run of the pass did to one graph."""
+
+    rewrites: list[Rewritten] = field(default_factory=list)
+    misses: list[Missed] = field(default_factory=list)
+    graph: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"xqpass: {self.graph or 'graph'}: {len(self.rewrites)} rewritten, {len(self.misses)} missed"]
+        lines += [f"  + {r}" for r in self.rewrites]
+        lines += [f"  - {m}" for m in self.misses]
+        return "\n".join(lines)
+
+    def extend(self, other: "RewriteReport") -> None:
+        self.rewrites.extend(other.rewrites)
+        self.misses.extend(other.misses)
+
+
+def _layer_name(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path).replace("L['self'].", "").replace("L__self___", "")
+    return ""
+
+
+def _propagate_metadata(gm: GraphModule, example_inputs: Iterable[Any]) -> None:
+    """FakeTensor metadata for a graph captured without it (``symbolic_trace``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                                         for t in example_inputs])
+
+
+def _looks_dequantized(node: Node) -> bool:
+    """A matmul whose weight operand is computed (cast, scaled, unpacked...): a rewrite candidate."""
+    canon = canonical(node)
+    if canon is None or canon.kind not in _MATMUL_KINDS:
+        return False
+    weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]
+    frontier, seen = [weight], set()
+    for _ in range(8):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, Node) or n in seen:
+                continue
+            seen.add(n)
+            c = canonical(n)
+            if c is None:
+                continue
+            if c.kind in _DEQUANT_HINT_KINDS:
+                return True
+            nxt.extend(a for a in n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
+        if not n.users and n.op not in ("placeholder", "get_attr", "output"):
+            gm.graph.erase_node(n)
+
+
+def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: str = "") -> RewriteReport:
+    """Rewrite every dequantize -> matmul in ``graph_module`` (in place) into ``xq.quantized_matmul``.
+
+    ``graph_module``: a ``torch.fx.GraphModule`` (torch-level or aten-level) or a
+    ``torch.export.ExportedProgram``. Shapes come from node metadata; for a graph without it (e.g. from
+    ``symbolic_trace``) pass ``example_inputs`` to propagate fake tensors first. Returns a
+    :class:`RewriteReport`: ``.rewrites`` (layer, pattern, format) and ``.misses`` (near misses with the
+    reason, e.g. a scale along the input axis, a float weight, a scale computed from the activation).
+    """
+    exported = None
+    if isinstance(graph_module, torch.export.ExportedProgram):
+        exported, graph_module = graph_module, graph_module.graph_module
+    if not isinstance(graph_module, GraphModule):
+        raise TypeError(f"rewrite expects a torch.fx.GraphModule or torch.export.ExportedProgram, "
+                        f"got {type(graph_module).__name__}")
+    gm = graph_module
+    if example_inputs is not None:
+        _propagate_metadata(gm, example_inputs)
+    report = RewriteReport(graph=name)
+    ctx = Context(gm)
+    consumed: set[Node] = set()
+    failures: dict[Node, list] = {}
+
+    for node in reversed(list(gm.graph.nodes)):
+        if node in consumed or node.op != "call_function" and node.op != "call_method":
+            continue
+        canon = canonical(node)
+        if canon is None or canon.kind not in _ROOT_KINDS:
+            continue
+        done = False
+        ctx.failures = []
+        for product in PRODUCT_FORMS:
+            for st in product.pattern.match(ctx, node, None, State()):
+                try:
+                    result, desc = build_call(ctx, node, st)
+                except Rejected as e:
+                    ctx.fail(str(e))
+                    continue
+                result.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
+                                    if k in node.meta})
+                layer = _layer_name(node)
+                record = Rewritten(result.name, layer, f"{product.name} / {st.get('form', '?')}", desc)
+                node.replace_all_uses_with(result)
+                consumed.update(st.nodes | {node})
+                _erase_unused(gm, st.nodes | {node})
+                report.rewrites.append(record)
+                log.info("xqpass: rewrote %s", record)
+                done = True
+                break
+            if done:
+                break
+        if not done and ctx.failures:
+            failures[node] = list(ctx.failures)
+
+    for node in gm.graph.nodes:
+        if node in consumed or not _looks_dequantized(node):
+            continue
+        related = [node] + [u for u in node.users] + [v for u in node.users for v in u.users]
+        found = [f for n in related for f in failures.get(n, [])]
+        reason = max(found, key=lambda f: f[0])[1] if found else "no pattern matches its weight's computation"
+        miss = Missed(node.name, _layer_name(node), reason)
+        report.misses.append(miss)
+        log.info("xqpass: %s", miss)
+
+    gm.graph.lint()
+    gm.recompile()
+    if exported is not None:
+        _sync_exported_outputs(exported)
+    return report
+
+
+def _sync_exported_outputs(ep) -> None:
+    """Point the ExportedProgram's output specs at the nodes that now produce its outputs."""
+    output = next(n for n in ep.graph.nodes if n.op == "output")
+    for spec, value in zip(ep.graph_signature.output_specs, output.args[0]):
+        if isinstance(value, Node) and hasattr(spec.arg, "name"):
+            spec.arg.name = value.name
