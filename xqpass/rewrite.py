@@ -8,6 +8,7 @@ only when nothing else uses them (a dequantized weight saved for backward keeps 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -76,10 +77,13 @@ class RewriteReport:
 
 def _layer_name(node: Node) -> str:
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return str(path).replace("L['self'].", "").replace("L__self___", "")
-    return ""
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])  # e.g. "L['self'].layers[0].mlp" -> "layers.0.mlp"
+    path = re.sub(r"^L\['self'\]\.?|^L__self___", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.replace("_modules.", "").strip(".")
 
 
 def _propagate_metadata(gm: GraphModule, example_inputs: Iterable[Any]) -> None:
@@ -199,3 +203,40 @@ def _sync_exported_outputs(ep) -> None:
     for spec, value in zip(ep.graph_signature.output_specs, output.args[0]):
         if isinstance(value, Node) and hasattr(spec.arg, "name"):
             spec.arg.name = value.name
+
+
+@dataclass
+class ExplainReport:
+    """The pass's reports for every graph Dynamo captured (torch level, then aten level)."""
+
+    graphs: list[RewriteReport]
+
+    @property
+    def rewrites(self) -> list[Rewritten]:
+        return [r for g in self.graphs for r in g.rewrites]
+
+    @property
+    def misses(self) -> list[Missed]:
+        """Near misses left after both levels (a torch-level miss that the aten level rewrote is not one)."""
+        final = [g for g in self.graphs if g.graph.endswith("(aten)")] or self.graphs
+        return [m for g in final for m in g.misses]
+
+    def __str__(self) -> str:
+        return "\n".join(str(g) for g in self.graphs if g.rewrites or g.misses) or "xqpass: no dequantize -> matmul found"
+
+
+def explain(model, *args, **kwargs) -> ExplainReport:
+    """Capture ``model(*args, **kwargs)`` with Dynamo, run the pass on every graph and report, per graph,
+    which layer was rewritten with which pattern, and why the others were not.
+
+    The rewritten graphs run once, eagerly, on the arguments' device (nothing is compiled for XLA).
+    The report is also logged on ``logging.getLogger("xqpass")``; ``print(report)`` shows it.
+    """
+    from .backend import _eager, make_backend
+
+    reports: list[RewriteReport] = []
+    backend = make_backend(_eager, boxed=False, reports=reports, name="explain")
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return ExplainReport(reports)

@@ -68,6 +68,8 @@ def same_size(a: Any, b: Any) -> bool:
 
 
 def same_shape(a, b) -> bool:
+    if a is None or b is None:  # no metadata: nothing can be proved
+        return False
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
@@ -132,20 +134,40 @@ class Context:
     def fail(self, reason: str) -> None:
         self.failures.append((self.depth, reason))
 
-    def depends_on(self, node: Any, target: Node) -> bool:
-        """Whether ``node``'s value is computed from ``target``'s."""
+    def inputs_of(self, node: Node) -> frozenset:
+        """The graph inputs (placeholders) a node's value is computed from (memoized)."""
+        memo = self.__dict__.setdefault("_inputs_memo", {})
+        todo = [node]
+        while todo:
+            n = todo[-1]
+            if n in memo:
+                todo.pop()
+                continue
+            pending = [a for a in n.all_input_nodes if a not in memo]
+            if pending:
+                todo.extend(pending)
+                continue
+            todo.pop()
+            own = frozenset((n,)) if n.op == "placeholder" else frozenset()
+            memo[n] = own.union(*(memo[a] for a in n.all_input_nodes))
+        return memo[node]
+
+    def depends_on(self, node: Any, activation: Node) -> bool:
+        """Whether ``node``'s value is computed from the activation: from ``activation`` itself or from
+        a graph input the activation is computed from (a view of ``x`` is still ``x``)."""
         if not isinstance(node, Node):
             return False
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n is target:
-                return True
-            if n in seen:
-                continue
+        return bool(self.inputs_of(node) & self.inputs_of(activation)) or activation in _ancestors(node)
+
+
+def _ancestors(node: Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
             seen.add(n)
             stack.extend(n.all_input_nodes)
-        return False
+    return seen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,10 +260,11 @@ class Pattern:
 
 @dataclass
 class AnyOf(Pattern):
-    """The first-listed alternatives are tried first (so a more specific form wins)."""
+    """The first-listed alternatives are tried first (so a more specific form wins), below any layout
+    ops first (so the storage is found rather than a view of it)."""
 
     options: tuple
-    through_layout = False
+    prefer_below = True
 
     def here(self, ctx, node, layout, st):
         for option in self.options:
@@ -332,11 +355,15 @@ class Cast(Pattern):
     def here(self, ctx, node, layout, st):
         canon = canonical(node)
         if canon is None or canon.kind != "convert":
+            if isinstance(node, Node) and node.op in ("placeholder", "get_attr") and not self.from_float:
+                ctx.fail(f"weight {node.name} is {ctx.dtype(node)}, not int8/uint8")
             return
         out, src = ctx.dtype(node), ctx.dtype(canon.inputs[0])
         if out is None or not out.is_floating_point:
             return
         if self.from_float != (src is not None and src.is_floating_point):
+            if not self.from_float and src is not None:
+                ctx.fail(f"{node.name} casts a {src} tensor: the weight is not int8/uint8")
             return
         yield from self.inner.match(ctx, canon.inputs[0], layout, st.with_(node))
 

@@ -189,7 +189,7 @@ def _register(table, keys, make):
 
 
 def _ops(*names):
-    """Overloads of aten / prims / quantized_decomposed ops that exist in this torch."""
+    """Overloads (and their packets) of aten / prims / quantized_decomposed ops in this torch."""
     found = []
     for name in names:
         ns, _, rest = name.partition(".")
@@ -197,6 +197,7 @@ def _ops(*names):
         try:
             packet = getattr(getattr(torch.ops, ns), packet_name)
             found.append(getattr(packet, overload or "default"))
+            found.append(packet)  # torch-level graphs may call the packet itself
         except (AttributeError, RuntimeError):
             pass
     return found

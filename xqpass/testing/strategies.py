@@ -127,3 +127,87 @@ def op_cases(
     x = (torch.randn((*lead, k), generator=gen) * draw(st.sampled_from([0.1, 1.0, 10.0]))).to(dtype)
     weight = random_quantized_weight(fmt, n, k, seed + 1)
     return OpCase(x, weight, fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# dequantize -> matmul modules, for testing rewrites
+
+from .modules import DequantLinear, DequantMLP, DequantSpec  # noqa: E402
+
+
+@st.composite
+def dequant_specs(draw, near_miss: bool | None = False):
+    """A :class:`~xqpass.testing.modules.DequantSpec`: a supported form (``near_miss=False``), a near miss
+    (``True``) or either (``None``)."""
+    miss = draw(st.booleans()) if near_miss is None else near_miss
+    if miss:
+        kind = draw(st.sampled_from(["wrong_axis", "float_weight", "scale_from_x", "interleaved_groups"]))
+        return DequantSpec(
+            weight_form="scale",
+            product_form=draw(st.sampled_from(["linear", "matmul_t"])),
+            bits=8,
+            group=draw(st.sampled_from([4, 8])) if kind == "interleaved_groups" else None,
+            signed=True,
+            near_miss=kind,
+        )
+    product = draw(st.sampled_from(["linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout"]))
+    if product == "scale_after":
+        weight_form, bits, group = "scale", draw(st.sampled_from([8, 4])), None
+    elif product == "seed_layout":
+        weight_form, bits, group = "scale", 8, draw(st.sampled_from([4, 8, 16]))
+    else:
+        weight_form = draw(st.sampled_from(
+            ["scale", "zero_then_scale", "scale_then_float_zero", "pt2e_per_channel", "pt2e_per_tensor"]))
+        if weight_form.startswith("pt2e"):
+            bits, group = 8, None
+        else:
+            bits = draw(st.sampled_from([8, 4]))
+            group = draw(st.sampled_from([None, 4, 8, 16]))
+    signed = draw(st.booleans())
+    return DequantSpec(
+        weight_form=weight_form,
+        product_form=product,
+        bits=bits,
+        group=group,
+        signed=signed,
+        scale_spelling=draw(st.sampled_from(["index", "unsqueeze", "view", "column"])),
+        bias=draw(st.sampled_from([None, "inside", "after"])),
+    )
+
+
+@dataclass(frozen=True)
+class DequantCase:
+    """A module with one or more dequant -> matmul layers, an input, and how many the pass must rewrite."""
+
+    module: torch.nn.Module
+    x: torch.Tensor
+    specs: tuple
+
+    @property
+    def expected_rewrites(self) -> int:
+        return sum(s.rewritable for s in self.specs)
+
+    @property
+    def expected_misses(self) -> int:
+        return sum(not s.rewritable for s in self.specs)
+
+
+@st.composite
+def dequant_modules(draw, near_miss: bool | None = False, max_layers: int = 1,
+                    x_dtypes=(torch.float32, torch.bfloat16)):
+    """A :class:`DequantCase`: ``max_layers`` > 1 chains layers (d -> d) with GELUs in between."""
+    layers = draw(st.integers(1, max_layers))
+    specs = [draw(dequant_specs(near_miss)) for _ in range(layers)]
+    multiple = 16
+    d = multiple * draw(st.integers(1, 3))
+    sizes = [d] * (layers + 1)
+    if layers == 1:
+        sizes[1] = draw(st.integers(1, 24))
+    dtype = draw(st.sampled_from(x_dtypes))
+    seed = draw(st.integers(0, 2**20))
+    modules = [DequantLinear(spec, sizes[i], sizes[i + 1], seed + i, dtype) for i, spec in enumerate(specs)]
+    rank = 2 if any(s.product_form == "addmm" for s in specs) else draw(st.sampled_from([2, 3]))
+    lead = (draw(st.integers(1, 4)),) if rank == 2 else (draw(st.integers(1, 3)), draw(st.integers(1, 4)))
+    x = torch.randn(*lead, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    module = modules[0] if layers == 1 else DequantMLP(modules)
+    return DequantCase(module.eval(), x, tuple(specs))

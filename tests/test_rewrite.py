@@ -1,0 +1,224 @@
+"""The pass on hand-written dequantize -> matmul modules: every supported form is rewritten into exactly
+one op call with the same output; near misses are left alone and reported."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+import xqpass
+from xqpass.backend import _eager, make_backend
+from xqpass.testing import strategies as xst
+from xqpass.testing.modules import DequantLinear, DequantMLP, DequantSpec
+
+OP = torch.ops.xq.quantized_matmul.default
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+
+
+def compile_eager(module, x):
+    """Run ``module`` through xq_eager, returning the output and the per-level reports."""
+    reports = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(module, backend=make_backend(_eager, boxed=False, reports=reports), fullgraph=True)(x)
+    return out, reports
+
+
+def assert_as_accurate_as_original(case_module, x, rewritten):
+    """The rewrite is at least as close to the float64 value of the same module as the original is
+    (the op computes in float32, the original in x.dtype), within one rounding of x.dtype."""
+    with torch.no_grad():
+        original = case_module(x).double()
+        exact = case_module.double()(x.double()) if False else _in_float64(case_module, x)
+    err_orig = (original - exact).abs().max().item()
+    err_new = (rewritten.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert err_new <= max(2 * err_orig, EPS[x.dtype] * scale) + 1e-5 * scale + 1e-6, (err_new, err_orig, scale)
+
+
+def _in_float64(module, x):
+    import copy
+
+    m = copy.deepcopy(module)
+    for layer in m.modules():
+        if isinstance(layer, DequantLinear):
+            layer.scale = layer.scale.double()
+            if getattr(layer, "zero", None) is not None and layer.zero.is_floating_point():
+                layer.zero = layer.zero.double()
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias.double(), requires_grad=False)
+            layer.scale_k = layer.scale_k.double()
+    with torch.no_grad():
+        return m(x.double())
+
+
+def _count(reports, level):
+    rw = sum(len(r.rewrites) for r in reports if r.graph.endswith(f"({level})"))
+    ms = sum(len(r.misses) for r in reports if r.graph.endswith(f"({level})"))
+    return rw, ms
+
+
+@given(case=xst.dequant_modules(max_layers=3))
+def test_supported_forms_are_rewritten_with_the_same_output(case):
+    out, reports = compile_eager(case.module, case.x)
+    rewrites = sum(len(r.rewrites) for r in reports)
+    assert rewrites == case.expected_rewrites, "\n".join(map(str, reports))
+    assert _count(reports, "aten")[1] == 0, "\n".join(map(str, reports))
+    assert_as_accurate_as_original(case.module, case.x, out)
+
+
+@given(case=xst.dequant_modules(near_miss=True))
+def test_near_misses_are_left_alone_and_reported(case):
+    out, reports = compile_eager(case.module, case.x)
+    assert sum(len(r.rewrites) for r in reports) == 0, "\n".join(map(str, reports))
+    for level in ("torch", "aten"):
+        assert _count(reports, level)[1] == 1, "\n".join(map(str, reports))
+    with torch.no_grad():
+        assert torch.equal(out, case.module(case.x))
+
+
+@pytest.mark.parametrize(
+    "near_miss, reason",
+    [
+        ("wrong_axis", r"varies along the input axis"),
+        ("float_weight", r"float32.*not int8/uint8"),
+        ("scale_from_x", r"computed from the activation"),
+        ("interleaved_groups", r"varies along the input axis"),
+    ],
+)
+def test_near_miss_reasons(near_miss, reason):
+    spec = DequantSpec(near_miss=near_miss, group=4 if near_miss == "interleaved_groups" else None)
+    report = xqpass.explain(DequantLinear(spec, 16, 8), torch.randn(3, 16))
+    assert len(report.misses) == 1 and not report.rewrites
+    assert pytest.approx(0) == 0
+    import re
+
+    assert re.search(reason, report.misses[0].reason), report.misses[0].reason
+
+
+def test_one_op_node_per_rewrite_on_every_graph_level():
+    """torch-level (Dynamo), aten-level (AOT), torch.export and symbolic_trace graphs."""
+    specs = [DequantSpec(), DequantSpec(weight_form="zero_then_scale", bits=4, group=8, signed=False),
+             DequantSpec(product_form="scale_after", bias="after")]
+    model = DequantMLP([DequantLinear(s, 32, 32, seed=i) for i, s in enumerate(specs)]).eval()
+    x = torch.randn(2, 5, 32)
+    ref = model(x)
+
+    graphs = []
+
+    def grab(gm, example_inputs):
+        report = xqpass.rewrite(gm)
+        graphs.append((gm, report))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=grab)(x)
+    gm, report = graphs[0]
+    assert len(report.rewrites) == 3 and not report.misses
+    assert sum(n.target is OP for n in gm.graph.nodes) == 3
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+    ep = torch.export.export(model, (x,))
+    report = xqpass.rewrite(ep)
+    assert len(report.rewrites) == 3, report
+    assert sum(n.target is OP for n in ep.graph.nodes) == 3
+    assert torch.allclose(ep.module()(x), ref, rtol=1e-4, atol=1e-4)
+
+
+
+class HandWritten(nn.Module):
+    """Straight-line user code (symbolic_trace cannot follow DequantLinear's Python branches)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w8", torch.randint(-128, 128, (24, 32), generator=g, dtype=torch.int16).to(torch.int8))
+        self.register_buffer("s8", torch.rand(24, generator=g) / 100)
+        self.register_buffer("w4", torch.randint(0, 256, (32, 12), generator=g, dtype=torch.int16).to(torch.uint8))
+        self.register_buffer("s4", torch.rand(32, 3, generator=g) / 10)
+        self.bias = nn.Parameter(torch.randn(32, generator=g))
+
+    def forward(self, x):
+        h = F.linear(x, self.w8.to(x.dtype) * self.s8.unsqueeze(1))
+        w4 = torch.stack([self.w4 & 0xF, self.w4 >> 4], dim=-1).view(32, 24)
+        deq = ((w4.to(x.dtype) - 8).view(32, 3, 8) * self.s4.view(32, 3, 1)).view(32, 24)
+        return torch.relu(h) @ deq.t() + self.bias
+
+
+def test_symbolic_trace_with_example_inputs():
+    model = HandWritten()
+    x = torch.randn(4, 32)
+    traced = torch.fx.symbolic_trace(model)
+    assert not xqpass.rewrite(torch.fx.symbolic_trace(model)).rewrites  # no metadata, no proof
+    report = xqpass.rewrite(traced, example_inputs=(x,))
+    assert len(report.rewrites) == 2, report
+    # symbolic_trace evaluates buffer-only code while tracing: the unpacked int4 weight is a constant
+    # there (one value a byte), which the pass still rewrites, as an unpacked weight
+    assert [r.format["weight_dtype"] for r in report.rewrites] == ["uint8", "int8"]
+    assert sum(n.target is OP for n in traced.graph.nodes) == 2
+    assert torch.allclose(traced(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_dequantized_weight_with_other_users_keeps_them():
+    class SavesWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randint(-128, 128, (8, 16), dtype=torch.int16).to(torch.int8))
+            self.register_buffer("s", torch.rand(8) / 100)
+
+        def forward(self, x):
+            deq = self.w.float() * self.s[:, None]
+            return F.linear(x, deq), deq.sum()
+
+    m = SavesWeight()
+    x = torch.randn(3, 16)
+    graphs = []
+
+    def grab(gm, ex):
+        graphs.append((gm, xqpass.rewrite(gm)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    y, total = torch.compile(m, backend=grab)(x)
+    gm, report = graphs[0]
+    assert len(report.rewrites) == 1
+    kinds = [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert "<built-in function mul>" in kinds  # the dequantized weight is still computed for .sum()
+    ref_y, ref_total = m(x)
+    assert torch.allclose(y, ref_y, rtol=1e-5, atol=1e-5) and torch.equal(total, ref_total)
+
+
+def test_plain_linears_are_not_candidates():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    report = xqpass.explain(model, torch.randn(2, 16))
+    assert not report.rewrites and not report.misses
+
+
+def test_explain_names_layers_and_patterns(caplog):
+    model = DequantMLP([DequantLinear(DequantSpec(), 16, 16), DequantLinear(DequantSpec(near_miss="wrong_axis"), 16, 16)])
+    with caplog.at_level("INFO", logger="xqpass"):
+        report = xqpass.explain(model, torch.randn(2, 16))
+    assert len(report.rewrites) >= 1 and len(report.misses) == 1
+    text = str(report)
+    assert "layers.0" in text and "dequantized weight / scale" in text and "layers.1" in text
+    assert "not rewritten" in caplog.text
+
+
+def test_rewrite_rejects_other_objects():
+    with pytest.raises(TypeError, match="GraphModule or torch.export.ExportedProgram"):
+        xqpass.rewrite(nn.Linear(2, 2))
+
+
+def test_backend_registered_for_a_fresh_process():
+    """`torch.compile(..., backend="xq_eager")` without importing xqpass: the entry point loads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch._dynamo.backends.registry import lookup_backend\n"
+        "print(lookup_backend('xq_openxla').__module__, lookup_backend('xq_eager').__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["xqpass.backend", "xqpass.backend"]

@@ -1,0 +1,180 @@
+"""Hand-written dequantize -> matmul modules in every form the pass rewrites, and near misses it must
+leave alone. Used by :mod:`xqpass.testing.strategies` and docs/patterns.md; plain torch code, the way a
+user writes it (the forms are in the ``forward`` methods below, not generated).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_FORMS = ("scale", "zero_then_scale", "scale_then_float_zero", "pt2e_per_channel", "pt2e_per_tensor")
+PRODUCT_FORMS = ("linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout")
+SCALE_SPELLINGS = ("index", "unsqueeze", "view", "column")
+NEAR_MISSES = ("wrong_axis", "float_weight", "scale_from_x", "interleaved_groups")
+
+
+@dataclass(frozen=True)
+class DequantSpec:
+    """One dequant -> matmul layer.
+
+    ``bits``: 8 or 4 (4: two values a byte, unpacked in ``forward``); ``group``: None (per-channel) or
+    the group size along K; ``signed``: int8 storage (else uint8 with a zero point); ``bias``: None,
+    "inside" (F.linear / addmm bias) or "after"; ``near_miss``: a form the pass must not rewrite.
+    """
+
+    weight_form: str = "scale"
+    product_form: str = "linear"
+    bits: int = 8
+    group: int | None = None
+    signed: bool = True
+    scale_spelling: str = "index"
+    bias: str | None = None
+    near_miss: str | None = None
+
+    @property
+    def rewritable(self) -> bool:
+        return self.near_miss is None
+
+
+class DequantLinear(nn.Module):
+    """A linear layer whose int weight is dequantized in ``forward`` the way ``spec`` says."""
+
+    def __init__(self, spec: DequantSpec, in_features: int, out_features: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec, self.k, self.n, self.dtype = spec, in_features, out_features, dtype
+        g = torch.Generator().manual_seed(seed)
+        n, k = out_features, in_features
+        groups = 1 if spec.group is None else k // spec.group
+        if spec.bits == 4:
+            lo, hi = (-8, 7) if spec.signed else (0, 15)
+        else:
+            lo, hi = (-128, 127) if spec.signed else (0, 255)
+        values = torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int16)
+        storage = torch.int8 if spec.signed else torch.uint8
+        if spec.bits == 4:  # low nibble = even index, as the op packs
+            nib = values & 0xF
+            byte = nib[:, 0::2] | (nib[:, 1::2] << 4)
+            packed = torch.where(byte > 127, byte - 256, byte) if spec.signed else byte
+            self.register_buffer("qweight", packed.to(storage))
+        elif spec.product_form == "seed_layout":  # the seed's blockwise [K/B, B, N]
+            self.register_buffer("qweight", values.t().reshape(groups, k // groups, n).to(storage).contiguous())
+        else:
+            self.register_buffer("qweight", values.to(storage))
+        if spec.near_miss == "float_weight":
+            self.qweight = self.qweight.to(torch.float32)
+        span = (hi - lo) or 1
+        scale_shape = (n,) if spec.group is None else (n, groups)
+        self.register_buffer("scale", ((torch.rand(scale_shape, generator=g) + 0.5) / span).to(dtype))
+        if spec.scale_spelling == "column" and spec.group is None:
+            self.scale = self.scale[:, None].contiguous()
+        self.register_buffer("scale_k", ((torch.rand(k, generator=g) + 0.5) / span).to(dtype))
+        mid = (lo + hi) / 2
+        if spec.weight_form == "zero_then_scale":
+            zero = torch.randint(int(mid) - 3, int(mid) + 4, scale_shape, generator=g)
+            self.register_buffer("zero", zero.to(torch.int64 if spec.bits == 4 else storage))
+        elif spec.weight_form in ("scale_then_float_zero",):
+            self.register_buffer("zero", (self.scale.float().reshape(scale_shape) * mid).to(dtype))
+        elif spec.weight_form == "pt2e_per_channel":
+            self.register_buffer("zero", torch.zeros(n, dtype=torch.int64) if spec.signed
+                                 else torch.full((n,), int(mid), dtype=torch.int64))
+        self.bias = nn.Parameter(torch.randn(n, generator=g).to(dtype), requires_grad=False) if spec.bias else None
+
+    # -- the integer weight as [N, K] (unpacking int4 the usual ways)
+    def int_weight(self) -> torch.Tensor:
+        if self.spec.bits != 4:
+            return self.qweight
+        p = self.qweight
+        if self.spec.signed:
+            lo, hi = (p << 4) >> 4, p >> 4
+        else:
+            lo, hi = p & 0xF, p >> 4
+        return torch.stack([lo, hi], dim=-1).view(self.n, self.k)
+
+    def _row(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector broadcast along K, spelled as the spec says."""
+        spelling = self.spec.scale_spelling
+        if v.dim() == 2:  # already [N, 1]
+            return v
+        if spelling == "unsqueeze":
+            return v.unsqueeze(1)
+        if spelling == "view":
+            return v.view(-1, 1)
+        return v[:, None]
+
+    def dequantize(self, dt: torch.dtype) -> torch.Tensor:
+        """The float weight [N, K] (or the seed's [K, N]) as this layer's forward computes it."""
+        spec, n, k = self.spec, self.n, self.k
+        if spec.weight_form == "pt2e_per_channel":
+            qmin, qmax = (-128, 127) if spec.signed else (0, 255)
+            deq = torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.qweight, self.scale.float(), self.zero, 0, qmin, qmax, self.qweight.dtype)
+            return deq.to(dt)
+        if spec.weight_form == "pt2e_per_tensor":
+            qmin, qmax = (-128, 127) if spec.signed else (0, 255)
+            deq = torch.ops.quantized_decomposed.dequantize_per_tensor(
+                self.qweight, 0.02, 0 if spec.signed else 128, qmin, qmax, self.qweight.dtype)
+            return deq.to(dt)
+        if spec.product_form == "seed_layout":
+            w = self.qweight.to(dt) * self.scale.t()[:, None, :].to(dt)
+            return w.reshape(k, n)
+        w = self.int_weight()
+        scale = self.scale.to(dt)
+        if spec.near_miss == "wrong_axis":
+            return w.to(dt) * self.scale_k.to(dt)  # broadcast along K: a per-input-feature scale
+        if spec.group is not None:
+            g = spec.group
+            grouped = w.view(n, k // g, g).to(dt)
+            s = scale.view(n, k // g, 1)
+            if spec.weight_form == "zero_then_scale":
+                deq = (grouped - self.zero.view(n, k // g, 1)) * s
+            elif spec.weight_form == "scale_then_float_zero":
+                deq = grouped * s - self.zero.to(dt).view(n, k // g, 1)
+            else:
+                deq = grouped * s
+            if spec.near_miss == "interleaved_groups":
+                return deq.transpose(1, 2).reshape(n, k)
+            return deq.view(n, k)
+        if spec.weight_form == "zero_then_scale":
+            return (w.to(dt) - self._row(self.zero)) * self._row(scale)
+        if spec.weight_form == "scale_then_float_zero":
+            return w.to(dt) * self._row(scale) - self._row(self.zero.to(dt))
+        return w.to(dt) * self._row(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec, dt = self.spec, x.dtype
+        if spec.product_form == "scale_after":
+            out = (x @ self.int_weight().t().to(dt)) * self.scale.to(dt).reshape(-1)
+            return out + self.bias if self.bias is not None else out
+        if spec.product_form == "seed_layout":
+            out = x @ self.dequantize(dt)
+            return out + self.bias if self.bias is not None else out
+        if spec.near_miss == "scale_from_x":  # a "scale" that depends on the activation
+            w = self.int_weight().to(dt) * self._row(self.scale.to(dt) * x.abs().mean())
+        else:
+            w = self.dequantize(dt)
+        if spec.product_form == "linear":
+            out = F.linear(x, w, self.bias if spec.bias == "inside" else None)
+            return out + self.bias if spec.bias == "after" else out
+        if spec.product_form == "addmm" and x.dim() == 2 and self.bias is not None:
+            return torch.addmm(self.bias, x, w.t())
+        out = x @ w.t() if spec.product_form in ("matmul_t", "addmm") else torch.matmul(x, w.T)
+        return out + self.bias if self.bias is not None else out
+
+
+class DequantMLP(nn.Module):
+    """Several dequant layers in a row (with a nonlinearity), for counting rewrites."""
+
+    def __init__(self, layers: list[DequantLinear]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < len(self.layers):
+                x = torch.nn.functional.gelu(x)
+        return x
