@@ -80,7 +80,7 @@ def _layer_name(node: Node) -> str:
     if not stack:
         return ""
     path = str(list(stack.values())[-1][0])  # e.g. "L['self'].layers[0].mlp" -> "layers.0.mlp"
-    path = re.sub(r"^L\['self'\]\.?|^L__self___", "", path)
+    path = re.sub(r"^L\['[^']*'\]\.?|^L__self___", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     return path.replace("_modules.", "").strip(".")

@@ -260,11 +260,11 @@ class Pattern:
 
 @dataclass
 class AnyOf(Pattern):
-    """The first-listed alternatives are tried first (so a more specific form wins), below any layout
-    ops first (so the storage is found rather than a view of it)."""
+    """The first-listed alternatives are tried first (so a more specific form wins); each option looks
+    through layout ops itself, so an earlier option is tried at every depth before a later one."""
 
     options: tuple
-    prefer_below = True
+    through_layout = False
 
     def here(self, ctx, node, layout, st):
         for option in self.options:
@@ -297,7 +297,6 @@ class PackedNibbles(Pattern):
     """
 
     bind: str = "w"
-    through_layout = False
 
     def here(self, ctx, node, layout, st):
         if layout != NK:

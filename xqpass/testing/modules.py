@@ -83,6 +83,49 @@ class DequantLinear(nn.Module):
                                  else torch.full((n,), int(mid), dtype=torch.int64))
         self.bias = nn.Parameter(torch.randn(n, generator=g).to(dtype), requires_grad=False) if spec.bias else None
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.k}, out_features={self.n}, {self.spec}"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: DequantSpec) -> "DequantLinear":
+        """Round-to-nearest quantize a float layer into this hand-written form (what a user's own
+        quantization script would store). Supports the "scale" (symmetric) and "zero_then_scale"
+        (asymmetric, unsigned) forms, per-channel or grouped, 8 or 4 bits."""
+        if spec.weight_form not in ("scale", "zero_then_scale") or spec.product_form == "seed_layout":
+            raise ValueError(f"from_float supports the scale / zero_then_scale forms, got {spec}")
+        n, k = linear.out_features, linear.in_features
+        layer = cls(spec, k, n, dtype=linear.weight.dtype)
+        w = linear.weight.detach().double()
+        g = k if spec.group is None else spec.group
+        grouped = w.view(n, k // g, g)
+        if spec.weight_form == "scale":
+            qmax = 2 ** (spec.bits - 1) - 1
+            scale = grouped.abs().amax(-1) / qmax
+            q = torch.round(grouped / scale.clamp(min=1e-12)[..., None]).clamp(-qmax - 1, qmax)
+            zero = None
+        else:
+            qmax = 2**spec.bits - 1
+            lo, hi = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+            scale = (hi - lo) / qmax
+            zero = torch.round(-lo / scale.clamp(min=1e-12)).clamp(0, qmax)
+            q = (torch.round(grouped / scale.clamp(min=1e-12)[..., None]) + zero[..., None]).clamp(0, qmax)
+        q = q.reshape(n, k).to(torch.int16)
+        storage = torch.int8 if spec.signed else torch.uint8
+        if spec.bits == 4:
+            nib = q & 0xF
+            byte = nib[:, 0::2] | (nib[:, 1::2] << 4)
+            q = torch.where(byte > 127, byte - 256, byte) if spec.signed else byte
+        layer.qweight = q.to(storage)
+        shape = (n,) if spec.group is None else (n, k // g)
+        layer.scale = scale.reshape(shape).to(linear.weight.dtype)
+        if spec.scale_spelling == "column" and spec.group is None:
+            layer.scale = layer.scale[:, None].contiguous()
+        if zero is not None:
+            layer.zero = zero.reshape(shape).to(torch.int64 if spec.bits == 4 else storage)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
     # -- the integer weight as [N, K] (unpacking int4 the usual ways)
     def int_weight(self) -> torch.Tensor:
         if self.spec.bits != 4:
