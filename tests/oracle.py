@@ -73,3 +73,35 @@ def assert_within(out: torch.Tensor, expected: np.ndarray, allowance: np.ndarray
             f"{what}: {bad.sum()} of {bad.size} elements out of bounds; first at {tuple(i)}: "
             f"got {got[tuple(i)]}, expected {expected[tuple(i)]}, allowance {allowance[tuple(i)]}"
         )
+
+
+def module_in_float64(module, x):
+    """The output of a DequantLinear / DequantMLP with its float buffers (scales, zero points, bias)
+    and x in float64: the exact value of the quantized model."""
+    import copy
+
+    from xqpass.testing.modules import DequantLinear
+
+    m = copy.deepcopy(module).cpu()
+    for layer in m.modules():
+        if isinstance(layer, DequantLinear):
+            for name in ("scale", "zero", "scale_k"):
+                t = getattr(layer, name, None)
+                if t is not None and t.is_floating_point():
+                    setattr(layer, name, t.double())
+            if layer.bias is not None:
+                layer.bias = torch.nn.Parameter(layer.bias.double(), requires_grad=False)
+    with torch.no_grad():
+        return m(x.cpu().double())
+
+
+def assert_as_accurate_as_original(module, x, rewritten):
+    """The rewrite is at least as close to the float64 value of the same module as the original
+    (which computes in x.dtype, where the op computes in float32), within one rounding of x.dtype."""
+    with torch.no_grad():
+        original = module(x).cpu().double()
+    exact = module_in_float64(module, x)
+    err_orig = (original - exact).abs().max().item()
+    err_new = (rewritten.cpu().double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert err_new <= max(2 * err_orig, EPS[x.dtype] * scale) + 1e-5 * scale + 1e-6, (err_new, err_orig, scale)

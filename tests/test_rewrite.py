@@ -9,10 +9,10 @@ from torch import nn
 import xqpass
 from xqpass.backend import _eager, make_backend
 from xqpass.testing import strategies as xst
+from oracle import assert_as_accurate_as_original
 from xqpass.testing.modules import DequantLinear, DequantMLP, DequantSpec
 
 OP = torch.ops.xq.quantized_matmul.default
-EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 
 
 def compile_eager(module, x):
@@ -22,34 +22,6 @@ def compile_eager(module, x):
     with torch.no_grad():
         out = torch.compile(module, backend=make_backend(_eager, boxed=False, reports=reports), fullgraph=True)(x)
     return out, reports
-
-
-def assert_as_accurate_as_original(case_module, x, rewritten):
-    """The rewrite is at least as close to the float64 value of the same module as the original is
-    (the op computes in float32, the original in x.dtype), within one rounding of x.dtype."""
-    with torch.no_grad():
-        original = case_module(x).double()
-        exact = case_module.double()(x.double()) if False else _in_float64(case_module, x)
-    err_orig = (original - exact).abs().max().item()
-    err_new = (rewritten.double() - exact).abs().max().item()
-    scale = exact.abs().max().item()
-    assert err_new <= max(2 * err_orig, EPS[x.dtype] * scale) + 1e-5 * scale + 1e-6, (err_new, err_orig, scale)
-
-
-def _in_float64(module, x):
-    import copy
-
-    m = copy.deepcopy(module)
-    for layer in m.modules():
-        if isinstance(layer, DequantLinear):
-            layer.scale = layer.scale.double()
-            if getattr(layer, "zero", None) is not None and layer.zero.is_floating_point():
-                layer.zero = layer.zero.double()
-            if layer.bias is not None:
-                layer.bias = nn.Parameter(layer.bias.double(), requires_grad=False)
-            layer.scale_k = layer.scale_k.double()
-    with torch.no_grad():
-        return m(x.double())
 
 
 def _count(reports, level):
@@ -86,10 +58,12 @@ def test_near_misses_are_left_alone_and_reported(case):
         ("float_weight", r"float32.*not int8/uint8"),
         ("scale_from_x", r"computed from the activation"),
         ("interleaved_groups", r"varies along the input axis"),
+        ("per_tensor_activation", r"not amax\(\|x\|, dim=-1, keepdim=True\)"),
     ],
 )
 def test_near_miss_reasons(near_miss, reason):
-    spec = DequantSpec(near_miss=near_miss, group=4 if near_miss == "interleaved_groups" else None)
+    spec = DequantSpec(near_miss=near_miss, group=4 if near_miss == "interleaved_groups" else None,
+                       product_form="w8a8_matmul" if near_miss == "per_tensor_activation" else "linear")
     report = xqpass.explain(DequantLinear(spec, 16, 8), torch.randn(3, 16))
     assert len(report.misses) == 1 and not report.rewrites
     assert pytest.approx(0) == 0

@@ -39,7 +39,8 @@ class Rewritten:
     def __str__(self) -> str:
         f = self.format
         gran = "per-channel" if f["block_size"] == -1 else f"blockwise(B={f['block_size']})"
-        fmt = (f"int{f['bits']}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
+        act = "A8" if f.get("quantize_activation") else "A16"
+        fmt = (f"W{f['bits']}{act}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
                f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]")
         return f"{self.layer or self.node}: {self.pattern} -> xq.quantized_matmul {fmt}"
 
@@ -183,7 +184,10 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
     for node in gm.graph.nodes:
         if node in consumed or not _looks_dequantized(node):
             continue
-        related = [node] + [u for u in node.users] + [v for u in node.users for v in u.users]
+        related, frontier = [node], [node]
+        for _ in range(4):  # the roots a product can end in: casts, scales, biases, views above it
+            frontier = [u for n in frontier for u in n.users]
+            related += frontier
         found = [f for n in related for f in failures.get(n, [])]
         reason = max(found, key=lambda f: f[0])[1] if found else "no pattern matches its weight's computation"
         miss = Missed(node.name, _layer_name(node), reason)

@@ -22,6 +22,7 @@ from .dsl import (
     Operand,
     PackedNibbles,
     Pattern,
+    PerTokenQuantized,
     PostBias,
     PostScale,
     Sub,
@@ -31,6 +32,9 @@ from .dsl import (
 QUANTIZED = AnyOf((PackedNibbles("w"), IntWeight("w")))
 #: the storage cast to float, not yet scaled
 CAST = Cast(QUANTIZED)
+#: the storage as an integer matmul operand (``torch._int_mm`` takes int8; ``@`` on int32 casts)
+INT_OPERAND = Named("int8 weight, int32 matmul", AnyOf((Cast(QUANTIZED, to_int=True), QUANTIZED)))
+W8A8 = PerTokenQuantized(Matmul(INT_OPERAND, int_activation=True))
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,16 @@ class ProductForm:
 
 
 PRODUCT_FORMS = (
+    ProductForm(
+        "W8A8: per-token int8 activations, bias after",
+        "torch._int_mm(x_q, w.t()).to(dt) * x_scale * s + b",
+        PostBias(W8A8),
+    ),
+    ProductForm(
+        "W8A8: per-token int8 activations",
+        "(x_q.to(torch.int32) @ w.to(torch.int32).t()).to(dt) * x_scale * s",
+        W8A8,
+    ),
     ProductForm(
         "scale after the matmul, bias after",
         "(x @ w.t().to(dt)) * s + b",

@@ -346,10 +346,12 @@ class PackedNibbles(Pattern):
 
 @dataclass
 class Cast(Pattern):
-    """A dtype conversion to a floating dtype of what ``inner`` matches."""
+    """A dtype conversion to a floating dtype (``to_int``: to int32 / int64, exact widening of an
+    integer) of what ``inner`` matches."""
 
     inner: Pattern
     from_float: bool = False  # True: a float -> float cast above a dequantized weight
+    to_int: bool = False
 
     def here(self, ctx, node, layout, st):
         canon = canonical(node)
@@ -358,6 +360,10 @@ class Cast(Pattern):
                 ctx.fail(f"weight {node.name} is {ctx.dtype(node)}, not int8/uint8")
             return
         out, src = ctx.dtype(node), ctx.dtype(canon.inputs[0])
+        if self.to_int:
+            if out in (torch.int32, torch.int64) and src in WEIGHT_DTYPES:
+                yield from self.inner.match(ctx, canon.inputs[0], layout, st.with_(node))
+            return
         if out is None or not out.is_floating_point:
             return
         if self.from_float != (src is not None and src.is_floating_point):
@@ -544,6 +550,7 @@ class Matmul(Pattern):
     """
 
     weight: Pattern
+    int_activation: bool = False  # an integer product (W8A8): x is the quantized activation
     through_layout = False
 
     def here(self, ctx, node, layout, st):
@@ -567,8 +574,8 @@ class Matmul(Pattern):
             yield from self._product(ctx, node, canon, x, st)
 
     def _product(self, ctx, node, canon, x, st):
-        xs = ctx.shape(x)
-        if xs is None or len(xs) < 1 or not ctx.dtype(x) or not ctx.dtype(x).is_floating_point:
+        xs, xdt = ctx.shape(x), ctx.dtype(x)
+        if xs is None or len(xs) < 1 or xdt is None or xdt.is_floating_point == self.int_activation:
             return
         st = st.with_(node, x=x)
         if canon.kind == "linear":
@@ -669,3 +676,104 @@ def _vector_along_last(ctx: Context, v: Any, out_shape: tuple, x: Node | None, r
     if x is not None and ctx.depends_on(v, x):
         return f"{role} {v.name} is computed from the activation"
     return None
+
+
+@dataclass
+class PerTokenQuantized(Pattern):
+    """W8A8 with dynamic per-token activations, as written by hand::
+
+        x_scale = x.abs().amax(dim=-1, keepdim=True) / 127        # or .max(-1, keepdim=True)[0] / 127
+        x_q = (x / x_scale).round().clamp(-128 or -127, 127).to(torch.int8)
+        out = int_product(x_q, w).to(dt) * x_scale * w_scale       # any order of the two scales
+
+    where ``int_product`` is ``torch._int_mm(x_q, w.t())`` or ``x_q.to(int32) @ w.to(int32).t()``.
+    This is exactly the op's ``quantize_activation=True`` scheme (symmetric, amax / 127, round half to
+    even, int32 accumulation); the weight scale must be per output channel.
+    """
+
+    product: Pattern  # a Matmul(int_activation=True)
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        out = ctx.shape(node)
+        for factors, inner in _three_factors(node):
+            yield from self._with_factors(ctx, node, layout, st, factors, inner, out)
+
+    def _with_factors(self, ctx, node, layout, st, factors, inner, out):
+        for i, cast in enumerate(factors):
+            canon = canonical(cast)
+            if canon is None or canon.kind != "convert" or not (ctx.dtype(cast) or torch.int8).is_floating_point:
+                continue
+            for m in self.product.match(ctx, canon.inputs[0], layout, st.with_(cast)):
+                x_q = m.get("x")
+                found = self._activation(ctx, x_q)
+                if isinstance(found, str):
+                    ctx.fail(found)
+                    continue
+                x, x_scale, chain = found
+                rest = [f for j, f in enumerate(factors) if j != i]
+                if x_scale not in rest:
+                    ctx.fail(f"{node.name}: the output is not rescaled by the activation scale {x_scale.name}")
+                    continue
+                (w_scale,) = [f for f in rest if f is not x_scale]
+                reason = _vector_along_last(ctx, w_scale, out, x, "scale")
+                if reason:
+                    ctx.fail(reason)
+                    continue
+                st2 = m.with_(x=x, post_scale=w_scale, quantize_activation=True)
+                for n in (*inner, *chain):
+                    st2 = st2.with_(n)
+                yield st2
+
+    @staticmethod
+    def _activation(ctx, x_q):
+        """``x_q`` back to ``(x, x_scale, nodes)`` through the per-token quantization, or a reason."""
+        chain = []
+        node = x_q
+        c = canonical(node)
+        if c is not None and c.kind == "convert" and ctx.dtype(node) in (torch.int32, torch.int64):
+            chain.append(node)
+            node, c = c.inputs[0], canonical(c.inputs[0])
+        if c is None or c.kind != "convert" or ctx.dtype(node) != torch.int8:
+            return "the integer matmul's activation is not cast to int8 from a per-token quantization"
+        chain.append(node)
+        node, c = c.inputs[0], canonical(c.inputs[0])
+        if c is None or c.kind != "clamp" or c.params["max"] != 127 or c.params["min"] not in (-127, -128):
+            return "activation quantization is not clamp(-128 or -127, 127)"
+        chain.append(node)
+        node, c = c.inputs[0], canonical(c.inputs[0])
+        if c is None or c.kind != "round":
+            return "activation quantization does not round to nearest"
+        chain.append(node)
+        node, c = c.inputs[0], canonical(c.inputs[0])
+        if c is None or c.kind != "div":
+            return "activation quantization is not x / x_scale"
+        chain.append(node)
+        x, x_scale = c.inputs
+        sc = canonical(x_scale)
+        amax = None
+        if sc is not None and sc.kind == "div" and sc.inputs[1] == 127:
+            amax = sc.inputs[0]
+        elif sc is not None and sc.kind == "mul" and 1 / 127 in sc.inputs:
+            amax = sc.inputs[0] if sc.inputs[1] == 1 / 127 else sc.inputs[1]
+        ac = canonical(amax)
+        if ac is None or ac.kind != "amax" or not ac.params["keepdim"] or \
+                len(ac.params["dim"]) != 1 or ac.params["dim"][0] not in (-1, len(ctx.shape(x)) - 1):
+            return "the activation scale is not amax(|x|, dim=-1, keepdim=True) / 127 (per token, symmetric)"
+        absc = canonical(ac.inputs[0])
+        if absc is None or absc.kind != "abs" or absc.inputs[0] is not x:
+            return "the activation scale is not computed from |x| of the quantized x"
+        return x, x_scale, chain + [x_scale, amax, ac.inputs[0]]
+
+
+def _three_factors(node):
+    """``(a * b) * c`` and ``a * (b * c)`` as ``([a, b, c], [mul nodes])`` candidates."""
+    c = canonical(node)
+    if c is None or c.kind != "mul":
+        return []
+    found = []
+    for i, operand in enumerate(c.inputs):
+        sub = canonical(operand)
+        if sub is not None and sub.kind == "mul":
+            found.append(([*sub.inputs, c.inputs[1 - i]], [node, operand]))
+    return found

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.fx import Graph, Node
 
-from ..ops import quantized_matmul  # noqa: F401  (registers torch.ops.xq.quantized_matmul)
+from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
 from .dsl import Context, State, same_shape, static
 
 aten = torch.ops.aten
@@ -184,7 +184,13 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
         if m.get("bias_before_scale"):
             bias = b.call(aten.mul.Tensor, bias, scale)
 
-    call = b.call(OP, x, weight, scale, zero, -1 if group is None else group, packed, False, bias, packed=packed)
+    quantize_activation = bool(m.get("quantize_activation", False))
+    if quantize_activation:
+        bound = max_int32_reduction(ctx.dtype(w), packed)
+        if (k if group is None else group) > bound:
+            raise Rejected(f"an int32 dot of length {k if group is None else group} could overflow (bound {bound})")
+    call = b.call(OP, x, weight, scale, zero, -1 if group is None else group, packed, quantize_activation, bias,
+                  packed=packed)
     out_dtype, x_dtype = ctx.dtype(root), ctx.dtype(x)
     result = call
     if out_dtype is not None and out_dtype != x_dtype:
@@ -196,6 +202,7 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
         "block_size": -1 if group is None else group,
         "zero_point": zero is not None,
         "packed": packed,
+        "quantize_activation": quantize_activation,
         "N": n,
         "K": k,
     }

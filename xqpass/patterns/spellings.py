@@ -41,6 +41,9 @@ KINDS = (
     "addmm",  # (bias, a, b)
     "bitand", "rshift", "lshift",  # (a, b)
     "stack", "cat",  # (tensors-tuple,) {dim}
+    "round", "abs",  # (src,)
+    "clamp",  # (src,) {min, max}
+    "amax",  # (src,) {dim, keepdim}
     "dequantize_per_channel",  # (w, scales, zero_points, axis) {dtype: storage dtype, out_dtype}
     "dequantize_per_tensor",  # (w, scale, zero_point) {dtype, out_dtype}
 )
@@ -136,8 +139,11 @@ def _getattr(node: Node):
 
 
 def _getitem(node: Node):
-    """``s[:, None]`` and friends: only full slices, None and Ellipsis (a pure reshape)."""
+    """``s[:, None]`` and friends (only full slices, None and Ellipsis: a pure reshape), and
+    ``x.max(dim)[0]``."""
     src, index = node.args
+    if index == 0:
+        return _max_values(node)
     if not isinstance(src, Node):
         return None
     index = index if isinstance(index, tuple) else (index,)
@@ -163,6 +169,30 @@ def _list_op(kind: str):
         return Canon(kind, (tuple(tensors),), {"dim": _arg(node, 1, "dim", 0)})
 
     return make
+
+
+def _clamp(node: Node):
+    return Canon("clamp", (node.args[0],), {"min": _arg(node, 1, "min"), "max": _arg(node, 2, "max")})
+
+
+def _amax(node: Node):
+    dim = _arg(node, 1, "dim", ())
+    dim = tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
+    return Canon("amax", (node.args[0],), {"dim": dim, "keepdim": bool(_arg(node, 2, "keepdim", False))})
+
+
+def _max_values(node: Node):
+    """``x.max(dim, keepdim=True)[0]`` / ``.values``: getitem 0 of a max over a dim."""
+    src, index = node.args
+    if index != 0 or not isinstance(src, Node):
+        return None
+    if not (src.op == "call_method" and src.target == "max" or src.op == "call_function" and src.target in
+            (torch.max, *_ops("aten.max.dim"))):
+        return None
+    dim = _arg(src, 1, "dim")
+    if dim is None:
+        return None
+    return Canon("amax", (src.args[0],), {"dim": (dim,), "keepdim": bool(_arg(src, 2, "keepdim", False))})
 
 
 def _dq_per_channel(node: Node):
@@ -225,8 +255,12 @@ _register(_FUNCTIONS, [operator.add, torch.add, *_ops("aten.add.Tensor", "aten.a
 _register(_FUNCTIONS, [operator.sub, torch.sub, *_ops("aten.sub.Tensor", "aten.sub.Scalar")], _binary("sub", True))
 _register(_FUNCTIONS, [torch.rsub, *_ops("aten.rsub.Tensor", "aten.rsub.Scalar")], _rsub)
 _register(_FUNCTIONS, [torch.nn.functional.linear, torch._C._nn.linear, *_ops("aten.linear")], _linear)
-_register(_FUNCTIONS, [operator.matmul, torch.matmul, torch.mm, torch.bmm,
-                       *_ops("aten.matmul", "aten.mm", "aten.bmm")], _binary("matmul"))
+_register(_FUNCTIONS, [operator.matmul, torch.matmul, torch.mm, torch.bmm, torch._int_mm,
+                       *_ops("aten.matmul", "aten.mm", "aten.bmm", "aten._int_mm")], _binary("matmul"))
+_register(_FUNCTIONS, [torch.round, *_ops("aten.round")], _unary("round"))
+_register(_FUNCTIONS, [torch.abs, *_ops("aten.abs")], _unary("abs"))
+_register(_FUNCTIONS, [torch.clamp, torch.clip, *_ops("aten.clamp")], _clamp)
+_register(_FUNCTIONS, [torch.amax, *_ops("aten.amax")], _amax)
 _register(_FUNCTIONS, [torch.addmm, *_ops("aten.addmm")], _addmm)
 _register(_FUNCTIONS, [operator.and_, torch.bitwise_and,
                        *_ops("aten.bitwise_and.Scalar", "aten.bitwise_and.Tensor", "aten.__and__.Scalar",
@@ -257,6 +291,10 @@ _register(_METHODS, ["add"], _binary("add", True))
 _register(_METHODS, ["sub"], _binary("sub", True))
 _register(_METHODS, ["div"], lambda n: None if _arg(n, 2, "rounding_mode") is not None else Canon("div", n.args[:2]))
 _register(_METHODS, ["matmul", "mm", "bmm"], _binary("matmul"))
+_register(_METHODS, ["round"], _unary("round"))
+_register(_METHODS, ["abs"], _unary("abs"))
+_register(_METHODS, ["clamp", "clip"], _clamp)
+_register(_METHODS, ["amax"], _amax)
 _register(_METHODS, ["bitwise_and", "__and__"], _binary("bitand"))
 _register(_METHODS, ["bitwise_right_shift", "__rshift__"], _binary("rshift"))
 _register(_METHODS, ["bitwise_left_shift", "__lshift__"], _binary("lshift"))

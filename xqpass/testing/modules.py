@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHT_FORMS = ("scale", "zero_then_scale", "scale_then_float_zero", "pt2e_per_channel", "pt2e_per_tensor")
-PRODUCT_FORMS = ("linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout")
+PRODUCT_FORMS = ("linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout", "w8a8_int_mm",
+                 "w8a8_matmul")
 SCALE_SPELLINGS = ("index", "unsqueeze", "view", "column")
-NEAR_MISSES = ("wrong_axis", "float_weight", "scale_from_x", "interleaved_groups")
+NEAR_MISSES = ("wrong_axis", "float_weight", "scale_from_x", "interleaved_groups", "per_tensor_activation")
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ class DequantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec, dt = self.spec, x.dtype
+        if spec.product_form.startswith("w8a8") or spec.near_miss == "per_tensor_activation":
+            return self._w8a8(x)
         if spec.product_form == "scale_after":
             out = (x @ self.int_weight().t().to(dt)) * self.scale.to(dt).reshape(-1)
             return out + self.bias if self.bias is not None else out
@@ -206,6 +209,24 @@ class DequantLinear(nn.Module):
             return torch.addmm(self.bias, x, w.t())
         out = x @ w.t() if spec.product_form in ("matmul_t", "addmm") else torch.matmul(x, w.T)
         return out + self.bias if self.bias is not None else out
+
+
+def _w8a8_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token int8 activations, int8 weights, int32 accumulation (the op's W8A8)."""
+    if self.spec.near_miss == "per_tensor_activation":  # one scale for the whole tensor: not the op's scheme
+        x_scale = x.abs().amax() / 127
+    else:
+        x_scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    x_q = torch.round(x / x_scale).clamp(-128, 127).to(torch.int8)
+    if self.spec.product_form == "w8a8_int_mm":
+        acc = torch._int_mm(x_q.reshape(-1, self.k), self.qweight.t()).reshape(*x.shape[:-1], self.n)
+    else:
+        acc = x_q.to(torch.int32) @ self.qweight.to(torch.int32).t()
+    out = acc.to(x.dtype) * x_scale * self.scale.reshape(-1).to(x.dtype)
+    return out + self.bias if self.bias is not None else out
+
+
+DequantLinear._w8a8 = _w8a8_forward
 
 
 class DequantMLP(nn.Module):

@@ -122,6 +122,9 @@ def op_cases(
     rank = draw(st.sampled_from(x_ranks))
     lead = draw(st.lists(st.integers(1, 5), min_size=rank - 1, max_size=rank - 1))
     dtype = draw(st.sampled_from(x_dtypes))
+    if any(s.product_form.startswith("w8a8") for s in specs):
+        # hand-written W8A8 quantizes x in x.dtype, the op in float32: equal int8 activations need float32
+        dtype = torch.float32
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn((*lead, k), generator=gen) * draw(st.sampled_from([0.1, 1.0, 10.0]))).to(dtype)
@@ -141,16 +144,21 @@ def dequant_specs(draw, near_miss: bool | None = False):
     (``True``) or either (``None``)."""
     miss = draw(st.booleans()) if near_miss is None else near_miss
     if miss:
-        kind = draw(st.sampled_from(["wrong_axis", "float_weight", "scale_from_x", "interleaved_groups"]))
+        kind = draw(st.sampled_from(["wrong_axis", "float_weight", "scale_from_x", "interleaved_groups",
+                                     "per_tensor_activation"]))
         return DequantSpec(
             weight_form="scale",
-            product_form=draw(st.sampled_from(["linear", "matmul_t"])),
+            product_form="w8a8_matmul" if kind == "per_tensor_activation" else draw(
+                st.sampled_from(["linear", "matmul_t"])),
             bits=8,
             group=draw(st.sampled_from([4, 8])) if kind == "interleaved_groups" else None,
             signed=True,
             near_miss=kind,
         )
-    product = draw(st.sampled_from(["linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout"]))
+    product = draw(st.sampled_from(["linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout",
+                                    "w8a8_int_mm", "w8a8_matmul"]))
+    if product.startswith("w8a8"):
+        return DequantSpec(product_form=product, bias=draw(st.sampled_from([None, "after"])))
     if product == "scale_after":
         weight_form, bits, group = "scale", draw(st.sampled_from([8, 4])), None
     elif product == "seed_layout":
@@ -204,6 +212,9 @@ def dequant_modules(draw, near_miss: bool | None = False, max_layers: int = 1,
     if layers == 1:
         sizes[1] = draw(st.integers(1, 24))
     dtype = draw(st.sampled_from(x_dtypes))
+    if any(s.product_form.startswith("w8a8") for s in specs):
+        # hand-written W8A8 quantizes x in x.dtype, the op in float32: equal int8 activations need float32
+        dtype = torch.float32
     seed = draw(st.integers(0, 2**20))
     modules = [DequantLinear(spec, sizes[i], sizes[i + 1], seed + i, dtype) for i, spec in enumerate(specs)]
     rank = 2 if any(s.product_form == "addmm" for s in specs) else draw(st.sampled_from([2, 3]))
