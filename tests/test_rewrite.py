@@ -198,3 +198,14 @@ def test_backend_registered_for_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["xqpass.backend", "xqpass.backend"]
+
+
+def test_pattern_catalogue_is_documented():
+    """docs/patterns.md lists every weight form and product form the catalogue declares."""
+    import pathlib
+
+    from xqpass.patterns.catalogue import PRODUCT_FORMS, WEIGHT_FORMS
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "patterns.md").read_text()
+    for form in (*WEIGHT_FORMS, *PRODUCT_FORMS):
+        assert f"| {form.name} |" in text, form.name
