@@ -209,3 +209,47 @@ def test_pattern_catalogue_is_documented():
     text = (pathlib.Path(__file__).parent.parent / "docs" / "patterns.md").read_text()
     for form in (*WEIGHT_FORMS, *PRODUCT_FORMS):
         assert f"| {form.name} |" in text, form.name
+
+
+def test_dynamic_batch_dims_still_rewrite():
+    """Symbolic batch dims (Dynamo dynamic=True, export Dims) are reasoned with sympy, not guarded."""
+    from xqpass.testing.models import INT4_GROUPED, INT8, DecoderConfig, TinyDecoder, with_dequant_linears
+
+    model = with_dequant_linears(TinyDecoder(DecoderConfig(layers=1)),
+                                 lambda name: INT4_GROUPED if name.endswith("up_proj") else INT8).eval()
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=make_backend(_eager, boxed=False, reports=reports), dynamic=True)
+    with torch.no_grad():
+        for batch, seq in ((2, 8), (3, 5), (1, 11)):
+            x = torch.randn(batch, seq, 64)
+            assert torch.allclose(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert sum(len(r.rewrites) for r in reports) == 7 and len([r for r in reports if "torch" in r.graph]) == 1
+
+    dequant = DequantLinear(DequantSpec(weight_form="zero_then_scale", bits=4, group=8, signed=False), 32, 16)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(dequant, (torch.randn(4, 3, 32),), dynamic_shapes={"x": {0: batch}})
+    assert len(xqpass.rewrite(ep).rewrites) == 1
+    x = torch.randn(7, 3, 32)
+    assert torch.allclose(ep.module()(x), dequant(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cat_unpacking_is_rewritten_unpacked():
+    """An unpacking that is not the op's nibble order keeps its ops and feeds the op its int8 result."""
+
+    class CatUnpack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("p", torch.randint(0, 256, (8, 8), dtype=torch.int16).to(torch.uint8))
+            self.register_buffer("s", torch.rand(8) / 10)
+
+        def forward(self, x):
+            w = torch.cat([self.p & 0xF, self.p >> 4], dim=-1)  # halves, not interleaved
+            return F.linear(x, (w.to(x.dtype) - 8) * self.s[:, None])
+
+    m = CatUnpack()
+    x = torch.randn(3, 16)
+    out, reports = compile_eager(m, x)
+    rewrites = [r for rep in reports for r in rep.rewrites]
+    assert len(rewrites) == 1 and not rewrites[0].format["packed"]
+    assert torch.allclose(out, m(x), rtol=1e-5, atol=1e-5)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHT_FORMS = ("scale", "zero_then_scale", "scale_then_float_zero", "pt2e_per_channel", "pt2e_per_tensor")
-PRODUCT_FORMS = ("linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout", "w8a8_int_mm",
-                 "w8a8_matmul")
+PRODUCT_FORMS = ("linear", "matmul_t", "matmul_T", "transpose", "bmm", "addmm", "scale_after", "seed_layout",
+                 "w8a8_int_mm", "w8a8_matmul")
 SCALE_SPELLINGS = ("index", "unsqueeze", "view", "column")
 NEAR_MISSES = ("wrong_axis", "float_weight", "scale_from_x", "interleaved_groups", "per_tensor_activation")
 
@@ -207,7 +207,16 @@ class DequantLinear(nn.Module):
             return out + self.bias if spec.bias == "after" else out
         if spec.product_form == "addmm" and x.dim() == 2 and self.bias is not None:
             return torch.addmm(self.bias, x, w.t())
-        out = x @ w.t() if spec.product_form in ("matmul_t", "addmm") else torch.matmul(x, w.T)
+        if spec.product_form == "transpose":
+            out = x @ w.transpose(0, 1)
+        elif spec.product_form == "bmm":  # a batched matmul against the weight expanded over the batch
+            x3 = x if x.dim() == 3 else x[None]
+            out = torch.bmm(x3, w.t().expand(x3.shape[0], self.k, self.n))
+            out = out if x.dim() == 3 else out[0]
+        elif spec.product_form in ("matmul_t", "addmm"):
+            out = x @ w.t()
+        else:
+            out = torch.matmul(x, w.T)
         return out + self.bias if self.bias is not None else out
 
 

@@ -152,8 +152,8 @@ def dequant_specs(draw, near_miss: bool | None = False):
             signed=True,
             near_miss=kind,
         )
-    product = draw(st.sampled_from(["linear", "matmul_t", "matmul_T", "addmm", "scale_after", "seed_layout",
-                                    "w8a8_int_mm", "w8a8_matmul"]))
+    product = draw(st.sampled_from(["linear", "matmul_t", "matmul_T", "transpose", "bmm", "addmm", "scale_after",
+                                    "seed_layout", "w8a8_int_mm", "w8a8_matmul"]))
     if product.startswith("w8a8"):
         return DequantSpec(product_form=product, bias=draw(st.sampled_from([None, "after"])))
     if product == "scale_after":
