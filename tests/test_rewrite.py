@@ -221,7 +221,7 @@ def test_dynamic_batch_dims_still_rewrite():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=make_backend(_eager, boxed=False, reports=reports), dynamic=True)
     with torch.no_grad():
-        for batch, seq in ((2, 8), (3, 5), (1, 11)):
+        for batch, seq in ((2, 8), (3, 5), (4, 11)):  # (1 would specialize: Dynamo treats 0 and 1 apart)
             x = torch.randn(batch, seq, 64)
             assert torch.allclose(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert sum(len(r.rewrites) for r in reports) == 7 and len([r for r in reports if "torch" in r.graph]) == 1
