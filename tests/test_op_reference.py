@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oracle import assert_within, dequantized, oracle
+from xqpass.ops import quantized_matmul_reference
 from xqpass.testing import strategies as xst
 
 op = torch.ops.xq.quantized_matmul
@@ -12,12 +13,23 @@ op = torch.ops.xq.quantized_matmul
 
 @given(xst.op_cases())
 def test_reference_matches_float64_oracle(case):
+    """The CPU kernel (torch's int8 kernel where it applies) and the readable reference, both."""
     kw = case.op_kwargs()
-    out = op(case.x, **kw)
-    assert out.dtype == case.x.dtype
-    assert out.shape == (*case.x.shape[:-1], case.weight.out_features)
     expected, allowance = oracle(case.x, **kw)
-    assert_within(out, expected, allowance, case.fmt.name)
+    for out in (op(case.x, **kw), quantized_matmul_reference(case.x, **kw)):
+        assert out.dtype == case.x.dtype
+        assert out.shape == (*case.x.shape[:-1], case.weight.out_features)
+        assert_within(out, expected, allowance, case.fmt.name)
+
+
+def test_cpu_kernel_uses_torch_int8_kernel_for_symmetric_int8():
+    from xqpass.ops.cpu import _int8pack_applies
+
+    w = torch.zeros(4, 8, dtype=torch.int8)
+    assert _int8pack_applies(torch.zeros(2, 8, dtype=torch.bfloat16), w, None, -1, False, False, False)
+    assert not _int8pack_applies(torch.zeros(2, 8), w, torch.zeros(4), -1, False, False, False)  # asym
+    assert not _int8pack_applies(torch.zeros(2, 8), w.view(torch.uint8), None, -1, False, False, False)
+    assert not _int8pack_applies(torch.zeros(2, 8, dtype=torch.float64), w, None, -1, False, False, False)
 
 
 @given(xst.op_cases(x_dtypes=(torch.float64,), formats=xst.weight_formats(quantize_activation=(False,))))

@@ -9,6 +9,7 @@ import torch_xla.debug.metrics as met
 from hypothesis import given, settings
 
 from oracle import assert_within, oracle
+from xqpass.ops.xla import xla_lowering
 from xqpass.testing import strategies as xst
 
 op = torch.ops.xq.quantized_matmul
@@ -18,9 +19,15 @@ def _to(kw, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
 
-@settings(max_examples=30)
+@pytest.mark.parametrize("lowering", ["cpu", "canonical"])
+@settings(max_examples=25)
 @given(case=xst.op_cases())
-def test_xla_eager_matches_cpu_reference_and_oracle(case, xla_device):
+def test_xla_eager_matches_cpu_reference_and_oracle(lowering, case, xla_device):
+    with xla_lowering(lowering):
+        _check_xla_case(case, xla_device)
+
+
+def _check_xla_case(case, xla_device):
     kw = case.op_kwargs()
     cpu = op(case.x, **kw)
     xla = op(case.x.to(xla_device), **_to(kw, xla_device)).cpu()
@@ -129,3 +136,33 @@ def test_dynamo_and_aot_graphs_hold_one_node():
     for rows in (3, 6):
         x = torch.randn(rows, 32)
         assert torch.equal(aot(x), f(x))
+
+
+def test_auto_lowering_is_the_cpu_form_on_xla_cpu(xla_device):
+    from xqpass.ops.xla import _resolve_lowering
+
+    assert _resolve_lowering(torch.zeros(1, device=xla_device)) == "cpu"
+    with xla_lowering("canonical"):
+        assert _resolve_lowering(torch.zeros(1, device=xla_device)) == "canonical"
+    with pytest.raises(ValueError, match="expected one of"):
+        with xla_lowering("gpu"):
+            pass
+
+
+@pytest.mark.parametrize("packed, w_type", [(False, "s8[48,64]"), (True, "u8[48,32]")])
+def test_canonical_form_keeps_the_weight_integer_up_to_the_dot(packed, w_type, xla_device):
+    """The TPU / GPU form: parameter (int) -> [unpack] -> convert -> dot, the scale after the dot."""
+    fmt = xst.WeightFormat(4 if packed else 8, -1, not packed, packed, False)  # int8 sym, or uint4 asym packed
+    qw = xst.random_quantized_weight(fmt, 48, 64, seed=12)
+    with xla_lowering("canonical"):
+        out = op(torch.randn(3, 64, dtype=torch.bfloat16).to(xla_device), **_to(qw.op_kwargs(), xla_device))
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo([out])
+    param = re.search(r"%(\S+) = " + re.escape(w_type) + r"\{[\d,]*\} parameter\(", hlo).group(1)
+    converts = re.findall(r"%(\S+) = bf16\[48,64\]\{[\d,]*\} convert\(([^)]*)\)", hlo)
+    assert converts, hlo
+    conv_name, conv_operand = converts[-1]
+    if not packed:
+        assert f"%{param}" in conv_operand  # the stored bytes convert straight into the dot's dtype
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) == 1 and f"%{conv_name}" in dots[0], dots
+    assert not re.search(r"(f32|bf16)\[48,64\]\{[\d,]*\} multiply", hlo)  # no scaled copy of the weight
