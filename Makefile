@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xqpass-installed
 export PJRT_DEVICE ?= CPU
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# benchmarks (not tests): a few minutes on the 2-core machine; results and the plot go to the repo
+bench: setup
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/bench_matmul.py --m 1 4 16 64 256 --shapes 4096x4096 4096x11008 --json benchmarks/results/matmul.json
+	$(PY) benchmarks/bench_decoder.py --json benchmarks/results/decoder.json
+	$(PY) benchmarks/plot.py benchmarks/results/matmul.json docs/benchmarks.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -96,8 +96,10 @@ def test_hlo_keeps_weight_quantized_until_inside_the_graph(xla_device):
         params = re.findall(r"(\w+\[[\d,]*\])\{?[\d,]*\}? parameter\(", hlo)
         assert w_type in params, (fmt.name, params)
         assert not any(p.startswith(("f32[48,64]", "bf16[48,64]", "f32[64,48]")) for p in params), params
-        if fmt.quantize_activation:  # an integer dot with an int32 result
-            assert re.search(r"s32\[\d+,\d+\]\{[\d,]*\} dot\(", hlo), hlo
+        if fmt.quantize_activation:  # the canonical form: an integer dot with an int32 result
+            with xla_lowering("canonical"):
+                out = op(torch.randn(3, 64).to(xla_device), quantize_activation=True, **_to(qw.op_kwargs(), xla_device))
+            assert re.search(r"s32\[\d+,\d+\]\{[\d,]*\} dot\(", torch_xla._XLAC._get_xla_tensors_hlo([out]))
 
 
 def test_export_is_one_node_with_dynamic_batch():
@@ -166,3 +168,53 @@ def test_canonical_form_keeps_the_weight_integer_up_to_the_dot(packed, w_type, x
     dots = [line for line in hlo.splitlines() if " dot(" in line]
     assert len(dots) == 1 and f"%{conv_name}" in dots[0], dots
     assert not re.search(r"(f32|bf16)\[48,64\]\{[\d,]*\} multiply", hlo)  # no scaled copy of the weight
+
+
+LARGE_M_FORMATS = [
+    xst.WeightFormat(8, -1, True, False, False),
+    xst.WeightFormat(8, -1, False, False, False),
+    xst.WeightFormat(4, -1, True, True, False),
+    xst.WeightFormat(8, 32, False, False, False),
+    xst.WeightFormat(4, 32, False, True, False),
+    xst.WeightFormat(4, 16, True, False, False),
+    xst.WeightFormat(8, -1, True, False, True),
+    xst.WeightFormat(4, 32, False, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", LARGE_M_FORMATS, ids=lambda f: f.name)
+def test_large_m_forms_match_the_oracle(fmt, dtype, xla_device):
+    """XLA:CPU switches formulation at CPU_LARGE_M rows (16-bit dots, dequantize-then-dot): same numerics."""
+    from xqpass.ops.xla import CPU_LARGE_M
+
+    qw = xst.random_quantized_weight(fmt, 40, 96, seed=13)
+    x = torch.randn(2, CPU_LARGE_M, 96).to(dtype)
+    out = op(x.to(xla_device), quantize_activation=fmt.quantize_activation, **_to(qw.op_kwargs(), xla_device)).cpu()
+    expected, allowance = oracle(x, **qw.op_kwargs(), quantize_activation=fmt.quantize_activation)
+    assert_within(out, expected, allowance, fmt.name)
+
+
+@pytest.mark.parametrize("qa", [False, True])
+def test_nan_propagates_on_xla_as_on_cpu(qa, xla_device):
+    fmt = xst.WeightFormat(4, 8, False, True, qa)
+    qw = xst.random_quantized_weight(fmt, 6, 16, seed=14)
+    x = torch.randn(3, 16)
+    x[1, 5] = float("nan")
+    cpu = op(x, quantize_activation=qa, **qw.op_kwargs())
+    xla = op(x.to(xla_device), quantize_activation=qa, **_to(qw.op_kwargs(), xla_device)).cpu()
+    assert torch.equal(torch.isnan(xla), torch.isnan(cpu))
+    assert torch.isnan(xla[1]).all() and torch.isfinite(xla[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("fmt", LARGE_M_FORMATS, ids=lambda f: f.name)
+def test_no_gathers_with_host_made_indices(fmt, rows, xla_device):
+    """Inside the op torch_xla sees tensors without functionalization: a strided view there would be
+    lowered as a gather whose indices are made on the host and sent every call."""
+    qw = xst.random_quantized_weight(fmt, 48, 64, seed=15)
+    out = op(torch.randn(rows, 64).to(xla_device), quantize_activation=fmt.quantize_activation,
+             **_to(qw.op_kwargs(), xla_device))
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo([out])
+    assert " gather(" not in hlo
+    assert not re.search(r"s64\[[\d,]+\]\{[\d,]*\} parameter", hlo)

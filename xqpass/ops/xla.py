@@ -11,14 +11,17 @@ Two formulations, numerically equivalent (tested on XLA:CPU), chosen by device t
 * ``"canonical"`` (TPU, GPU): ``dot(x, convert(w))`` with the scale applied after the dot; the weight
   stays int8 up to the dot, where XLA fuses the convert into the matmul.
 * ``"cpu"`` (XLA:CPU, measured in docs/benchmarks.md): the weight is the dot's left operand
-  (``(convert(w) @ x.T).T``, ~5x faster at small M than ``x @ w.T``), blockwise scales are applied
-  after a dot batched over the blocks (no full-size multiply of the weight), and packed int4 is never
-  interleaved: the low nibbles (even k) and high nibbles (odd k) meet ``x[..., 0::2]`` and
-  ``x[..., 1::2]`` in two half-size dots.
+  (``(convert(w) @ x.T).T``, ~5x faster at small M than ``x @ w.T``). Below ``CPU_LARGE_M`` rows the dot
+  is float32 (XLA:CPU's fast matrix-vector dot), blockwise scales come after a dot batched over the
+  blocks, and packed int4 is never interleaved: low nibbles (even k) and high nibbles (odd k) meet
+  ``x[..., 0::2]`` and ``x[..., 1::2]`` in two half-size dots. From ``CPU_LARGE_M`` rows on, 16-bit
+  activations take the 16-bit dot with a 16-bit result (XLA:CPU's fast matrix-matrix dot: two roundings
+  to the activation dtype instead of one), blockwise weights are dequantized before one dot, and W8A8's
+  integer dot becomes an exact float32 dot of the same integers (XLA:CPU's integer dot is slow there).
 
 ``xla_lowering("cpu" | "canonical" | "auto")`` (or ``XQPASS_XLA_LOWERING``) forces one, e.g. to test the
-TPU form on XLA:CPU. Float work accumulates in float32 (float64 for float64 x); 16-bit activations meet
-the weight in their own dtype in the dot (an int8 value is exact in bfloat16), with a float32 result.
+TPU form on XLA:CPU. Float work accumulates in float32 (float64 for float64 x); the canonical form
+gives 16-bit activations a 16-bit dot (an int8 value is exact in bfloat16) with a float32 result.
 """
 from __future__ import annotations
 
@@ -74,9 +77,56 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (``-1 >> 4 == 0``), which is right here only because the operand is a multiple of 16.
     """
     low = w & 15
-    if w.dtype == torch.int8:  # two's complement nibbles
-        return low - (low & 8) * 2, torch.div(w & -16, 16, rounding_mode="trunc")
-    return low, torch.div(w, 16, rounding_mode="floor")
+    if w.dtype == torch.int8:  # two's complement nibbles; (w & -16) is a multiple of 16: any shift is exact
+        return low - (low & 8) * 2, (w & -16) >> 4
+    return low, w >> 4  # unsigned: logical and arithmetic shifts agree
+
+
+#: XLA:CPU: from this many activation rows on, 16-bit activations take the 16-bit dot (XLA:CPU's fast
+#: one), and blockwise weights are dequantized before a single dot instead of a dot batched over blocks
+CPU_LARGE_M = 16
+#: XLA:CPU: up to this many rows, per-channel weights skip the dot: a fused multiply-and-reduce over K
+#: split into ``r`` interleaved slices (``r`` terms an iteration) runs 5-10x faster than any dot here
+CPU_SPLIT_K_MAX_M = 8
+
+
+def _slice(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:
+    """A slice that stays an HLO slice: inside the op torch_xla gets the tensors without
+    functionalization, and lowers a strided view of them (``t[..., 0::2]``, ``narrow`` on an inner dim)
+    as a gather with indices made on the host for every call; ``slice_copy`` is a plain slice."""
+    return torch.ops.aten.slice_copy.Tensor(t, dim, start, end, step)
+
+
+def _split_factor(length: int, rows: int) -> int:
+    preferred = 8 if rows == 1 else 16
+    for r in (preferred, 8, 4, 2):
+        if length % r == 0:
+            return r
+    return 1
+
+
+def _split_k_products(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, rows: int) -> torch.Tensor:
+    """``x @ values(w).T`` for a per-channel weight ``w [N, K]`` (packed ``[N, K/2]``) and ``x [M, K]``,
+    as one fused elementwise multiply-and-reduce: K is cut into ``r`` equal pieces that are summed as ``r``
+    terms of one loop (XLA:CPU then iterates K/r times a row, not K). Exact products, ``dtype``
+    (float32 or int32) accumulation, in a different order than a dot."""
+    n, width = w.shape
+    r = _split_factor(width, rows)
+    piece = width // r
+    x = x.to(dtype)
+    acc = None
+    for j in range(r):
+        byte = _slice(w, 1, j * piece, (j + 1) * piece)  # [N, K/r]
+        if packed:  # byte i holds elements 2i (low nibble) and 2i + 1 (high nibble)
+            low, high = _nibbles(byte)
+            start = 2 * j * piece
+            x_even = _slice(x, 1, start, start + 2 * piece, 2).unsqueeze(1)  # [M, 1, K/r]
+            x_odd = _slice(x, 1, start + 1, start + 2 * piece, 2).unsqueeze(1)
+            term = low.to(dtype).unsqueeze(0) * x_even + high.to(dtype).unsqueeze(0) * x_odd
+        else:
+            term = byte.to(dtype).unsqueeze(0) * _slice(x, 1, j * piece, (j + 1) * piece).unsqueeze(1)
+        acc = term if acc is None else acc + term
+    return acc.sum(dim=-1)  # [M, N]
 
 
 @quantized_matmul.register_kernel("xla")
@@ -89,48 +139,67 @@ def quantized_matmul_xla(
     k, n = spec.in_features, spec.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
+    rows = x2.shape[0] if isinstance(x2.shape[0], int) else None
     scale = scale.to(cdt)
     zp = None if zero_point is None else zero_point.to(cdt)
     lowering = _resolve_lowering(x)
+    large_m = lowering == "cpu" and rows is not None and rows >= CPU_LARGE_M
+    half = x.dtype in (torch.bfloat16, torch.float16)
 
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x2.to(cdt))  # [M, K] int8, [M, 1]
-        operand, dot_dtype, acc_dtype = x_q, torch.int8, torch.int32
         row_sums = x_q.to(cdt)
+        if large_m:  # XLA:CPU's integer dot is slow at large M: exact float32 dot of the same integers
+            operand, dot_dtype, acc_dtype = x_q.to(cdt), cdt, cdt
+        else:
+            operand, dot_dtype, acc_dtype = x_q, torch.int8, torch.int32
     else:
-        # bf16 / f16 activations meet the weight in their own dtype (exact for int8 values), f32 result
-        dot_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else cdt
-        operand, acc_dtype = x2.to(dot_dtype), cdt
         row_sums = x2.to(cdt)
+        if lowering == "canonical" and half:  # 16-bit operands (int8 exact in them), float32 result
+            dot_dtype, acc_dtype = x.dtype, cdt
+        elif large_m and half:  # XLA:CPU: the 16-bit dot with a 16-bit result is the fast one
+            dot_dtype = acc_dtype = x.dtype
+        else:  # XLA:CPU small M (and float32 activations): float32 throughout
+            dot_dtype = acc_dtype = cdt
+        operand = x2.to(dot_dtype)
 
-    def weight_as(t):  # int8 stays int8 for the integer dot; otherwise the convert sits right at the dot
-        return t if quantize_activation else t.to(dot_dtype)
+    def weight_as(t):  # the convert sits right at the dot (int8 stays int8 for the integer dot)
+        return t if dot_dtype == torch.int8 else t.to(dot_dtype)
 
+    small_m = lowering == "cpu" and rows is not None and 0 < rows <= CPU_SPLIT_K_MAX_M
     if block_size == PER_CHANNEL:
-        if lowering == "cpu" and packed:
-            low, high = _nibbles(w)  # [N, K/2] each: even and odd k
-            acc = (_dot(weight_as(low), operand[:, 0::2], ([1], [1]), out=acc_dtype)
-                   + _dot(weight_as(high), operand[:, 1::2], ([1], [1]), out=acc_dtype)).t()
-        elif lowering == "cpu":
-            acc = _dot(weight_as(w), operand, ([1], [1]), out=acc_dtype).t()  # weight as LHS: [N, M] -> [M, N]
+        if small_m:  # W8A8 too: integer products are exact in float32, float32 accumulation
+            acc = _split_k_products(w, operand, packed, cdt, rows)
+        elif lowering == "cpu" and packed:  # even k: low nibbles, odd k: high nibbles; no interleave
+            low, high = _nibbles(w)  # [N, K/2] each
+            acc = (_dot(weight_as(low), _slice(operand, 1, 0, k, 2), ([1], [1]), out=acc_dtype)
+                   + _dot(weight_as(high), _slice(operand, 1, 1, k, 2), ([1], [1]), out=acc_dtype)).t()
+        elif lowering == "cpu":  # weight as the left operand: [N, K] . [M, K] -> [N, M]
+            acc = _dot(weight_as(w), operand, ([1], [1]), out=acc_dtype).t()
         else:
             acc = _dot(operand, weight_as(unpacked_weight(w, packed)), ([1], [1]), out=acc_dtype)  # [M, N]
         out = acc.to(cdt) * scale
         if zp is not None:
             out = out - row_sums.sum(dim=-1, keepdim=True) * zp
-    else:
+    elif large_m and not quantize_activation:  # XLA:CPU, large M: dequantize, then one dot
+        w_deq = unpacked_weight(w, packed).to(cdt) * scale[:, None, :]
+        if zp is not None:
+            w_deq = w_deq - zp[:, None, :]
+        out = _dot(w_deq.reshape(k, n).to(dot_dtype), operand, ([0], [1]), out=acc_dtype).t().to(cdt)
+    else:  # per-block dots batched over the blocks, each block's scale after its dot
         s = spec.num_blocks
         blocks = operand.reshape(-1, s, block_size)  # [M, S, B]
         if lowering == "cpu" and packed:
             low, high = _nibbles(w)  # [S, B/2, N]
-            acc = (_dot(weight_as(low), blocks[..., 0::2], ([1], [2]), ([0], [1]), out=acc_dtype)
-                   + _dot(weight_as(high), blocks[..., 1::2], ([1], [2]), ([0], [1]), out=acc_dtype))  # [S, N, M]
-            acc = acc.permute(0, 2, 1)
+            acc = (_dot(weight_as(low), _slice(blocks, 2, 0, block_size, 2), ([1], [2]), ([0], [1]), out=acc_dtype)
+                   + _dot(weight_as(high), _slice(blocks, 2, 1, block_size, 2), ([1], [2]), ([0], [1]),
+                          out=acc_dtype))
+            acc = acc.permute(0, 2, 1)  # [S, N, M] -> [S, M, N]
         elif lowering == "cpu":
-            acc = _dot(weight_as(w), blocks, ([1], [2]), ([0], [1]), out=acc_dtype).permute(0, 2, 1)  # [S, M, N]
+            acc = _dot(weight_as(w), blocks, ([1], [2]), ([0], [1]), out=acc_dtype).permute(0, 2, 1)
         else:
             acc = _dot(blocks, weight_as(unpacked_weight(w, packed)), ([2], [1]), ([1], [0]), out=acc_dtype)
-        out = (acc.to(cdt) * scale[:, None, :]).sum(dim=0)  # per-block scales after the dot: [M, N]
+        out = (acc.to(cdt) * scale[:, None, :]).sum(dim=0)  # [M, N]
         if zp is not None:
             out = out - row_sums.reshape(-1, s, block_size).sum(dim=-1) @ zp
     if quantize_activation:

@@ -444,39 +444,36 @@ def _binary_operands(ctx, node, kind):
 
 
 @dataclass
-class Mul(Pattern):
-    """``a * b`` in either order, ``value`` the weight side and ``operand`` the broadcast side."""
+class _WeightOp(Pattern):
+    """``value (op) operand`` on the weight side: ``value`` keeps the weight's shape, ``operand`` is
+    broadcast against it."""
 
     value: Pattern
     operand: Operand
+    kind = ""
+    commutative = False
 
     def here(self, ctx, node, layout, st):
-        ops = _binary_operands(ctx, node, "mul")
+        ops = _binary_operands(ctx, node, self.kind)
         if ops is None:
             return
         shape = ctx.shape(node)
-        for a, b in (ops, ops[::-1]):
+        for a, b in ((ops, ops[::-1]) if self.commutative else (ops,)):
             if isinstance(a, Node) and ctx.shape(a) is not None and same_shape(ctx.shape(a), shape):
                 for s in self.value.match(ctx, a, layout, st.with_(node, _weight_shape=shape)):
                     yield from self.operand.match(ctx, b, layout, s.with_(_weight_shape=shape))
 
 
-@dataclass
-class Sub(Pattern):
+class Mul(_WeightOp):
+    """``value * operand`` in either order."""
+
+    kind, commutative = "mul", True
+
+
+class Sub(_WeightOp):
     """``value - operand``."""
 
-    value: Pattern
-    operand: Operand
-
-    def here(self, ctx, node, layout, st):
-        ops = _binary_operands(ctx, node, "sub")
-        if ops is None:
-            return
-        a, b = ops
-        shape = ctx.shape(node)
-        if isinstance(a, Node) and ctx.shape(a) is not None and same_shape(ctx.shape(a), shape):
-            for s in self.value.match(ctx, a, layout, st.with_(node, _weight_shape=shape)):
-                yield from self.operand.match(ctx, b, layout, s.with_(_weight_shape=shape))
+    kind = "sub"
 
 
 @dataclass
@@ -608,6 +605,24 @@ class Matmul(Pattern):
             yield s.with_(bias=bias, bias_kind="addmm" if bias is not None else None)
 
 
+def _post_op(ctx, node, layout, st, kind: str, product: Pattern, role: str):
+    """Matches of ``product <kind> v`` (either order) with ``v`` varying along the output's last dim
+    only: yields ``(match, v)``."""
+    ops = _binary_operands(ctx, node, kind)
+    if ops is None:
+        return
+    out = ctx.shape(node)
+    for a, v in (ops, ops[::-1]):
+        if not isinstance(a, Node) or ctx.shape(a) is None or not same_shape(ctx.shape(a), out):
+            continue
+        for m in product.match(ctx, a, layout, st.with_(node)):
+            reason = _vector_along_last(ctx, v, out, m.get("x"), role)
+            if reason:
+                ctx.fail(reason)
+                continue
+            yield m, v
+
+
 @dataclass
 class PostScale(Pattern):
     """``product * s`` with ``s`` varying only along the output's last dim (a per-channel scale applied
@@ -618,20 +633,9 @@ class PostScale(Pattern):
     through_layout = False
 
     def here(self, ctx, node, layout, st):
-        ops = _binary_operands(ctx, node, "mul")
-        if ops is None:
-            return
-        out = ctx.shape(node)
-        for a, s in (ops, ops[::-1]):
-            if not isinstance(a, Node) or ctx.shape(a) is None or not same_shape(ctx.shape(a), out):
-                continue
-            for m in self.product.match(ctx, a, layout, st.with_(node)):
-                reason = _vector_along_last(ctx, s, out, m.get("x"), "scale")
-                if reason:
-                    ctx.fail(reason)
-                    continue
-                # a bias added before this scale is scaled with the product: the op gets b * s
-                yield m.with_(post_scale=s, bias_before_scale=m.get("post_bias") is not None)
+        for m, s in _post_op(ctx, node, layout, st, "mul", self.product, "scale"):
+            # a bias added before this scale is scaled with the product: the op gets b * s
+            yield m.with_(post_scale=s, bias_before_scale=m.get("post_bias") is not None)
 
 
 @dataclass
@@ -643,22 +647,11 @@ class PostBias(Pattern):
     through_layout = False
 
     def here(self, ctx, node, layout, st):
-        ops = _binary_operands(ctx, node, "add")
-        if ops is None:
-            return
-        out = ctx.shape(node)
-        for a, b in (ops, ops[::-1]):
-            if not isinstance(a, Node) or ctx.shape(a) is None or not same_shape(ctx.shape(a), out):
+        for m, b in _post_op(ctx, node, layout, st, "add", self.product, "bias"):
+            if m.get("bias") is not None:
+                ctx.fail(f"{node.name}: a second bias")
                 continue
-            for m in self.product.match(ctx, a, layout, st.with_(node)):
-                if m.get("bias") is not None:
-                    ctx.fail(f"{node.name}: a second bias")
-                    continue
-                reason = _vector_along_last(ctx, b, out, m.get("x"), "bias")
-                if reason:
-                    ctx.fail(reason)
-                    continue
-                yield m.with_(post_bias=b)
+            yield m.with_(post_bias=b)
 
 
 def _vector_along_last(ctx: Context, v: Any, out_shape: tuple, x: Node | None, role: str) -> str | None:

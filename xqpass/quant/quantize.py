@@ -139,6 +139,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     NaN or an infinity has a NaN or infinite ``x_scale``, which carries it to the output.
     """
     amax = x.abs().amax(dim=-1, keepdim=True)  # explicit dim: torch_xla 2.9's dim-less amax is wrong
+    # XLA:CPU's max does not propagate NaN: say it explicitly so every device agrees
+    amax = torch.where(torch.isnan(x).any(dim=-1, keepdim=True), torch.full_like(amax, float("nan")), amax)
     x_scale = amax / ACTIVATION_QMAX
     safe = torch.where(x_scale == 0, torch.ones_like(x_scale), x_scale)
     q = torch.round(x / safe).clamp(-ACTIVATION_QMAX, ACTIVATION_QMAX)

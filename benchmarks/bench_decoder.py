@@ -1,0 +1,93 @@
+"""End to end: decode steps of a small Llama-style decoder with int8 / int4 weights on XLA:CPU.
+
+One decode-shaped step (batch 1, one token; no KV cache, so the linears see M = 1 rows, the case
+quantization is for) per call, every call waited for (``out.cpu()``), median of ``--runs``:
+
+  xq_openxla int8        attention + MLP linears dequantize int8 in code, compiled with xq_openxla
+  xq_openxla int4        MLP linears packed int4 (groups of 32), attention int8
+  openxla dense bf16     the float model in bfloat16 on plain openxla
+  eager CPU dense bf16   the float model in bfloat16, eager on the CPU
+  eager CPU xq int8      the int8 model through xq_eager (torch's int8 CPU kernel)
+
+Weight bytes are those of the linears' tensors on the device (quantized bytes + scales + zero points).
+
+    python benchmarks/bench_decoder.py --layers 8 --dim 1024 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import xqpass  # noqa: E402,F401
+from xqpass.testing.models import INT4_GROUPED, INT8, DecoderConfig, TinyDecoder, with_dequant_linears  # noqa: E402
+from xqpass.testing.modules import DequantLinear  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_matmul import bench  # noqa: E402
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def linear_bytes(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        if isinstance(m, DequantLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.qweight, m.scale, getattr(m, "zero", None))
+                         if t is not None)
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=2816)
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    import torch_xla
+
+    dev = torch_xla.device()
+    torch._dynamo.config.cache_size_limit = 256
+    cfg = DecoderConfig(layers=args.layers, dim=args.dim, heads=max(1, args.dim // 64), hidden=args.hidden)
+    float_model = TinyDecoder(cfg).eval()
+    int8 = with_dequant_linears(float_model, lambda name: INT8).to(torch.bfloat16)
+    int4 = with_dequant_linears(float_model, lambda name: INT4_GROUPED if name.endswith(MLP) else INT8).to(torch.bfloat16)
+    dense = copy.deepcopy(float_model).to(torch.bfloat16)
+    x = torch.randn(1, 1, cfg.dim).to(torch.bfloat16)
+    with torch.no_grad():
+        exact = float_model(x.float()).double()
+    paths = {
+        "xq_openxla int8": (torch.compile(copy.deepcopy(int8).to(dev), backend="xq_openxla", dynamic=False), dev, int8),
+        "xq_openxla int4": (torch.compile(copy.deepcopy(int4).to(dev), backend="xq_openxla", dynamic=False), dev, int4),
+        "openxla dense bf16": (torch.compile(copy.deepcopy(dense).to(dev), backend="openxla", dynamic=False), dev, dense),
+        "eager CPU dense bf16": (dense, "cpu", dense),
+        "eager CPU xq int8": (torch.compile(int8, backend="xq_eager", dynamic=False), "cpu", int8),
+    }
+    rows = []
+    for name, (fn, device, model) in paths.items():
+        ms = bench(fn, x.to(device), runs=args.runs)
+        with torch.no_grad():
+            out = fn(x.to(device)).cpu().double()
+        row = {"path": name, "ms/token": ms, "tokens/s": 1e3 / ms, "weight bytes": linear_bytes(model),
+               "err vs float": float((out - exact).norm() / exact.norm())}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Quantized matmul on XLA:CPU against its baselines, side by side in one process.
+
+Every call is timed on its own and waited for (``out.cpu()``), median of ``--runs`` after 3 warm-ups:
+a loop that waits only for its last output under-counts any path that falls back to lazy tensors.
+
+    python benchmarks/bench_matmul.py --m 1 16 256 --shapes 4096x4096 4096x11008 --json out.json
+
+Paths (activations bfloat16, weight N x K):
+  torch_xla op W8A16      torch.ops.xla.quantized_matmul under openxla (the seed)
+  dense bf16 F.linear     what nn.Linear compiles to under openxla
+  dense bf16 (w@x.T).T    the best dense bf16 formulation on openxla
+  convert wall            w.to(float32).sum() over the int8 weight: XLA:CPU's cost of touching it
+  xq W8A16 / W4A16 g64 / W8A8
+                          hand-written dequant modules compiled with backend="xq_openxla"
+  cpu _weight_int8pack_mm torch's eager int8 kernel; cpu xq_eager W8A16: the same module via xq_eager
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import xqpass  # noqa: E402
+from xqpass.testing.modules import DequantLinear, DequantSpec  # noqa: E402
+
+W8 = DequantSpec(weight_form="scale", bits=8)
+W4G64 = DequantSpec(weight_form="scale", bits=4, group=64, signed=True)
+W8A8 = DequantSpec(product_form="w8a8_matmul")
+
+
+def bench(fn, *args, runs: int = 7) -> float:
+    """Median ms of ``fn(*args).cpu()``; every call waited for."""
+    with torch.no_grad():
+        for _ in range(3):
+            fn(*args).cpu()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn(*args).cpu()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((out.cpu().double() - exact).norm() / exact.norm())
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name in ("qweight", "scale", "zero"))
+
+
+def run_shape(n: int, k: int, ms: list[int], runs: int) -> list[dict]:
+    import torch_xla
+    import torch_xla.experimental.xla_quantized_matmul  # noqa: F401  (the seed's op)
+
+    dev = torch_xla.device()
+    # one graph per (module, M): several modules share DequantLinear.forward, so allow many cache entries,
+    # and keep shapes static (XLA compiles per shape anyway)
+    torch._dynamo.config.cache_size_limit = 256
+    compile_xla = lambda f: torch.compile(f, backend="openxla", dynamic=False)  # noqa: E731
+    layers = {name: DequantLinear(spec, k, n, seed=1, dtype=torch.bfloat16).eval()
+              for name, spec in (("xq W8A16", W8), ("xq W4A16 g64", W4G64), ("xq W8A8", W8A8))}
+    exact_weights = {name: m.dequantize(torch.float64) for name, m in layers.items()}
+    bytes_of = {name: weight_bytes(m) for name, m in layers.items()}
+    w8 = layers["xq W8A16"].qweight
+    s8 = layers["xq W8A16"].scale
+    w_bf16 = (w8.float() * s8.float()[:, None]).to(torch.bfloat16)
+    d = {"w8": w8.to(dev), "s8": s8.to(dev), "wb": w_bf16.to(dev)}
+    compiled = {name: torch.compile(m.to(dev), backend="xq_openxla", dynamic=False) for name, m in layers.items()}
+    eager_cpu = torch.compile(DequantLinear(W8, k, n, seed=1, dtype=torch.bfloat16).eval(), backend="xq_eager",
+                              dynamic=False)
+
+    seed_op = compile_xla(lambda x, w, s: torch.ops.xla.quantized_matmul(x, w, s))
+    dense_linear = compile_xla(lambda x, w: F.linear(x, w))
+    dense_lhs = compile_xla(lambda x, w: (w @ x.t()).t())
+    convert_wall = compile_xla(lambda w: w.to(torch.float32).sum())
+
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        xd = x.to(dev)
+        r = {"N": n, "K": k, "M": m}
+        r["torch_xla op W8A16"] = bench(seed_op, xd, d["w8"], d["s8"], runs=runs)
+        r["dense bf16 F.linear"] = bench(dense_linear, xd, d["wb"], runs=runs)
+        r["dense bf16 (w@x.T).T"] = bench(dense_lhs, xd, d["wb"], runs=runs)
+        r["convert wall"] = bench(convert_wall, d["w8"], runs=runs)
+        for name, fn in compiled.items():
+            r[name] = bench(fn, xd, runs=runs)
+            with torch.no_grad():
+                r[f"{name} err"] = rel_err(fn(xd), x.double() @ exact_weights[name].t())
+            r[f"{name} weight bytes"] = bytes_of[name]
+        r["cpu _weight_int8pack_mm"] = bench(torch.ops.aten._weight_int8pack_mm, x, w8, s8, runs=runs)
+        r["cpu xq_eager W8A16"] = bench(eager_cpu, x, runs=runs)
+        r["dense bf16 weight bytes"] = w_bf16.numel() * 2
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int, nargs="+", default=[1, 16, 256])
+    p.add_argument("--shapes", nargs="+", default=["4096x4096"], help="NxK")
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    rows = []
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        rows += run_shape(n, k, args.m, args.runs)
+    meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
+            "xqpass": xqpass.__version__}
+    try:
+        import torch_xla
+
+        meta["torch_xla"] = torch_xla.__version__
+    except ImportError:
+        pass
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
