@@ -36,16 +36,21 @@ def dequantized(w, scale, zero_point, block_size, packed):
     z = np.zeros_like(s) if zero_point is None else zero_point.cpu().double().numpy()
     if block_size == -1:
         ws, zz = v * s[:, None], np.broadcast_to(z[:, None], v.shape)
+    elif v.ndim == 2:  # blockwise by rows: w [N, K], scale [N, K/B]
+        ws = v * np.repeat(s, block_size, axis=1)
+        zz = np.repeat(z, block_size, axis=1)
     else:  # [S, B, N] -> [K, N] -> [N, K]
         ws = (v * s[:, None, :]).reshape(-1, v.shape[-1]).T
         zz = np.broadcast_to(z[:, None, :], v.shape).reshape(-1, v.shape[-1]).T
     return ws - zz, np.abs(ws) + np.abs(zz)
 
 
-def oracle(x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, packed=False):
+def oracle(x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, packed=False,
+           roundings=1):
     """Returns (expected float64 output, elementwise error allowance) for one call of the op.
 
-    W*A16: exact x @ w_deq.T; allowance covers float32 accumulation and rounding to x.dtype.
+    W*A16: exact x @ w_deq.T; allowance covers float32 accumulation and ``roundings`` roundings to
+    x.dtype (the op's definition rounds once; docs/ops.md allows a fast kernel a second).
     W*A8: the unquantized product; allowance adds the per-token rounding bound
     (x_scale / 2) * sum_k |w_deq[n, k]|, x_scale = amax|x| / 127.
     """
@@ -54,11 +59,11 @@ def oracle(x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quant
     k = xd.shape[-1]
     expected = xd @ w_deq.T
     mag = np.abs(xd) @ w_mag.T
-    allowance = (EPS[x.dtype] + 8 * k * 2.0**-24) * mag
+    allowance = (roundings * EPS[x.dtype] + 8 * k * 2.0**-24) * mag
     if quantize_activation:
         x_scale = np.abs(xd).max(axis=-1, keepdims=True) / 127
         quant_err = x_scale / 2 * np.abs(w_deq).sum(axis=1)
-        allowance = allowance + quant_err * (1 + 1e-5) + (EPS[x.dtype] + 8 * k * 2.0**-24) * x_scale * w_mag.sum(axis=1)
+        allowance = allowance + quant_err * (1 + 1e-5) + (roundings * EPS[x.dtype] + 8 * k * 2.0**-24) * x_scale * w_mag.sum(axis=1)
     return expected, allowance + 1e-30
 
 

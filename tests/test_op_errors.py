@@ -46,7 +46,12 @@ BAD = {
 }
 BAD_BLOCKWISE = {
     "block not dividing K": (dict(block_size=3), ValueError, r"block_size=3 does not divide K=8"),
-    "2-D w blockwise": (dict(w=torch.zeros(4, 8, dtype=torch.int8)), ValueError, r"blockwise w must be 3-D"),
+    "2-D w blockwise, seed-layout scale": (dict(w=torch.zeros(4, 8, dtype=torch.int8)), ValueError,
+                                          r"scale must have shape \(4, 2\), got \(2, 4\)"),
+    "4-D w blockwise": (dict(w=torch.zeros(2, 2, 2, 4, dtype=torch.int8)), ValueError,
+                        r"blockwise w must be 3-D \[K/B, B, N\] or, by rows, 2-D \[N, K\]"),
+    "by rows K mismatch": (dict(w=torch.zeros(4, 12, dtype=torch.int8), scale=torch.rand(4, 2)), ValueError,
+                           r"K mismatch: x has K=8.*holds K=12"),
     "blockwise w shape": (dict(w=torch.zeros(3, 4, 4, dtype=torch.int8)), ValueError, r"must be \(2, 4, 4\).*got \(3, 4, 4\)"),
     "blockwise scale shape": (dict(scale=torch.rand(4)), ValueError, r"scale must have shape \(2, 4\), got \(4,\)"),
     "packed odd block": (dict(block_size=1, int4_weight=True, packed=True, w=torch.zeros(8, 1, 4, dtype=torch.int8), scale=torch.rand(8, 4)), ValueError, r"even block_size"),

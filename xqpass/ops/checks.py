@@ -26,6 +26,7 @@ class MatmulSpec:
     out_features: int  # N
     block_size: int  # -1 or B
     num_blocks: int  # 1 for per-channel, K/B for blockwise
+    by_rows: bool = False  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
 
     @property
     def reduction_length(self) -> int:
@@ -115,23 +116,33 @@ def check_inputs(
         expected = (n,)
         num_blocks = 1
     else:
-        if w.dim() != 3:
+        if w.dim() not in (2, 3):
             raise ValueError(
-                f"quantized_matmul: blockwise w must be 3-D [K/B, B{'/2' if packed else ''}, N], got shape {_shape(w)}"
+                f"quantized_matmul: blockwise w must be 3-D [K/B, B{'/2' if packed else ''}, N] or, by rows, "
+                f"2-D [N, K{'/2' if packed else ''}], got shape {_shape(w)}"
             )
         if k % block_size:
             raise ValueError(f"quantized_matmul: block_size={block_size} does not divide K={k}")
         if packed and block_size % 2:
             raise ValueError(f"quantized_matmul: packed int4 needs an even block_size, got {block_size}")
         num_blocks = k // block_size
-        n = w.shape[2]
-        want = (num_blocks, block_size // pack, n)
-        if _shape(w) != want:
-            raise ValueError(
-                f"quantized_matmul: blockwise w for K={k}, block_size={block_size}"
-                f"{', packed' if packed else ''} must be {want} [K/B, B{'/2' if packed else ''}, N], got {_shape(w)}"
-            )
-        expected = (num_blocks, n)
+        if w.dim() == 2:  # blockwise by rows: w [N, K], scale [N, K/B]
+            n = w.shape[0]
+            if w.shape[1] * pack != k:
+                raise ValueError(
+                    f"quantized_matmul: K mismatch: x has K={k} in its last dim, blockwise-by-rows w {_shape(w)} "
+                    f"{'packs' if packed else 'holds'} K={w.shape[1] * pack}"
+                )
+            expected = (n, num_blocks)
+        else:
+            n = w.shape[2]
+            want = (num_blocks, block_size // pack, n)
+            if _shape(w) != want:
+                raise ValueError(
+                    f"quantized_matmul: blockwise w for K={k}, block_size={block_size}"
+                    f"{', packed' if packed else ''} must be {want} [K/B, B{'/2' if packed else ''}, N], got {_shape(w)}"
+                )
+            expected = (num_blocks, n)
     if _shape(scale) != expected:
         raise ValueError(f"quantized_matmul: scale must have shape {expected}, got {_shape(scale)}")
     if zero_point is not None and _shape(zero_point) != expected:
@@ -139,7 +150,8 @@ def check_inputs(
 
     if bias is not None and _shape(bias) != (n,):
         raise ValueError(f"quantized_matmul: bias must have shape ({n},), got {_shape(bias)}")
-    spec = MatmulSpec(in_features=k, out_features=n, block_size=block_size, num_blocks=num_blocks)
+    spec = MatmulSpec(in_features=k, out_features=n, block_size=block_size, num_blocks=num_blocks,
+                      by_rows=block_size != PER_CHANNEL and w.dim() == 2)
     if quantize_activation:
         bound = max_int32_reduction(w.dtype, int4_weight)
         if spec.reduction_length > bound:

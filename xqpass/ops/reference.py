@@ -12,6 +12,7 @@ in int32 (over K per-channel, over B blockwise; inputs that could overflow are r
     per-channel:  out[.., n] = (sum_k x[.., k] w[n, k]) * scale[n] - (sum_k x[.., k]) * zero_point[n]
     blockwise:    out[.., n] = sum_s [ (sum_b x[.., s, b] w[s, b, n]) * scale[s, n]
                                        - (sum_b x[.., s, b]) * zero_point[s, n] ]
+    (by rows, ``w[n, s*B + b]``, ``scale[n, s]``, ``zero_point[n, s]``: the same sums)
 
 (times ``x_scale`` with ``x`` replaced by ``x_q`` when activations are quantized), plus ``bias`` when
 given (added before the single rounding to ``x.dtype``). Float work runs in
@@ -52,6 +53,13 @@ def quantized_matmul_reference(
         out = acc * scale
         if zp is not None:
             out = out - lhs.sum(dim=-1, keepdim=True).to(cdt) * zp
+    elif spec.by_rows:  # w [N, K] seen as [N, K/B, B], scale [N, K/B]
+        blocks = lhs.reshape(*lhs.shape[:-1], spec.num_blocks, block_size)  # [..., K/B, B]
+        wb = wv.reshape(spec.out_features, spec.num_blocks, block_size)
+        acc = torch.einsum("...sb,nsb->...ns", blocks, wb).to(cdt)  # [..., N, K/B]
+        out = (acc * scale).sum(dim=-1)
+        if zp is not None:
+            out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), zp.t())
     else:
         blocks = lhs.reshape(*lhs.shape[:-1], spec.num_blocks, block_size)  # [..., K/B, B]
         acc = torch.einsum("...sb,sbn->...sn", blocks, wv).to(cdt)  # [..., K/B, N]

@@ -98,35 +98,61 @@ def _slice(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> to
 
 
 def _split_factor(length: int, rows: int) -> int:
+    """How many pieces to cut a reduction of ``length`` into (measured on XLA:CPU: 8 for one row, 16 for
+    a few), keeping pieces of at least 8 elements so short groups are not shredded."""
     preferred = 8 if rows == 1 else 16
     for r in (preferred, 8, 4, 2):
-        if length % r == 0:
+        if length % r == 0 and length // r >= 8:
             return r
     return 1
 
 
-def _split_k_products(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, rows: int) -> torch.Tensor:
-    """``x @ values(w).T`` for a per-channel weight ``w [N, K]`` (packed ``[N, K/2]``) and ``x [M, K]``,
-    as one fused elementwise multiply-and-reduce: K is cut into ``r`` equal pieces that are summed as ``r``
-    terms of one loop (XLA:CPU then iterates K/r times a row, not K). Exact products, ``dtype``
-    (float32 or int32) accumulation, in a different order than a dot."""
+def _split_k_products(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, rows: int, groups: int = 1) -> torch.Tensor:
+    """Per-group products ``acc[m, n, g] = sum_b values(w)[n, g*B + b] * x[m, g*B + b]`` for a weight
+    stored by rows, ``w [N, K]`` (packed ``[N, K/2]``; ``groups`` = K/B, 1 for per-channel), as one fused
+    multiply-and-reduce: each group is cut into ``r`` equal pieces summed as ``r`` terms of one loop
+    (XLA:CPU then iterates B/r times a group, not B, with K the contiguous axis). Exact products,
+    ``dtype`` (float32) accumulation, in another order than a dot. Returns ``[M, N, groups]``."""
     n, width = w.shape
-    r = _split_factor(width, rows)
-    piece = width // r
-    x = x.to(dtype)
+    per_group = width // groups  # bytes a group
+    r = _split_factor(per_group, rows)
+    piece = per_group // r
+    w3 = w.reshape(n, groups, per_group)
+    x4 = x.to(dtype).reshape(x.shape[0], 1, groups, per_group * (2 if packed else 1))  # [M, 1, G, B]
     acc = None
     for j in range(r):
-        byte = _slice(w, 1, j * piece, (j + 1) * piece)  # [N, K/r]
+        byte = _slice(w3, 2, j * piece, (j + 1) * piece).unsqueeze(0)  # [1, N, G, B/r]
         if packed:  # byte i holds elements 2i (low nibble) and 2i + 1 (high nibble)
             low, high = _nibbles(byte)
             start = 2 * j * piece
-            x_even = _slice(x, 1, start, start + 2 * piece, 2).unsqueeze(1)  # [M, 1, K/r]
-            x_odd = _slice(x, 1, start + 1, start + 2 * piece, 2).unsqueeze(1)
-            term = low.to(dtype).unsqueeze(0) * x_even + high.to(dtype).unsqueeze(0) * x_odd
+            term = (low.to(dtype) * _slice(x4, 3, start, start + 2 * piece, 2)
+                    + high.to(dtype) * _slice(x4, 3, start + 1, start + 2 * piece, 2))
         else:
-            term = byte.to(dtype).unsqueeze(0) * _slice(x, 1, j * piece, (j + 1) * piece).unsqueeze(1)
+            term = byte.to(dtype) * _slice(x4, 3, j * piece, (j + 1) * piece)
         acc = term if acc is None else acc + term
-    return acc.sum(dim=-1)  # [M, N]
+    return acc.sum(dim=-1)  # [M, N, G]
+
+
+def _split_k_blockwise(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, rows: int, block: int) -> torch.Tensor:
+    """Per-block products ``acc[m, s, n] = sum_b values(w)[s, b, n] * x[m, s*B + b]`` for a blockwise
+    weight ``w [S, B, N]`` (packed ``[S, B/2, N]``): the multiply-and-reduce of
+    :func:`_split_k_products` along B, N staying the contiguous axis. Returns ``[M, S, N]``."""
+    s, width, n = w.shape
+    r = _split_factor(width, rows)
+    piece = width // r
+    xb = x.to(dtype).reshape(x.shape[0], s, block, 1)  # [M, S, B, 1]
+    acc = None
+    for j in range(r):
+        byte = _slice(w, 1, j * piece, (j + 1) * piece).unsqueeze(0)  # [1, S, B/r, N]
+        if packed:
+            low, high = _nibbles(byte)
+            start = 2 * j * piece
+            term = (low.to(dtype) * _slice(xb, 2, start, start + 2 * piece, 2)
+                    + high.to(dtype) * _slice(xb, 2, start + 1, start + 2 * piece, 2))
+        else:
+            term = byte.to(dtype) * _slice(xb, 2, j * piece, (j + 1) * piece)
+        acc = term if acc is None else acc + term
+    return acc.sum(dim=2)  # [M, S, N]
 
 
 @quantized_matmul.register_kernel("xla")
@@ -169,7 +195,8 @@ def quantized_matmul_xla(
     small_m = lowering == "cpu" and rows is not None and 0 < rows <= CPU_SPLIT_K_MAX_M
     if block_size == PER_CHANNEL:
         if small_m:  # W8A8 too: integer products are exact in float32, float32 accumulation
-            acc = _split_k_products(w, operand, packed, cdt, rows)
+            acc = _split_k_products(w, operand, packed, cdt, rows).sum(dim=-1)  # one group; no select:
+            # inside the op torch_xla computes a select of a computed tensor wrongly (see _slice)
         elif lowering == "cpu" and packed:  # even k: low nibbles, odd k: high nibbles; no interleave
             low, high = _nibbles(w)  # [N, K/2] each
             acc = (_dot(weight_as(low), _slice(operand, 1, 0, k, 2), ([1], [1]), out=acc_dtype)
@@ -181,11 +208,33 @@ def quantized_matmul_xla(
         out = acc.to(cdt) * scale
         if zp is not None:
             out = out - row_sums.sum(dim=-1, keepdim=True) * zp
+    elif spec.by_rows:  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
+        s = spec.num_blocks
+        if small_m:
+            acc = _split_k_products(w, operand, packed, cdt, rows, groups=s)  # [M, N, S]
+            out = (acc * scale).sum(dim=-1)
+        elif lowering == "cpu" and not quantize_activation:  # dequantize, then one dot (weight as LHS)
+            w_deq = unpacked_weight(w, packed).to(cdt).reshape(n, s, block_size) * scale[:, :, None]
+            if zp is not None:
+                w_deq = w_deq - zp[:, :, None]
+            out = _dot(w_deq.reshape(n, k).to(dot_dtype), operand, ([1], [1]), out=acc_dtype).t().to(cdt)
+            zp = None  # folded into w_deq
+        else:  # dots batched over the blocks: [M, S, B] . [N, S, B] -> [S, M, N], block scales after
+            w3 = weight_as(unpacked_weight(w, packed)).reshape(n, s, block_size)
+            acc = _dot(operand.reshape(-1, s, block_size), w3, ([2], [2]), ([1], [1]), out=acc_dtype)
+            out = (acc.to(cdt) * scale.t()[:, None, :]).sum(dim=0)
+        if zp is not None:
+            out = out - row_sums.reshape(-1, s, block_size).sum(dim=-1) @ zp.t()
     elif large_m and not quantize_activation:  # XLA:CPU, large M: dequantize, then one dot
         w_deq = unpacked_weight(w, packed).to(cdt) * scale[:, None, :]
         if zp is not None:
             w_deq = w_deq - zp[:, None, :]
         out = _dot(w_deq.reshape(k, n).to(dot_dtype), operand, ([0], [1]), out=acc_dtype).t().to(cdt)
+    elif small_m and rows == 1:  # multiply-and-reduce along B (N contiguous), block scales after
+        acc = _split_k_blockwise(w, operand, packed, cdt, rows, block_size)  # [M, S, N]
+        out = (acc * scale).sum(dim=1)
+        if zp is not None:
+            out = out - row_sums.reshape(-1, spec.num_blocks, block_size).sum(dim=-1) @ zp
     else:  # per-block dots batched over the blocks, each block's scale after its dot
         s = spec.num_blocks
         blocks = operand.reshape(-1, s, block_size)  # [M, S, B]

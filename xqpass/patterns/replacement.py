@@ -66,20 +66,24 @@ class Builder:
         """A constant made on the activation's device (a CPU constant would not mix with XLA tensors)."""
         return self.call(aten.full.default, shape, value, dtype=torch.float32, device=self.device)
 
-    def vector(self, node: Node, padded: tuple, layout: tuple, n: int, groups: int | None) -> Node:
+    def vector(self, node: Node, padded: tuple, layout: tuple, n: int, groups: int | None,
+               by_rows: bool = False) -> Node:
         """A scale / zero point tensor seen with ``padded`` shape against a weight of axis tags ``layout``,
-        as the op's ``[N]`` (``groups is None``) or ``[G, N]``."""
-        want = [n] if groups is None else [groups, n]
+        as the op's ``[N]`` (``groups is None``), ``[G, N]`` or, blockwise by rows, ``[N, G]``."""
+        want = [n] if groups is None else ([n, groups] if by_rows else [groups, n])
         if tuple(self.ctx.shape(node)) != tuple(padded):
             node = self.call(aten.reshape.default, node, [static(s) for s in padded])
-        axes = ([layout.index("G")] if groups is not None and "G" in layout else []) + [layout.index("N")]
+        g_axis = [layout.index("G")] if groups is not None and "G" in layout else []
+        axes = [layout.index("N")] + g_axis if by_rows else g_axis + [layout.index("N")]
         perm = axes + [i for i in range(len(layout)) if i not in axes]
         if perm != list(range(len(layout))):
             node = self.call(aten.permute.default, node, perm)
         keep = [static(padded[i]) for i in axes]
         if len(keep) != len(padded):
             node = self.call(aten.reshape.default, node, keep)
-        if keep != want:  # broadcast along what does not vary (expand adds a leading G too)
+        if keep != want:  # broadcast along what does not vary
+            if by_rows and groups is not None and not g_axis:  # [N] -> [N, 1] -> [N, G]
+                node = self.call(aten.reshape.default, node, [n, 1])
             node = self.call(aten.expand.default, node, want)
         return node
 
@@ -96,28 +100,24 @@ class Builder:
         return node
 
 
-def _weight_to_op_layout(b: Builder, w: Node, layout: tuple, n: int, k: int, group: int | None, packed: bool) -> Node:
-    """The storage ``w`` (with axis tags ``layout``) as the op's per-channel [N, K] or blockwise [K/B, B, N]."""
+def _weight_to_op_layout(b: Builder, w: Node, layout: tuple, n: int, k: int, group: int | None,
+                         packed: bool) -> tuple[Node, bool]:
+    """The storage ``w`` (with axis tags ``layout``) in an op layout reachable by reshapes alone:
+    per-channel ``[N, K]``, blockwise by rows ``[N, K]`` (storage with N first) or the seed's blockwise
+    ``[K/B, B, N]`` (storage with K first). Returns ``(weight, by_rows)``; never a per-call transpose
+    of the weight, except for a per-channel weight stored ``[K, N]``."""
     pack = 2 if packed else 1
-    if group is not None and layout == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (group // pack,)):
-        return w
-    if group is None and layout == ("N", "K"):
-        return w
-    # bring to [N, K] first
-    if layout == ("N", "K"):
-        nk = w
-    elif layout == ("K", "N") and not packed:
-        nk = b.call(aten.t.default, w)
-    elif layout == ("N", "G", "g"):
-        nk = b.call(aten.reshape.default, w, [n, k // pack])
-    elif layout == ("G", "g", "N") and not packed:
-        nk = b.call(aten.reshape.default, b.call(aten.permute.default, w, [2, 0, 1]), [n, k])
-    else:
-        raise Rejected(f"weight storage layout {'x'.join(layout)} has no exact mapping to the op's layout")
-    if group is None:
-        return nk
-    grouped = b.call(aten.reshape.default, nk, [n, k // group, group // pack])
-    return b.call(aten.permute.default, grouped, [1, 2, 0])
+    if layout in (("N", "K"), ("N", "G", "g")):
+        nk = w if layout == ("N", "K") else b.call(aten.reshape.default, w, [n, k // pack])
+        return nk, group is not None
+    if layout in (("K", "N"), ("G", "g", "N")) and not packed:
+        if group is None:
+            kn = w if layout == ("K", "N") else b.call(aten.reshape.default, w, [k, n])
+            return b.call(aten.t.default, kn), False
+        if layout == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (group,)):
+            return w, False
+        return b.call(aten.reshape.default, w, [k // group, group, n]), False
+    raise Rejected(f"weight storage layout {'x'.join(layout)} has no exact mapping to the op's layout")
 
 
 def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
@@ -152,23 +152,23 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
 
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
-    weight = _weight_to_op_layout(b, w, m["w_layout"], n, k, group, packed)
+    weight, by_rows = _weight_to_op_layout(b, w, m["w_layout"], n, k, group, packed)
 
     def vec(name):
         operand, (gran, padded), layout = m[name], m[f"{name}_gran"], m[f"{name}_layout"]
         if gran == "tensor":  # one value: broadcast it
-            want = [n] if groups is None else [groups, n]
+            want = [n] if groups is None else ([n, groups] if by_rows else [groups, n])
             if not isinstance(operand, Node):
                 return b.full(want, float(operand))
             return b.call(aten.expand.default, b.call(aten.reshape.default, operand, []), want)
-        return b.vector(operand, padded, layout, n, groups)
+        return b.vector(operand, padded, layout, n, groups, by_rows)
 
     if "post_scale" in m:
         scale = b.last_dim_vector(m["post_scale"], n)
     elif "scale" in m:
         scale = vec("scale")
     else:
-        scale = b.full([n] if groups is None else [groups, n], 1.0)
+        scale = b.full([n] if groups is None else ([n, groups] if by_rows else [groups, n]), 1.0)
 
     zero = None
     if "zero" in m and m["zero"] is not None:

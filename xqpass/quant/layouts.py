@@ -7,11 +7,15 @@ Layouts (N = out_features, K = in_features, B = block_size):
 * **per-channel** (``block_size == -1``): ``w [N, K]``, ``scale [N]``, ``zero_point [N]``.
 * **blockwise** (``block_size == B``, ``B`` divides ``K``): ``w [K/B, B, N]``, ``scale [K/B, N]``,
   ``zero_point [K/B, N]``. Block ``s`` holds input features ``s*B ... s*B + B - 1``.
+* **blockwise by rows** (ours; ``block_size == B`` with a 2-D ``w``): ``w [N, K]``, ``scale [N, K/B]``,
+  ``zero_point [N, K/B]``: the per-channel storage with one scale a group of B input features, as GPTQ,
+  AWQ, compressed-tensors and hand-written groupwise code keep it (no transpose to the seed's layout).
 
 Dequantization (the seed's convention: a *float* zero point subtracted after scaling)::
 
     per-channel:  w_deq[n, k]    = w[n, k]    * scale[n]    - zero_point[n]
     blockwise:    w_deq[s, b, n] = w[s, b, n] * scale[s, n] - zero_point[s, n]
+    by rows:      w_deq[n, k]    = w[n, k]    * scale[n, k // B] - zero_point[n, k // B]
 
 An integer zero point ``z`` (``w_deq = (w - z) * scale``) maps to ``zero_point = z * scale``.
 
@@ -30,7 +34,8 @@ True         True         uint8   two uint4 values, each an unsigned nibble in [
 
 **Packed int4** halves the storage again: two 4-bit values a byte, packed along **K, the input
 (contraction) axis** of the layout — dim 1 of a per-channel ``[N, K]`` weight (stored ``[N, K/2]``),
-dim 1 of a blockwise ``[K/B, B, N]`` weight (stored ``[K/B, B/2, N]``). Nibble order: the element at
+dim 1 of a blockwise ``[K/B, B, N]`` weight (stored ``[K/B, B/2, N]``), dim 1 of a blockwise-by-rows
+``[N, K]`` weight (stored ``[N, K/2]``). Nibble order: the element at
 even index ``2j`` sits in the **low** nibble (bits 0-3) of byte ``j``, the element at ``2j + 1`` in
 the **high** nibble (bits 4-7). Signedness follows the dtype: an ``int8`` byte holds two signed
 nibbles, a ``uint8`` byte two unsigned ones. Packing needs an even K (per-channel) or even B
@@ -126,8 +131,14 @@ def dequantize(
     packed: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dequantized weight as ``[N, K]`` in ``dtype`` for either layout (``w * scale - zero_point``)."""
+    """Dequantized weight as ``[N, K]`` in ``dtype`` for any layout (``w * scale - zero_point``)."""
     w = unpacked_weight(w, packed).to(dtype)
+    if block_size != PER_CHANNEL and w.dim() == 2:  # blockwise by rows
+        n, k = w.shape
+        deq = w.reshape(n, k // block_size, block_size) * scale.to(dtype)[:, :, None]
+        if zero_point is not None:
+            deq = deq - zero_point.to(dtype)[:, :, None]
+        return deq.reshape(n, k)
     if block_size == PER_CHANNEL:
         deq = w * scale.to(dtype)[:, None]
         if zero_point is not None:

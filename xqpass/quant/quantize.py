@@ -34,12 +34,12 @@ class QuantizedWeight:
 
     @property
     def out_features(self) -> int:
-        return self.scale.shape[-1]
+        return self.weight.shape[0] if self.weight.dim() == 2 else self.weight.shape[-1]
 
     @property
     def in_features(self) -> int:
         k = self.weight.shape[1] * (2 if self.packed else 1)
-        return k if self.block_size == PER_CHANNEL else k * self.weight.shape[0]
+        return k if self.weight.dim() == 2 else k * self.weight.shape[0]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight ``[N, K]`` (``w * scale - zero_point``)."""

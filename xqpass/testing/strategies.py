@@ -34,11 +34,13 @@ class WeightFormat:
     symmetric: bool  # False: uint8 storage and a float zero point
     packed: bool  # 4-bit only: two values a byte
     quantize_activation: bool  # W8A8 / W4A8
+    by_rows: bool = False  # blockwise with the per-channel storage [N, K] and scales [N, K/B]
 
     @property
     def name(self) -> str:
         act = "A8" if self.quantize_activation else "A16"
-        gran = "per-channel" if self.block_size == PER_CHANNEL else f"blockwise(B={self.block_size})"
+        gran = "per-channel" if self.block_size == PER_CHANNEL else \
+            f"blockwise{' by rows' if self.by_rows else ''}(B={self.block_size})"
         packing = " packed" if self.packed else (" unpacked" if self.bits == 4 else "")
         return f"W{self.bits}{act} {gran} {'sym' if self.symmetric else 'asym'}{packing}"
 
@@ -51,12 +53,14 @@ class WeightFormat:
 def weight_formats(draw, bits=(8, 4), block_sizes=(PER_CHANNEL, 2, 4, 8, 16, 32), quantize_activation=(False, True)):
     """A :class:`WeightFormat`. ``block_sizes`` lists the candidates (-1 = per-channel)."""
     b = draw(st.sampled_from(bits))
+    block = draw(st.sampled_from(block_sizes))
     return WeightFormat(
         bits=b,
-        block_size=draw(st.sampled_from(block_sizes)),
+        block_size=block,
         symmetric=draw(st.booleans()),
         packed=draw(st.booleans()) if b == 4 else False,
         quantize_activation=draw(st.sampled_from(quantize_activation)),
+        by_rows=block != PER_CHANNEL and draw(st.booleans()),
     )
 
 
@@ -73,6 +77,8 @@ def random_quantized_weight(
     n, k = out_features, in_features
     if fmt.block_size == PER_CHANNEL:
         w_shape, s_shape = (n, k), (n,)
+    elif fmt.by_rows:
+        w_shape, s_shape = (n, k), (n, k // fmt.block_size)
     else:
         w_shape, s_shape = (k // fmt.block_size, fmt.block_size, n), (k // fmt.block_size, n)
     w = _random_ints(gen, w_shape, lo, hi, fmt.weight_dtype)
@@ -117,7 +123,8 @@ def op_cases(
             k = 2 * ((k + 1) // 2)
     else:
         if fmt.packed and fmt.block_size % 2:
-            fmt = WeightFormat(fmt.bits, fmt.block_size * 2, fmt.symmetric, fmt.packed, fmt.quantize_activation)
+            fmt = WeightFormat(fmt.bits, fmt.block_size * 2, fmt.symmetric, fmt.packed, fmt.quantize_activation,
+                               fmt.by_rows)
         k = fmt.block_size * draw(st.integers(1, max_blocks))
     rank = draw(st.sampled_from(x_ranks))
     lead = draw(st.lists(st.integers(1, 5), min_size=rank - 1, max_size=rank - 1))
