@@ -77,13 +77,14 @@ def test_blockwise_layout_round_trip(n, blocks, b):
     st.booleans(),
     st.sampled_from([torch.float32, torch.bfloat16]),
     st.integers(0, 2**16),
+    st.sampled_from(["seed", "rows"]),
 )
-def test_quantize_dequantize_error_bound(n, block_and_groups, bits, symmetric, dtype, seed):
+def test_quantize_dequantize_error_bound(n, block_and_groups, bits, symmetric, dtype, seed, block_layout):
     block, groups = block_and_groups
     k = 2 * groups * (abs(block) if block > 0 else 3)
     w = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
     w[0, : k // 2] = 0  # a half-zero row; an all-zero group when blockwise
-    qw = quantize_weight(w, bits, block, symmetric)
+    qw = quantize_weight(w, bits, block, symmetric, block_layout=block_layout)
     assert qw.weight.dtype == (torch.int8 if symmetric else torch.uint8)
     assert qw.packed == (bits == 4)
     assert (qw.in_features, qw.out_features) == (k, n)
@@ -93,7 +94,8 @@ def test_quantize_dequantize_error_bound(n, block_and_groups, bits, symmetric, d
     deq, _ = dequantized(qw.weight, qw.scale, qw.zero_point, block, qw.packed)
     wd = w.double().numpy()
     s = qw.scale.double().numpy()
-    s_nk = np.repeat(s[:, None] if block == -1 else s.T, k if block == -1 else block, axis=1)
+    by_rows = block != -1 and qw.weight.dim() == 2
+    s_nk = np.repeat(s[:, None] if block == -1 else (s if by_rows else s.T), k if block == -1 else block, axis=1)
     assert (np.abs(deq - wd) <= s_nk * (0.5 + 1e-5) + 1e-12).all()
     assert np.allclose(deq, qw.dequantize(torch.float64).numpy(), rtol=1e-6, atol=1e-9)
     # the stored integers span the format's range

@@ -14,6 +14,8 @@ FORMATS = [
     dict(bits=4, block_size=16, symmetric=True),
     dict(bits=8, block_size=-1, symmetric=True, quantize_activation=True),
     dict(bits=4, block_size=32, symmetric=False, quantize_activation=True),
+    dict(bits=4, block_size=16, symmetric=False, block_layout="rows"),
+    dict(bits=8, block_size=16, symmetric=True, block_layout="rows", quantize_activation=True),
 ]
 
 
@@ -36,6 +38,8 @@ def test_from_float_matches_oracle_and_float_layer(fmt):
     # and close to the float layer: RTN error of each weight is at most scale / 2
     w_deq, _ = dequantized(q.weight, q.weight_scaler, q.zero_point, q.block_size, q.packed)
     assert np.abs(w_deq - lin.weight.detach().double().numpy()).max() <= q.weight_scaler.max().item() / 2 + 1e-6
+    if fmt.get("block_layout") == "rows":
+        assert q.weight.shape[0] == 24 and q.weight_scaler.shape == (24, 64 // fmt["block_size"])
     rel = (out - lin(x)).norm() / lin(x).norm()
     assert rel < (0.02 if fmt["bits"] == 8 else 0.2), rel
 

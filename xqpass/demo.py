@@ -31,6 +31,7 @@ FORMATS = [
     ("W4A16 per-channel asym packed", dict(bits=4, symmetric=False)),
     ("W4A16 blockwise(64) sym packed", dict(bits=4, block_size=64)),
     ("W4A16 blockwise(64) asym packed", dict(bits=4, block_size=64, symmetric=False)),
+    ("W4A16 blockwise(64) by rows packed", dict(bits=4, block_size=64, block_layout="rows")),
     ("W8A8 per-channel sym", dict(bits=8, quantize_activation=True)),
     ("W8A8 blockwise(64) asym", dict(bits=8, block_size=64, symmetric=False, quantize_activation=True)),
     ("W4A8 per-channel sym packed", dict(bits=4, quantize_activation=True)),

@@ -17,9 +17,10 @@ class XlaQuantizedLinear(nn.Module):
     Buffers (the quantized bytes only; no float copy of the weight), in the op's layouts
     (:mod:`xqpass.quant.layouts`; N = output_dim, K = input_dim, B = block_size):
 
-    * ``weight``: int8 / uint8, per-channel ``[N, K]`` or blockwise ``[K/B, B, N]``; with ``packed``
-      two 4-bit values a byte along K (``[N, K/2]``, ``[K/B, B/2, N]``).
-    * ``weight_scaler``: ``[N]`` or ``[K/B, N]``; ``zero_point`` (asymmetric only): same shape, float,
+    * ``weight``: int8 / uint8, per-channel ``[N, K]``, blockwise ``[K/B, B, N]`` (the seed's) or
+      blockwise by rows ``[N, K]`` (``block_layout="rows"``); with ``packed`` two 4-bit values a byte
+      along K (``[N, K/2]``, ``[K/B, B/2, N]``).
+    * ``weight_scaler``: ``[N]``, ``[K/B, N]`` or by rows ``[N, K/B]``; ``zero_point`` (asymmetric only): same shape, float,
       the seed's convention ``w_deq = weight * weight_scaler - zero_point``.
     * ``bias`` (optional ``[N]`` float parameter).
 
@@ -41,8 +42,11 @@ class XlaQuantizedLinear(nn.Module):
         bias: bool = False,
         weight_dtype: torch.dtype | None = None,
         scale_dtype: torch.dtype = torch.float32,
+        block_layout: str = "seed",
     ):
         super().__init__()
+        if block_layout not in ("seed", "rows"):
+            raise ValueError(f"block_layout must be 'seed' or 'rows', got {block_layout!r}")
         if block_size != PER_CHANNEL and (block_size <= 0 or input_dim % block_size):
             raise ValueError(f"block_size must be -1 or a positive divisor of input_dim={input_dim}, got {block_size}")
         if packed and not int4_weight:
@@ -54,9 +58,12 @@ class XlaQuantizedLinear(nn.Module):
         self.int4_weight = int4_weight
         self.quantize_activation = quantize_activation
         self.packed = packed
+        self.block_layout = block_layout
         pack = 2 if packed else 1
         if block_size == PER_CHANNEL:
             w_shape, s_shape = (output_dim, input_dim // pack), (output_dim,)
+        elif block_layout == "rows":
+            w_shape, s_shape = (output_dim, input_dim // pack), (output_dim, input_dim // block_size)
         else:
             w_shape = (input_dim // block_size, block_size // pack, output_dim)
             s_shape = (input_dim // block_size, output_dim)
@@ -89,6 +96,7 @@ class XlaQuantizedLinear(nn.Module):
         *,
         packed: bool | None = None,
         scale_dtype: torch.dtype = torch.float32,
+        block_layout: str = "seed",
     ) -> "XlaQuantizedLinear":
         """Round-to-nearest quantize an ``nn.Linear`` (see :func:`xqpass.quant.quantize_weight`).
 
@@ -96,7 +104,7 @@ class XlaQuantizedLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
-        qw = quantize_weight(linear.weight, bits, block_size, symmetric, packed, scale_dtype)
+        qw = quantize_weight(linear.weight, bits, block_size, symmetric, packed, scale_dtype, block_layout)
         q = cls(
             linear.in_features,
             linear.out_features,
@@ -108,6 +116,7 @@ class XlaQuantizedLinear(nn.Module):
             bias=linear.bias is not None,
             weight_dtype=qw.weight.dtype,
             scale_dtype=scale_dtype,
+            block_layout=block_layout,
         )
         q.load_quantized_weight(qw.weight, qw.scale, qw.zero_point)
         if linear.bias is not None:
@@ -151,7 +160,8 @@ class XlaQuantizedLinear(nn.Module):
             bits += " packed" if self.packed else " (one a byte)"
         return (
             f"in_features={self.input_dim}, out_features={self.output_dim}, weight={bits} {self.weight.dtype}, "
-            f"block_size={self.block_size}, symmetric={self.zero_point is None}, "
+            f"block_size={self.block_size}{' by rows' if self.block_layout == 'rows' and self.block_size != -1 else ''}, "
+            f"symmetric={self.zero_point is None}, "
             f"quantize_activation={self.quantize_activation}, bias={self.bias is not None}"
         )
 
@@ -166,6 +176,7 @@ def quantize_model(
     *,
     packed: bool | None = None,
     scale_dtype: torch.dtype = torch.float32,
+    block_layout: str = "seed",
 ) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` (in place) for an :class:`XlaQuantizedLinear`.
 
@@ -189,7 +200,8 @@ def quantize_model(
             raise ValueError(f"quantize_model: packed int4 needs an even group, {name!r} has {group(module)}")
     for name, module in picked:
         swapped = XlaQuantizedLinear.from_float(
-            module, bits, block_size, symmetric, quantize_activation, packed=packed, scale_dtype=scale_dtype
+            module, bits, block_size, symmetric, quantize_activation, packed=packed, scale_dtype=scale_dtype,
+            block_layout=block_layout,
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, swapped)

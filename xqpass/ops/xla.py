@@ -87,7 +87,7 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 CPU_LARGE_M = 16
 #: XLA:CPU: up to this many rows, per-channel weights skip the dot: a fused multiply-and-reduce over K
 #: split into ``r`` interleaved slices (``r`` terms an iteration) runs 5-10x faster than any dot here
-CPU_SPLIT_K_MAX_M = 8
+CPU_SPLIT_K_MAX_M = 16
 
 
 def _slice(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:

@@ -64,12 +64,15 @@ def quantize_weight(
     symmetric: bool = True,
     packed: bool | None = None,
     scale_dtype: torch.dtype = torch.float32,
+    block_layout: str = "seed",
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a float ``weight [N, K]`` (an ``nn.Linear`` weight).
 
     * ``bits``: 8 or 4. ``packed`` (default: ``True`` for 4 bits) stores two 4-bit values a byte.
     * ``block_size``: ``-1`` for one scale per output channel, else groups of ``block_size`` input
-      features (must divide K) and the blockwise layout ``[K/B, B, N]``.
+      features (must divide K) in the blockwise layout: ``block_layout="seed"`` the seed's
+      ``[K/B, B, N]`` with ``[K/B, N]`` scales, ``"rows"`` the per-channel storage ``[N, K]`` with
+      ``[N, K/B]`` scales (faster on XLA:CPU, the layout of GPTQ / AWQ checkpoints).
     * ``symmetric=True``: int8 storage, ``scale = amax / (2**(bits-1) - 1)``, no zero point.
       ``symmetric=False``: uint8 storage in ``[0, 2**bits - 1]``, ``scale = (max - min) / (2**bits - 1)``
       over a range that includes 0, integer zero ``z = round(-min / scale)``, returned in the op's float
@@ -83,6 +86,8 @@ def quantize_weight(
         raise TypeError(f"quantize_weight expects a floating [out_features, in_features] tensor, got {got}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if block_layout not in ("seed", "rows"):
+        raise ValueError(f"block_layout must be 'seed' or 'rows', got {block_layout!r}")
     if packed is None:
         packed = bits == 4
     if packed and bits != 4:
@@ -120,6 +125,8 @@ def quantize_weight(
 
     if block_size == PER_CHANNEL:
         q_layout, scale, zero_point = q, scale[:, 0], None if zero_point is None else zero_point[:, 0]
+    elif block_layout == "rows":  # scale, zero point already [N, K/B]
+        q_layout = q
     else:
         q_layout = per_channel_to_blockwise(q, block_size)
         scale = scale.t().contiguous()
