@@ -85,9 +85,13 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #: XLA:CPU: from this many activation rows on, 16-bit activations take the 16-bit dot (XLA:CPU's fast
 #: one), and blockwise weights are dequantized before a single dot instead of a dot batched over blocks
 CPU_LARGE_M = 16
-#: XLA:CPU: up to this many rows, per-channel weights skip the dot: a fused multiply-and-reduce over K
-#: split into ``r`` interleaved slices (``r`` terms an iteration) runs 5-10x faster than any dot here
+#: XLA:CPU: up to this many rows, large weights stored by rows skip the dot: a fused multiply-and-reduce
+#: over K cut into ``r`` pieces (``r`` terms an iteration) runs 3-10x faster than any dot here...
 CPU_SPLIT_K_MAX_M = 16
+#: ...for per-channel weights of at least this many elements. Measured in whole decoders
+#: (docs/benchmarks.md): at d=4096 (16.8M and 45M-element linears) split-K made a decode step 3x faster,
+#: at d=1024 and d=2048 (1-11.5M) 1.3-2x slower than the dot, though one such linear alone is no slower.
+CPU_SPLIT_K_MIN_WEIGHT = 2**24
 
 
 def _slice(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:
@@ -192,7 +196,10 @@ def quantized_matmul_xla(
     def weight_as(t):  # the convert sits right at the dot (int8 stays int8 for the integer dot)
         return t if dot_dtype == torch.int8 else t.to(dot_dtype)
 
-    small_m = lowering == "cpu" and rows is not None and 0 < rows <= CPU_SPLIT_K_MAX_M
+    few_rows = lowering == "cpu" and rows is not None and 0 < rows <= CPU_SPLIT_K_MAX_M
+    # per-channel: split-K only pays for large weights in whole models; groupwise by rows: always (its
+    # alternative, dequantize-then-dot, rewrites the whole weight every call)
+    small_m = few_rows and n * k >= CPU_SPLIT_K_MIN_WEIGHT
     if block_size == PER_CHANNEL:
         if small_m:  # W8A8 too: integer products are exact in float32, float32 accumulation
             acc = _split_k_products(w, operand, packed, cdt, rows).sum(dim=-1)  # one group; no select:
@@ -210,7 +217,7 @@ def quantized_matmul_xla(
             out = out - row_sums.sum(dim=-1, keepdim=True) * zp
     elif spec.by_rows:  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
         s = spec.num_blocks
-        if small_m:
+        if few_rows:
             acc = _split_k_products(w, operand, packed, cdt, rows, groups=s)  # [M, N, S]
             out = (acc * scale).sum(dim=-1)
         elif lowering == "cpu" and not quantize_activation:  # dequantize, then one dot (weight as LHS)
