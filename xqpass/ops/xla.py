@@ -111,6 +111,23 @@ def _split_factor(length: int, rows: int) -> int:
     return 1
 
 
+def _sum_of_pieces(w: torch.Tensor, x: torch.Tensor, dim: int, r: int, piece: int, packed: bool, dtype):
+    """``sum_j values(w piece j) * (x piece j)``, the pieces cut along ``dim`` of both (``w`` holds bytes,
+    ``x`` values: twice as many a piece when packed, byte i holding elements 2i and 2i + 1)."""
+    acc = None
+    for j in range(r):
+        byte = _slice(w, dim, j * piece, (j + 1) * piece)
+        if packed:
+            low, high = _nibbles(byte)
+            start = 2 * j * piece
+            term = (low.to(dtype) * _slice(x, dim, start, start + 2 * piece, 2)
+                    + high.to(dtype) * _slice(x, dim, start + 1, start + 2 * piece, 2))
+        else:
+            term = byte.to(dtype) * _slice(x, dim, j * piece, (j + 1) * piece)
+        acc = term if acc is None else acc + term
+    return acc
+
+
 def _split_k_products(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, rows: int, groups: int = 1) -> torch.Tensor:
     """Per-group products ``acc[m, n, g] = sum_b values(w)[n, g*B + b] * x[m, g*B + b]`` for a weight
     stored by rows, ``w [N, K]`` (packed ``[N, K/2]``; ``groups`` = K/B, 1 for per-channel), as one fused
@@ -123,18 +140,7 @@ def _split_k_products(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, row
     piece = per_group // r
     w3 = w.reshape(n, groups, per_group)
     x4 = x.to(dtype).reshape(x.shape[0], 1, groups, per_group * (2 if packed else 1))  # [M, 1, G, B]
-    acc = None
-    for j in range(r):
-        byte = _slice(w3, 2, j * piece, (j + 1) * piece).unsqueeze(0)  # [1, N, G, B/r]
-        if packed:  # byte i holds elements 2i (low nibble) and 2i + 1 (high nibble)
-            low, high = _nibbles(byte)
-            start = 2 * j * piece
-            term = (low.to(dtype) * _slice(x4, 3, start, start + 2 * piece, 2)
-                    + high.to(dtype) * _slice(x4, 3, start + 1, start + 2 * piece, 2))
-        else:
-            term = byte.to(dtype) * _slice(x4, 3, j * piece, (j + 1) * piece)
-        acc = term if acc is None else acc + term
-    return acc.sum(dim=-1)  # [M, N, G]
+    return _sum_of_pieces(w3.unsqueeze(0), x4, 3, r, piece, packed, dtype).sum(dim=-1)  # [M, N, G]
 
 
 def _split_k_blockwise(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, rows: int, block: int) -> torch.Tensor:
@@ -145,18 +151,7 @@ def _split_k_blockwise(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, ro
     r = _split_factor(width, rows)
     piece = width // r
     xb = x.to(dtype).reshape(x.shape[0], s, block, 1)  # [M, S, B, 1]
-    acc = None
-    for j in range(r):
-        byte = _slice(w, 1, j * piece, (j + 1) * piece).unsqueeze(0)  # [1, S, B/r, N]
-        if packed:
-            low, high = _nibbles(byte)
-            start = 2 * j * piece
-            term = (low.to(dtype) * _slice(xb, 2, start, start + 2 * piece, 2)
-                    + high.to(dtype) * _slice(xb, 2, start + 1, start + 2 * piece, 2))
-        else:
-            term = byte.to(dtype) * _slice(xb, 2, j * piece, (j + 1) * piece)
-        acc = term if acc is None else acc + term
-    return acc.sum(dim=2)  # [M, S, N]
+    return _sum_of_pieces(w.unsqueeze(0), xb, 2, r, piece, packed, dtype).sum(dim=2)  # [M, S, N]
 
 
 @quantized_matmul.register_kernel("xla")
