@@ -8,10 +8,13 @@ from .nn import XlaQuantizedLinear, quantize_model
 from .quant import QuantizedWeight, dequantize, pack_int4, quantize_per_token, quantize_weight, unpack_int4
 from .rewrite import ExplainReport, Missed, RewriteReport, Rewritten, explain, rewrite
 from . import backend  # noqa: E402,F401  (registers the xq_openxla and xq_eager backends)
+from .checkpoints import CheckpointReport, load_quantized_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointReport",
+    "load_quantized_checkpoint",
     "ExplainReport",
     "explain",
     "Missed",

@@ -76,6 +76,9 @@ class XlaQuantizedLinear(nn.Module):
         else:
             self.register_buffer("zero_point", torch.zeros(s_shape, dtype=scale_dtype))
         self.bias = nn.Parameter(torch.zeros(output_dim, dtype=scale_dtype)) if bias else None
+        # act-order checkpoints (GPTQ desc_act): K was permuted at load so groups are contiguous; the
+        # activation's last dim is permuted the same way on every call
+        self.register_buffer("input_perm", None)
 
     @property
     def in_features(self) -> int:
@@ -141,7 +144,16 @@ class XlaQuantizedLinear(nn.Module):
         self.weight_scaler = weight_scaler
         self.zero_point = zero_point
 
+    def set_input_permutation(self, perm: torch.Tensor) -> None:
+        """Read input feature ``perm[i]`` as feature ``i`` (``x[..., perm]``): for weights whose K was
+        reordered at load time (act-order checkpoints)."""
+        if perm.dtype != torch.int64 or tuple(perm.shape) != (self.input_dim,):
+            raise ValueError(f"input permutation must be int64 [{self.input_dim}], got {perm.dtype} {tuple(perm.shape)}")
+        self.input_perm = perm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         return torch.ops.xq.quantized_matmul(
             x,
             self.weight,

@@ -1,0 +1,178 @@
+"""GPTQ checkpoints built here from the format's published layout (numpy packing written in the test),
+loaded with load_quantized_checkpoint, against the format's own dequantization in float64."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from xqpass import XlaQuantizedLinear, load_quantized_checkpoint
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 48, bias=True)
+        self.norm = nn.LayerNorm(48)
+        self.mlp = nn.Linear(48, 32, bias=False)
+        self.head = nn.Linear(32, 8)  # left in float (no qweight in the checkpoint)
+
+    def forward(self, x):
+        return self.head(self.mlp(self.norm(self.proj(x))))
+
+
+def _pack_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """GPTQ packing: 32/bits values a uint32 word along ``axis``, first value in the low bits."""
+    per = 32 // bits
+    v = np.moveaxis(values.astype(np.uint64), axis, 0)
+    v = v.reshape(v.shape[0] // per, per, *v.shape[1:])
+    words = np.zeros(v.shape[:1] + v.shape[2:], dtype=np.uint64)
+    for j in range(per):
+        words |= v[:, j] << np.uint64(bits * j)
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))
+
+
+def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None):
+    """Random GPTQ tensors for one linear and the float64 weight they stand for."""
+    levels = 2**bits
+    q = rng.integers(0, levels, size=(k, n))
+    zeros = rng.integers(1, levels - 1, size=(k // group, n))
+    scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
+    g_idx = np.arange(k) // group
+    if act_order:
+        g_idx = rng.permutation(g_idx)
+    deq = (q - zeros[g_idx]) * scales.astype(np.float64)[g_idx]  # [K, N]
+    tensors = {
+        "qweight": torch.from_numpy(_pack_words(q, bits, 0)),
+        "qzeros": torch.from_numpy(_pack_words(zeros - (1 if v1 else 0), bits, 1)),
+        "scales": torch.from_numpy(scales),
+        "g_idx": torch.from_numpy(g_idx.astype(np.int32)),
+    }
+    if bias is not None:
+        tensors["bias"] = bias
+    return tensors, deq.T  # W [N, K]
+
+
+def write_checkpoint(path, float_model, bits=4, group=16, act_order=False, v1=True, shards=1, seed=0):
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    for name in ("proj", "mlp"):
+        lin = getattr(float_model, name)
+        layer, w = gptq_layer(lin.out_features, lin.in_features, bits, group, rng, act_order, v1,
+                              None if lin.bias is None else lin.bias.detach().clone())
+        tensors.update({f"{name}.{k}": v for k, v in layer.items()})
+        oracle[name] = w
+    for key, value in float_model.state_dict().items():
+        if not key.startswith(("proj.", "mlp.")):
+            tensors[key] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    config = {"quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                                      "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2"}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: tensors[k].contiguous() for k in names[i::shards]}
+            save_file(part, os.path.join(path, file))
+            weight_map.update({k: file for k in part})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return oracle
+
+
+def expected_output(model_before, oracle, x):
+    with torch.no_grad():
+        h = x.double() @ torch.from_numpy(oracle["proj"]).t() + model_before.proj.bias.double()
+        h = torch.nn.functional.layer_norm(h, (48,), model_before.norm.weight.double(), model_before.norm.bias.double())
+        h = h @ torch.from_numpy(oracle["mlp"]).t()
+        return h @ model_before.head.weight.double().t() + model_before.head.bias.double()
+
+
+@pytest.mark.parametrize("bits, group, act_order, v1, shards", [
+    (4, 16, False, True, 1), (4, 16, True, True, 2), (8, 16, False, False, 1), (4, 8, True, False, 3),
+])
+def test_gptq_checkpoint_loads_and_matches_its_dequantization(tmp_path, bits, group, act_order, v1, shards):
+    torch.manual_seed(0)
+    model = Toy().eval()
+    reference = Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = write_checkpoint(str(tmp_path), reference, bits, group, act_order, v1, shards)
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    assert [l.name for l in report.layers] == ["proj", "mlp"] and report.other_tensors == 4
+    assert all(l.bits == bits and l.group_size == group and l.act_order == act_order for l in report.layers)
+    assert isinstance(model.proj, XlaQuantizedLinear) and type(model.head) is nn.Linear
+    assert model.proj.weight.dtype == torch.uint8
+    assert model.proj.weight.numel() == 48 * 64 // (2 if bits == 4 else 1)  # half a byte a 4-bit weight
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        out = model(x)
+    exact = expected_output(reference, oracle, x)
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
+def test_loaded_model_runs_with_xq_openxla(tmp_path, xla_device):
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = write_checkpoint(str(tmp_path), reference, 4, 16, act_order=True)
+    load_quantized_checkpoint(model, str(tmp_path))
+    x = torch.randn(3, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.to(xla_device), backend="xq_openxla")
+    with torch.no_grad():
+        out = compiled(x.to(xla_device)).cpu()
+    assert torch.allclose(out.double(), expected_output(reference, oracle, x), rtol=1e-3, atol=1e-3)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("method", r"quant_method 'awq_foo' is not supported"),
+    ("missing", r"missing tensor mlp.qzeros"),
+    ("shape", r"mlp.scales: expected shape \(3, 32\).*got \(4, 32\)"),
+    ("group", r"group_size=48 does not divide in_features=64"),
+    ("truncated", r"not a readable safetensors file"),
+    ("unexpected", r"unexpected tensors \['extra.weight'\]"),
+])
+def test_bad_checkpoints_leave_the_model_as_it_was(tmp_path, damage, message):
+    path = str(tmp_path)
+    model = Toy().eval()
+    write_checkpoint(path, model, 4, 16)
+    file = os.path.join(path, "model.safetensors")
+    config_file = os.path.join(path, "config.json")
+    if damage == "method":
+        config = json.load(open(config_file))
+        config["quantization_config"]["quant_method"] = "awq_foo"
+        json.dump(config, open(config_file, "w"))
+    elif damage == "group":
+        config = json.load(open(config_file))
+        config["quantization_config"]["group_size"] = 48
+        json.dump(config, open(config_file, "w"))
+    elif damage == "truncated":
+        data = open(file, "rb").read()
+        open(file, "wb").write(data[: len(data) // 2])
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(file)
+        if damage == "missing":
+            del tensors["mlp.qzeros"]
+        elif damage == "shape":
+            tensors["mlp.scales"] = torch.zeros(4, 32, dtype=torch.float16)
+        elif damage == "unexpected":
+            tensors["extra.weight"] = torch.zeros(2)
+        save_file(tensors, file)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        load_quantized_checkpoint(model, path)
+    after = _snapshot(model)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])

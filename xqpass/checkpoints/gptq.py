@@ -1,0 +1,80 @@
+"""GPTQ checkpoints (``quant_method: gptq``, as AutoGPTQ, GPTQModel and transformers write them) into
+the op's blockwise-by-rows layout. Integers and scales are moved, never re-quantized.
+
+Per quantized linear ``<name>`` (N = out features, K = in features, g = group size, b = bits):
+
+* ``<name>.qweight``  int32 ``[K * b / 32, N]``: ``32 / b`` values of ``b`` bits a word, packed along K,
+  value ``k = i * (32/b) + j`` in bits ``[b*j, b*j + b)`` of word ``i`` (unsigned, ``[0, 2**b)``).
+* ``<name>.qzeros``   int32 ``[K / g, N * b / 32]``: the zero points, packed the same way along N.
+  ``checkpoint_format: gptq`` (v1, the default) stores ``zero - 1``; ``gptq_v2`` stores ``zero``.
+* ``<name>.scales``   float16 ``[K / g, N]``; ``<name>.g_idx`` int32 ``[K]``: the group of each k
+  (``k // g`` unless ``desc_act``, act-order, permutes it); ``<name>.bias`` optional.
+* dequantization: ``w[k, n] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
+
+Into the op: ``w [N, K]`` uint8 (4-bit: packed two a byte in the op's nibble order), ``scale [N, K/g]``,
+``zero_point = zero * scale`` (the op's float convention, in float32: exact for these small integers
+times float16 scales, so the format's dequantization is reproduced exactly). With
+act-order, K is sorted by group once at load and the layer permutes its activation's last dim per call.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.layouts import pack_int4
+
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """int32 words -> int64 values of ``bits`` bits, unpacked along ``axis`` (low bits first)."""
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF  # the words as unsigned 32-bit
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    w = w.unsqueeze(axis + 1)
+    shape = [1] * w.dim()
+    shape[axis + 1] = per
+    values = (w >> shifts.view(shape)) & ((1 << bits) - 1)
+    return values.flatten(axis, axis + 1)
+
+
+def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int) -> dict:
+    """One layer's GPTQ tensors -> kwargs for ``XlaQuantizedLinear`` (and an optional permutation)."""
+    bits = int(config.get("bits", 4))
+    if bits not in (4, 8):
+        raise ValueError(f"{name}: GPTQ bits={bits} is not supported (expected 4 or 8)")
+    group = int(config.get("group_size", -1))
+    k, n = in_features, out_features
+    group = k if group == -1 else group
+    if k % group:
+        raise ValueError(f"{name}: group_size={group} does not divide in_features={k}")
+    v1 = config.get("checkpoint_format", "gptq") != "gptq_v2"
+    expected = {"qweight": (k * bits // 32, n), "qzeros": (k // group, n * bits // 32),
+                "scales": (k // group, n), "g_idx": (k,)}
+    for suffix, shape in expected.items():
+        t = tensors.get(suffix)
+        if t is None and suffix == "g_idx":
+            continue
+        if t is None:
+            raise ValueError(f"missing tensor {name}.{suffix} (GPTQ, shape {shape})")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}.{suffix}: expected shape {shape} for in={k}, out={n}, bits={bits}, "
+                             f"group_size={group}, got {tuple(t.shape)}")
+    q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
+    zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if v1 else 0)  # [K/g, N]
+    scales = tensors["scales"]
+    g_idx = tensors.get("g_idx")
+    perm = None
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // group):
+        g = g_idx.to(torch.int64)
+        counts = torch.bincount(g, minlength=k // group)
+        if g.min() < 0 or g.max() >= k // group or not bool((counts == group).all()):
+            raise ValueError(f"{name}.g_idx: every group must hold exactly group_size={group} input features")
+        perm = torch.argsort(g, stable=True)  # K sorted by group: groups become contiguous
+        q = q[perm]
+    w = q.t().contiguous().to(torch.uint8)  # [N, K] values in [0, 2**bits)
+    if bits == 4:
+        w = pack_int4(w, axis=1)
+    scale = scales.t().contiguous()  # [N, K/g]
+    zero_point = (zeros.t().float() * scale.float()).contiguous()  # op's convention; exact in float32
+    return dict(weight=w, scale=scale, zero_point=zero_point, bits=bits, group=group, perm=perm,
+                symmetric=bool(config.get("sym", True)), bias=tensors.get("bias"))
