@@ -176,3 +176,59 @@ def test_bad_checkpoints_leave_the_model_as_it_was(tmp_path, damage, message):
         load_quantized_checkpoint(model, path)
     after = _snapshot(model)
     assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _awq_pack(values: np.ndarray) -> np.ndarray:
+    """AWQ gemm packing along N: nibble j of word i holds column 8i + AWQ_ORDER[j]."""
+    rows, n = values.shape
+    v = values.astype(np.uint64).reshape(rows, n // 8, 8)
+    words = np.zeros((rows, n // 8), dtype=np.uint64)
+    for j, col in enumerate(AWQ_ORDER):
+        words |= v[:, :, col] << np.uint64(4 * j)
+    return np.ascontiguousarray(words.astype(np.uint32).view(np.int32))
+
+
+def write_awq_checkpoint(path, float_model, group=16, seed=0):
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    for name in ("proj", "mlp"):
+        lin = getattr(float_model, name)
+        n, k = lin.out_features, lin.in_features
+        q = rng.integers(0, 16, size=(k, n))
+        zeros = rng.integers(0, 16, size=(k // group, n))
+        scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
+        g = np.arange(k) // group
+        oracle[name] = ((q - zeros[g]) * scales.astype(np.float64)[g]).T
+        tensors.update({f"{name}.qweight": torch.from_numpy(_awq_pack(q)),
+                        f"{name}.qzeros": torch.from_numpy(_awq_pack(zeros)),
+                        f"{name}.scales": torch.from_numpy(scales)})
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    for key, value in float_model.state_dict().items():
+        if not key.startswith(("proj.", "mlp.")):
+            tensors[key] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group,
+                                           "zero_point": True, "version": "gemm"}}, f)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    return oracle
+
+
+@pytest.mark.parametrize("group", [8, 16])
+def test_awq_checkpoint_loads_and_matches_its_dequantization(tmp_path, group):
+    torch.manual_seed(1)
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = write_awq_checkpoint(str(tmp_path), reference, group)
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    assert [(l.name, l.format, l.bits, l.group_size, l.symmetric) for l in report.layers] == [
+        ("proj", "awq", 4, group, False), ("mlp", "awq", 4, group, False)]
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = model(x)
+    exact = expected_output(reference, oracle, x)
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()

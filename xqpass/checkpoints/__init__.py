@@ -5,7 +5,7 @@
 time (safetensors' lazy ``safe_open``), replaces every quantized ``nn.Linear`` with an
 ``XlaQuantizedLinear`` holding only the quantized bytes, and loads every other parameter and buffer as a
 strict ``load_state_dict`` would. Everything is checked before the model is touched: on any error the
-model is left as it was. Supported so far: GPTQ (:mod:`.gptq`).
+model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..nn import XlaQuantizedLinear
-from . import gptq
+from . import awq, gptq
 
-FORMATS = {"gptq": gptq}
+FORMATS = {"gptq": gptq, "awq": awq}
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""AWQ checkpoints (``quant_method: awq``, ``version: gemm``, as AutoAWQ and transformers write them)
+into the op's blockwise-by-rows layout. Integers and scales are moved, never re-quantized.
+
+Per quantized linear ``<name>`` (N = out features, K = in features, g = group size, 4 bits):
+
+* ``<name>.qweight`` int32 ``[K, N / 8]``: 8 values a word packed along **N** in the interleaved order
+  ``0 2 4 6 1 3 5 7``: nibble ``j`` (bits ``4j .. 4j+3``) of word ``i`` holds column ``8i + ORDER[j]``.
+* ``<name>.qzeros``  int32 ``[K / g, N / 8]``: zero points packed the same way (no offset).
+* ``<name>.scales``  float16 ``[K / g, N]``; ``<name>.bias`` optional.
+* dequantization: ``w[k, n] = (q[k, n] - zero[k // g, n]) * scale[k // g, n]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.layouts import pack_int4
+
+SUFFIXES = ("qweight", "qzeros", "scales")
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column ORDER[j] of its 8
+
+
+def unpack_columns(words: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, N/8]`` -> int64 ``[R, N]`` values in [0, 15], undoing the interleaved order."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1)  # [R, N/8, 8] by nibble
+    columns = torch.empty_like(nibbles)
+    columns[..., list(ORDER)] = nibbles  # nibble j -> column ORDER[j]
+    return columns.flatten(-2)
+
+
+def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int) -> dict:
+    bits = int(config.get("bits", config.get("w_bit", 4)))
+    if bits != 4:
+        raise ValueError(f"{name}: AWQ bits={bits} is not supported (expected 4)")
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"{name}: AWQ version {version!r} is not supported (expected 'gemm')")
+    k, n = in_features, out_features
+    group = int(config.get("group_size", config.get("q_group_size", 128)))
+    group = k if group == -1 else group
+    if k % group:
+        raise ValueError(f"{name}: group_size={group} does not divide in_features={k}")
+    if n % 8:
+        raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
+    expected = {"qweight": (k, n // 8), "qzeros": (k // group, n // 8), "scales": (k // group, n)}
+    for suffix, shape in expected.items():
+        t = tensors.get(suffix)
+        if t is None:
+            raise ValueError(f"missing tensor {name}.{suffix} (AWQ, shape {shape})")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}.{suffix}: expected shape {shape} for in={k}, out={n}, group_size={group}, "
+                             f"got {tuple(t.shape)}")
+    q = unpack_columns(tensors["qweight"])  # [K, N]
+    zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
+    scale = tensors["scales"].t().contiguous()  # [N, K/g]
+    w = pack_int4(q.t().contiguous().to(torch.uint8), axis=1)  # [N, K/2], the op's nibble order
+    zero_point = (zeros.t().float() * scale.float()).contiguous()
+    return dict(weight=w, scale=scale, zero_point=zero_point, bits=4, group=group, perm=None,
+                symmetric=not bool(config.get("zero_point", True)), bias=tensors.get("bias"))
