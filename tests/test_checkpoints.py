@@ -232,3 +232,73 @@ def test_awq_checkpoint_loads_and_matches_its_dequantization(tmp_path, group):
         out = model(x)
     exact = expected_output(reference, oracle, x)
     assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
+def _ct_pack(values: np.ndarray, bits: int, dim: int) -> np.ndarray:
+    """compressed-tensors pack_to_int32 as documented: +2**(bits-1), 32/bits a word along ``dim``,
+    first value in the low bits, zero padding to whole words."""
+    per = 32 // bits
+    v = (values + (1 << (bits - 1))).astype(np.uint64)
+    v = np.moveaxis(v, dim, -1)
+    pad = (-v.shape[-1]) % per
+    v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.uint64)], axis=-1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
+    words = np.zeros(v.shape[:-1], np.uint64)
+    for j in range(per):
+        words |= v[..., j] << np.uint64(bits * j)
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), -1, dim))
+
+
+def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, seed=0):
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    for name in ("proj", "mlp"):
+        lin = getattr(float_model, name)
+        n, k = lin.out_features, lin.in_features
+        g = k if strategy == "channel" else group
+        q = rng.integers(lo, hi + 1, size=(n, k))
+        scale = (rng.random((n, k // g)) * 0.05 + 0.01).astype(np.float32)
+        zeros = np.zeros((n, k // g), np.int64) if symmetric else rng.integers(lo, hi + 1, size=(n, k // g))
+        cols = np.arange(k) // g
+        oracle[name] = (q - zeros[:, cols]) * scale.astype(np.float64)[:, cols]
+        tensors[f"{name}.weight_packed"] = torch.from_numpy(_ct_pack(q, bits, 1))
+        tensors[f"{name}.weight_scale"] = torch.from_numpy(scale)
+        tensors[f"{name}.weight_shape"] = torch.tensor([n, k])
+        if not symmetric:
+            tensors[f"{name}.weight_zero_point"] = torch.from_numpy(_ct_pack(zeros, bits, 0))
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    for key, value in float_model.state_dict().items():
+        if not key.startswith(("proj.", "mlp.")):
+            tensors[key] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+               "group_size": group if strategy == "group" else None}
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                                    "input_activations": None}},
+                                      "ignore": ["head"]}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    return oracle
+
+
+@pytest.mark.parametrize("bits, strategy, symmetric", [
+    (4, "group", True), (4, "group", False), (8, "channel", True), (4, "channel", False), (8, "group", False),
+])
+def test_compressed_tensors_pack_quantized(tmp_path, bits, strategy, symmetric):
+    torch.manual_seed(2)
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = write_ct_checkpoint(str(tmp_path), reference, bits, strategy, 16, symmetric)
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    assert [(l.name, l.bits, l.symmetric) for l in report.layers] == [("proj", bits, symmetric), ("mlp", bits, symmetric)]
+    assert model.proj.weight.dtype == torch.int8
+    assert model.proj.weight.numel() == 48 * 64 // (2 if bits == 4 else 1)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = model(x)
+    exact = expected_output(reference, oracle, x)
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()

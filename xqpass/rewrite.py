@@ -38,7 +38,8 @@ class Rewritten:
 
     def __str__(self) -> str:
         f = self.format
-        gran = "per-channel" if f["block_size"] == -1 else f"blockwise(B={f['block_size']})"
+        gran = "per-channel" if f["block_size"] == -1 else \
+            f"blockwise{' by rows' if f.get('by_rows') else ''}(B={f['block_size']})"
         act = "A8" if f.get("quantize_activation") else "A16"
         fmt = (f"W{f['bits']}{act}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
                f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]")

@@ -5,7 +5,8 @@
 time (safetensors' lazy ``safe_open``), replaces every quantized ``nn.Linear`` with an
 ``XlaQuantizedLinear`` holding only the quantized bytes, and loads every other parameter and buffer as a
 strict ``load_state_dict`` would. Everything is checked before the model is touched: on any error the
-model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`).
+model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`),
+compressed-tensors pack-quantized (:mod:`.compressed_tensors`).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 
 from ..nn import XlaQuantizedLinear
-from . import awq, gptq
+from . import awq, compressed_tensors, gptq
 
-FORMATS = {"gptq": gptq, "awq": awq}
+FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
 
 
 @dataclass
@@ -109,7 +110,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
     replacements, report = {}, CheckpointReport(method)
     used = set()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or f"{name}.qweight" not in keys:
+        if not isinstance(module, nn.Linear) or f"{name}.{getattr(fmt, 'KEY', 'qweight')}" not in keys:
             continue
         layer_tensors = {s: tensors.get(f"{name}.{s}") for s in (*fmt.SUFFIXES, "bias") if f"{name}.{s}" in keys}
         used.update(f"{name}.{s}" for s in layer_tensors)
@@ -118,9 +119,10 @@ def load_quantized_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
             raise ValueError(f"{name}: the model's linear {'has' if module.bias is not None else 'has no'} bias, "
                              f"the checkpoint {'has none' if converted['bias'] is None else 'has one'}")
         q = XlaQuantizedLinear(
-            module.in_features, module.out_features, is_symmetric=False, block_size=converted["group"],
-            int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4, bias=module.bias is not None,
-            weight_dtype=torch.uint8, scale_dtype=converted["scale"].dtype, block_layout="rows",
+            module.in_features, module.out_features, is_symmetric=converted["zero_point"] is None,
+            block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
+            bias=module.bias is not None, weight_dtype=converted["weight"].dtype,
+            scale_dtype=converted["scale"].dtype, block_layout="rows",
         )
         q.load_quantized_weight(converted["weight"], converted["scale"], converted["zero_point"])
         if converted["bias"] is not None:
@@ -128,7 +130,8 @@ def load_quantized_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
         if converted["perm"] is not None:
             q.set_input_permutation(converted["perm"])
         replacements[name] = q
-        report.layers.append(LoadedLayer(name, method, converted["bits"], converted["group"],
+        report.layers.append(LoadedLayer(name, method, converted["bits"], converted["group"] if converted["group"] != -1
+                                         else module.in_features,
                                          converted["symmetric"], converted["perm"] is not None))
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(f"{name}.") for name in replacements)}

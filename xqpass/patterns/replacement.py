@@ -203,6 +203,7 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
         "zero_point": zero is not None,
         "packed": packed,
         "quantize_activation": quantize_activation,
+        "by_rows": by_rows,
         "N": n,
         "K": k,
     }
