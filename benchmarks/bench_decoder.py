@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 

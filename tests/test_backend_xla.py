@@ -80,7 +80,7 @@ def test_pt2e_dequantize_runs_on_xla_cpu_only_after_the_pass(xla_device):
 
 def test_torchao_int8_weight_only_is_rewritten_with_xq_eager():
     """torchao's subclass only unfolds at the aten level (and cannot move to an XLA device)."""
-    torchao = pytest.importorskip("torchao")
+    pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()

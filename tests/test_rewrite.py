@@ -3,7 +3,7 @@ one op call with the same output; near misses are left alone and reported."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from torch import nn
 
 import xqpass

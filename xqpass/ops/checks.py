@@ -70,7 +70,7 @@ def check_inputs(
             f"quantized_matmul: x must be float32, bfloat16, float16 or float64, got {x.dtype}{hint}"
         )
     if x.dim() < 1:
-        raise ValueError(f"quantized_matmul: x must have at least 1 dim [..., K], got a 0-d tensor")
+        raise ValueError("quantized_matmul: x must have at least 1 dim [..., K], got a 0-d tensor")
     if w.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"quantized_matmul: w must be torch.int8 or torch.uint8 (quantized), got {w.dtype}")
     if not scale.is_floating_point():

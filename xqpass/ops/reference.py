@@ -43,9 +43,9 @@ def quantized_matmul_reference(
     w = unpacked_weight(w, packed)  # one value an element, per-channel [N, K] or blockwise [K/B, B, N]
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x.to(cdt))
-        lhs, wv, acc_dtype = x_q.to(torch.int32), w.to(torch.int32), torch.int32  # exact integer dot
+        lhs, wv = x_q.to(torch.int32), w.to(torch.int32)  # exact integer dot, int32 accumulation
     else:
-        lhs, wv, acc_dtype = x.to(cdt), w.to(cdt), cdt
+        lhs, wv = x.to(cdt), w.to(cdt)
     scale, zp = scale.to(cdt), None if zero_point is None else zero_point.to(cdt)
 
     if block_size == PER_CHANNEL:
