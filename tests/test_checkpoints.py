@@ -56,6 +56,27 @@ def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None):
     return tensors, deq.T  # W [N, K]
 
 
+def save_checkpoint(path, tensors, float_model, quantization_config, shards=1):
+    """The float model's other tensors beside the quantized ones, config.json, one file or shards."""
+    for key, value in float_model.state_dict().items():
+        if not key.startswith(("proj.", "mlp.")):
+            tensors[key] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"quantization_config": quantization_config}, f)
+    if shards == 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+        return
+    names, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in names[i::shards]}
+        save_file(part, os.path.join(path, file))
+        weight_map.update({k: file for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
 def write_checkpoint(path, float_model, bits=4, group=16, act_order=False, v1=True, shards=1, seed=0):
     rng = np.random.default_rng(seed)
     tensors, oracle = {}, {}
@@ -65,26 +86,9 @@ def write_checkpoint(path, float_model, bits=4, group=16, act_order=False, v1=Tr
                               None if lin.bias is None else lin.bias.detach().clone())
         tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         oracle[name] = w
-    for key, value in float_model.state_dict().items():
-        if not key.startswith(("proj.", "mlp.")):
-            tensors[key] = value.clone()
-    os.makedirs(path, exist_ok=True)
-    config = {"quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
-                                      "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2"}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    names = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, os.path.join(path, "model.safetensors"))
-    else:
-        weight_map = {}
-        for i in range(shards):
-            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: tensors[k].contiguous() for k in names[i::shards]}
-            save_file(part, os.path.join(path, file))
-            weight_map.update({k: file for k in part})
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                     "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2"}, shards)
     return oracle
 
 
@@ -207,14 +211,8 @@ def write_awq_checkpoint(path, float_model, group=16, seed=0):
                         f"{name}.scales": torch.from_numpy(scales)})
         if lin.bias is not None:
             tensors[f"{name}.bias"] = lin.bias.detach().clone()
-    for key, value in float_model.state_dict().items():
-        if not key.startswith(("proj.", "mlp.")):
-            tensors[key] = value.clone()
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group,
-                                           "zero_point": True, "version": "gemm"}}, f)
-    save_file(tensors, os.path.join(path, "model.safetensors"))
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"})
     return oracle
 
 
@@ -269,19 +267,13 @@ def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, see
             tensors[f"{name}.weight_zero_point"] = torch.from_numpy(_ct_pack(zeros, bits, 0))
         if lin.bias is not None:
             tensors[f"{name}.bias"] = lin.bias.detach().clone()
-    for key, value in float_model.state_dict().items():
-        if not key.startswith(("proj.", "mlp.")):
-            tensors[key] = value.clone()
-    os.makedirs(path, exist_ok=True)
     weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
                "group_size": group if strategy == "group" else None}
-    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                                                    "input_activations": None}},
-                                      "ignore": ["head"]}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_file(tensors, os.path.join(path, "model.safetensors"))
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                   "input_activations": None}},
+                     "ignore": ["head"]})
     return oracle
 
 

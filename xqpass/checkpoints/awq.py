@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.layouts import pack_int4
+from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column ORDER[j] of its 8
@@ -36,20 +37,11 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     if version != "gemm":
         raise ValueError(f"{name}: AWQ version {version!r} is not supported (expected 'gemm')")
     k, n = in_features, out_features
-    group = int(config.get("group_size", config.get("q_group_size", 128)))
-    group = k if group == -1 else group
-    if k % group:
-        raise ValueError(f"{name}: group_size={group} does not divide in_features={k}")
+    group = resolve_group(name, int(config.get("group_size", config.get("q_group_size", 128))), k)
     if n % 8:
         raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
     expected = {"qweight": (k, n // 8), "qzeros": (k // group, n // 8), "scales": (k // group, n)}
-    for suffix, shape in expected.items():
-        t = tensors.get(suffix)
-        if t is None:
-            raise ValueError(f"missing tensor {name}.{suffix} (AWQ, shape {shape})")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}.{suffix}: expected shape {shape} for in={k}, out={n}, group_size={group}, "
-                             f"got {tuple(t.shape)}")
+    check_shapes(name, tensors, expected, "AWQ", f"in={k}, out={n}, group_size={group}")
     q = unpack_columns(tensors["qweight"])  # [K, N]
     zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
     scale = tensors["scales"].t().contiguous()  # [N, K/g]

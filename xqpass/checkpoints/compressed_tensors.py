@@ -23,6 +23,7 @@ import math
 import torch
 
 from ..quant.layouts import pack_int4
+from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 KEY = "weight_packed"
@@ -64,9 +65,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     if strategy == "channel":
         group = k
     elif strategy == "group":
-        group = int(args.get("group_size") or 0)
-        if group <= 0 or k % group:
-            raise ValueError(f"{name}: group_size={group} does not divide in_features={k}")
+        group = resolve_group(name, max(int(args.get("group_size") or 0), 0), k)  # -1 is no group here
     else:
         raise ValueError(f"{name}: compressed-tensors strategy {strategy!r} is not supported (group, channel)")
     symmetric = bool(args.get("symmetric", True))
@@ -74,13 +73,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     expected = {"weight_packed": (n, math.ceil(k / per)), "weight_scale": (n, k // group), "weight_shape": (2,)}
     if not symmetric:
         expected["weight_zero_point"] = (math.ceil(n / per), k // group)
-    for suffix, shape in expected.items():
-        t = tensors.get(suffix)
-        if t is None:
-            raise ValueError(f"missing tensor {name}.{suffix} (compressed-tensors, shape {shape})")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}.{suffix}: expected shape {shape} for in={k}, out={n}, bits={bits}, "
-                             f"group_size={group}, got {tuple(t.shape)}")
+    check_shapes(name, tensors, expected, "compressed-tensors", f"in={k}, out={n}, bits={bits}, group_size={group}")
     if tensors["weight_shape"].tolist() != [n, k]:
         raise ValueError(f"{name}.weight_shape: expected [{n}, {k}], got {tensors['weight_shape'].tolist()}")
     q = unpack_int32(tensors["weight_packed"], bits, k, 1).to(torch.int8)  # [N, K] signed

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.layouts import pack_int4
+from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -44,21 +45,12 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         raise ValueError(f"{name}: GPTQ bits={bits} is not supported (expected 4 or 8)")
     group = int(config.get("group_size", -1))
     k, n = in_features, out_features
-    group = k if group == -1 else group
-    if k % group:
-        raise ValueError(f"{name}: group_size={group} does not divide in_features={k}")
+    group = resolve_group(name, group, k)
     v1 = config.get("checkpoint_format", "gptq") != "gptq_v2"
     expected = {"qweight": (k * bits // 32, n), "qzeros": (k // group, n * bits // 32),
                 "scales": (k // group, n), "g_idx": (k,)}
-    for suffix, shape in expected.items():
-        t = tensors.get(suffix)
-        if t is None and suffix == "g_idx":
-            continue
-        if t is None:
-            raise ValueError(f"missing tensor {name}.{suffix} (GPTQ, shape {shape})")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}.{suffix}: expected shape {shape} for in={k}, out={n}, bits={bits}, "
-                             f"group_size={group}, got {tuple(t.shape)}")
+    check_shapes(name, tensors, expected, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
+                 optional=("g_idx",))
     q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
     zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if v1 else 0)  # [K/g, N]
     scales = tensors["scales"]
