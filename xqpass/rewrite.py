@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch.fx import GraphModule, Node
 
-from .patterns.catalogue import PRODUCT_FORMS
+from .patterns.catalogue import PRODUCT_FORMS, ROOT_KINDS
 from .patterns.dsl import Context, State
 from .patterns.replacement import Rejected, build_call
 from .patterns.spellings import canonical
@@ -23,7 +23,6 @@ from .patterns.spellings import canonical
 log = logging.getLogger("xqpass")
 
 _MATMUL_KINDS = ("linear", "matmul", "addmm")
-_ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add")
 _DEQUANT_HINT_KINDS = ("convert", "mul", "sub", "dequantize_per_channel", "dequantize_per_tensor", "bitand", "rshift")
 
 
@@ -71,10 +70,6 @@ class RewriteReport:
         lines += [f"  + {r}" for r in self.rewrites]
         lines += [f"  - {m}" for m in self.misses]
         return "\n".join(lines)
-
-    def extend(self, other: "RewriteReport") -> None:
-        self.rewrites.extend(other.rewrites)
-        self.misses.extend(other.misses)
 
 
 def _layer_name(node: Node) -> str:
@@ -155,7 +150,7 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
         if node in consumed or node.op != "call_function" and node.op != "call_method":
             continue
         canon = canonical(node)
-        if canon is None or canon.kind not in _ROOT_KINDS:
+        if canon is None or canon.kind not in ROOT_KINDS:
             continue
         done = False
         ctx.failures = []

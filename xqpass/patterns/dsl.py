@@ -494,8 +494,7 @@ class DequantizePerChannel(Pattern):
         n = ctx.shape(w)[axis % 2]
         gran = ("channel", tuple(n if i == axis % 2 else 1 for i in range(2)))
         yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scales, scale_gran=gran, scale_layout=layout,
-                       zero=zps, zero_gran=gran, zero_layout=layout, zero_kind="int",
-                       out_dtype=canon.params["out_dtype"])
+                       zero=zps, zero_gran=gran, zero_layout=layout, zero_kind="int")
 
 
 @dataclass
@@ -512,8 +511,7 @@ class DequantizePerTensor(Pattern):
             return
         gran = ("tensor", ())
         yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scale, scale_gran=gran, scale_layout=layout,
-                       zero=zp, zero_gran=gran, zero_layout=layout, zero_kind="int",
-                       out_dtype=canon.params["out_dtype"])
+                       zero=zp, zero_gran=gran, zero_layout=layout, zero_kind="int")
 
 
 @dataclass
@@ -581,7 +579,7 @@ class Matmul(Pattern):
             if ws is None or len(ws) != 2 or not same_size(ws[1], xs[-1]):
                 return
             for s in self.weight.match(ctx, w, NK, st.with_(_weight_shape=ws)):
-                yield s.with_(bias=bias, bias_kind="op")
+                yield s.with_(bias=bias)
             return
         if canon.kind == "addmm":
             bias, w = canon.inputs[0], canon.inputs[2]
@@ -602,7 +600,7 @@ class Matmul(Pattern):
         if len(ws) != 2 or not same_size(ws[0], xs[-1]):
             return
         for s in self.weight.match(ctx, w, KN, st.with_(_weight_shape=ws)):
-            yield s.with_(bias=bias, bias_kind="addmm" if bias is not None else None)
+            yield s.with_(bias=bias)
 
 
 def _post_op(ctx, node, layout, st, kind: str, product: Pattern, role: str):
