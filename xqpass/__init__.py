@@ -9,6 +9,7 @@ from .quant import QuantizedWeight, dequantize, pack_int4, quantize_per_token, q
 from .rewrite import ExplainReport, Missed, RewriteReport, Rewritten, explain, rewrite
 from . import backend  # noqa: E402,F401  (registers the xq_openxla and xq_eager backends)
 from .checkpoints import CheckpointReport, load_quantized_checkpoint  # noqa: E402
+from .sharding import ShardingReport, shard_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "Missed",
     "QuantizedWeight",
     "RewriteReport",
+    "ShardingReport",
     "Rewritten",
     "XlaQuantizedLinear",
     "dequantize",
@@ -28,5 +30,6 @@ __all__ = [
     "quantize_per_token",
     "quantize_weight",
     "rewrite",
+    "shard_model",
     "unpack_int4",
 ]

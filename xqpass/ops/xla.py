@@ -101,6 +101,13 @@ def _slice(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> to
     return torch.ops.aten.slice_copy.Tensor(t, dim, start, end, step)
 
 
+def _is_split(t: torch.Tensor) -> bool:
+    """Whether GSPMD splits ``t`` over devices (torch_xla SPMD; see xqpass.sharding)."""
+    import torch_xla
+
+    return torch_xla._XLAC._get_xla_sharding_spec(t) not in ("", "{replicated}")
+
+
 def _split_factor(length: int, rows: int) -> int:
     """How many pieces to cut a reduction of ``length`` into (measured on XLA:CPU: 8 for one row, 16 for
     a few), keeping pieces of at least 8 elements so short groups are not shredded."""
@@ -195,16 +202,19 @@ def quantized_matmul_xla(
     # per-channel: split-K only pays for large weights in whole models; groupwise by rows: always (its
     # alternative, dequantize-then-dot, rewrites the whole weight every call)
     small_m = few_rows and n * k >= CPU_SPLIT_K_MIN_WEIGHT
+    # GSPMD partitions a K-split per-channel weight's split-K pieces badly (it moves int8 pieces between
+    # devices) and the two nibble dots into two all-reduces; the weight-as-LHS dot partitions cleanly
+    split = block_size == PER_CHANNEL and lowering == "cpu" and (small_m or packed) and _is_split(w)
     if block_size == PER_CHANNEL:
-        if small_m:  # W8A8 too: integer products are exact in float32, float32 accumulation
+        if small_m and not split:  # W8A8 too: integer products are exact in float32, float32 accumulation
             acc = _split_k_products(w, operand, packed, cdt, rows).sum(dim=-1)  # one group; no select:
             # inside the op torch_xla computes a select of a computed tensor wrongly (see _slice)
-        elif lowering == "cpu" and packed:  # even k: low nibbles, odd k: high nibbles; no interleave
+        elif lowering == "cpu" and packed and not split:  # even k: low nibbles, odd k: high nibbles
             low, high = _nibbles(w)  # [N, K/2] each
             acc = (_dot(weight_as(low), _slice(operand, 1, 0, k, 2), ([1], [1]), out=acc_dtype)
                    + _dot(weight_as(high), _slice(operand, 1, 1, k, 2), ([1], [1]), out=acc_dtype)).t()
         elif lowering == "cpu":  # weight as the left operand: [N, K] . [M, K] -> [N, M]
-            acc = _dot(weight_as(w), operand, ([1], [1]), out=acc_dtype).t()
+            acc = _dot(weight_as(unpacked_weight(w, packed)), operand, ([1], [1]), out=acc_dtype).t()
         else:
             acc = _dot(operand, weight_as(unpacked_weight(w, packed)), ([1], [1]), out=acc_dtype)  # [M, N]
         out = acc.to(cdt) * scale
@@ -213,8 +223,10 @@ def quantized_matmul_xla(
     elif spec.by_rows:  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
         s = spec.num_blocks
         if few_rows:
-            acc = _split_k_products(w, operand, packed, cdt, rows, groups=s)  # [M, N, S]
-            out = (acc * scale).sum(dim=-1)
+            acc = _split_k_products(w, operand, packed, cdt, rows, groups=s) * scale  # [M, N, S]
+            if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
+                acc = acc - row_sums.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
+            out = acc.sum(dim=-1)
         elif lowering == "cpu" and not quantize_activation:  # dequantize, then one dot (weight as LHS)
             w_deq = unpacked_weight(w, packed).to(cdt).reshape(n, s, block_size) * scale[:, :, None]
             if zp is not None:
@@ -224,19 +236,20 @@ def quantized_matmul_xla(
         else:  # dots batched over the blocks: [M, S, B] . [N, S, B] -> [S, M, N], block scales after
             w3 = weight_as(unpacked_weight(w, packed)).reshape(n, s, block_size)
             acc = _dot(operand.reshape(-1, s, block_size), w3, ([2], [2]), ([1], [1]), out=acc_dtype)
-            out = (acc.to(cdt) * scale.t()[:, None, :]).sum(dim=0)
-        if zp is not None:
-            out = out - row_sums.reshape(-1, s, block_size).sum(dim=-1) @ zp.t()
+            acc = acc.to(cdt) * scale.t()[:, None, :]  # [S, M, N]
+            if zp is not None:
+                    acc = acc - row_sums.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp.t()[:, None, :]
+            out = acc.sum(dim=0)
     elif large_m and not quantize_activation:  # XLA:CPU, large M: dequantize, then one dot
         w_deq = unpacked_weight(w, packed).to(cdt) * scale[:, None, :]
         if zp is not None:
             w_deq = w_deq - zp[:, None, :]
         out = _dot(w_deq.reshape(k, n).to(dot_dtype), operand, ([0], [1]), out=acc_dtype).t().to(cdt)
     elif small_m and rows == 1:  # multiply-and-reduce along B (N contiguous), block scales after
-        acc = _split_k_blockwise(w, operand, packed, cdt, rows, block_size)  # [M, S, N]
-        out = (acc * scale).sum(dim=1)
-        if zp is not None:
-            out = out - row_sums.reshape(-1, spec.num_blocks, block_size).sum(dim=-1) @ zp
+        acc = _split_k_blockwise(w, operand, packed, cdt, rows, block_size) * scale  # [M, S, N]
+        if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
+            acc = acc - row_sums.reshape(-1, spec.num_blocks, block_size).sum(dim=-1)[:, :, None] * zp
+        out = acc.sum(dim=1)
     else:  # per-block dots batched over the blocks, each block's scale after its dot
         s = spec.num_blocks
         blocks = operand.reshape(-1, s, block_size)  # [M, S, B]
@@ -250,9 +263,10 @@ def quantized_matmul_xla(
             acc = _dot(weight_as(w), blocks, ([1], [2]), ([0], [1]), out=acc_dtype).permute(0, 2, 1)
         else:
             acc = _dot(blocks, weight_as(unpacked_weight(w, packed)), ([2], [1]), ([1], [0]), out=acc_dtype)
-        out = (acc.to(cdt) * scale[:, None, :]).sum(dim=0)  # [M, N]
-        if zp is not None:
-            out = out - row_sums.reshape(-1, s, block_size).sum(dim=-1) @ zp
+        acc = acc.to(cdt) * scale[:, None, :]  # [S, M, N]
+        if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
+            acc = acc - row_sums.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp[:, None, :]
+        out = acc.sum(dim=0)  # [M, N]
     if quantize_activation:
         out = out * x_scale
     if bias is not None:

@@ -148,3 +148,38 @@ def dequantize(
     if zero_point is not None:
         deq = deq - zero_point.to(dtype)[:, None, :]
     return blockwise_to_per_channel(deq)
+
+
+#: Megatron tensor parallelism: "column" splits the output features N, "row" the input features K
+SPLIT_STYLES = ("column", "row")
+
+
+def tensor_parallel_dims(style: str, block_size: int, by_rows: bool) -> dict[str, int | None]:
+    """Which dim of each of the op's tensors a tensor-parallel split cuts (None: replicated).
+
+    Keys: ``weight``, ``scale``, ``zero_point``, ``bias``. ``"column"`` cuts N wherever it is (dim 0 of
+    ``[N, K]`` and ``[N]``, dim 2 of the seed's ``[K/B, B, N]``, dim 1 of its ``[K/B, N]`` scales).
+    ``"row"`` cuts K: dim 1 of ``[N, K]`` (packed: of ``[N, K/2]``), whole blocks of the seed's layout
+    (dim 0 of ``[K/B, B, N]`` and ``[K/B, N]``), whole groups by rows (dim 1 of ``[N, K/B]``); a
+    per-channel scale and the bias stay whole. See :func:`row_split_unit` for what a cut may not split.
+    """
+    if style not in SPLIT_STYLES:
+        raise ValueError(f"tensor-parallel style must be one of {SPLIT_STYLES}, got {style!r}")
+    per_channel = block_size == PER_CHANNEL
+    if style == "column":
+        if per_channel or by_rows:
+            return {"weight": 0, "scale": 0, "zero_point": 0, "bias": 0}
+        return {"weight": 2, "scale": 1, "zero_point": 1, "bias": 0}
+    if per_channel:
+        return {"weight": 1, "scale": None, "zero_point": None, "bias": None}
+    if by_rows:
+        return {"weight": 1, "scale": 1, "zero_point": 1, "bias": None}
+    return {"weight": 0, "scale": 0, "zero_point": 0, "bias": None}
+
+
+def row_split_unit(block_size: int, packed: bool) -> int:
+    """The input features a row-parallel shard must hold a multiple of: a whole block (blockwise), a
+    whole byte (packed int4: 2), else 1."""
+    if block_size != PER_CHANNEL:
+        return block_size
+    return 2 if packed else 1
