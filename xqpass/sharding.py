@@ -119,26 +119,45 @@ def mesh_axis_size(mesh, axis: str) -> int:
     return int(shape[list(names).index(axis)])
 
 
-def place_sharded(shape, dtype: torch.dtype, mesh, spec: tuple, read: Callable[[tuple], torch.Tensor]) -> torch.Tensor:
-    """A tensor on the XLA devices, split by ``spec``, built from its local shards only:
-    ``read(index)`` returns the host tensor for ``index`` (a tuple of slices into the full tensor), so
-    the full tensor never exists on a host or a single device."""
+def local_shard_indices(shape, dtype: torch.dtype, mesh, spec: tuple) -> tuple[torch.Tensor, list[tuple]]:
+    """An uninitialized tensor on the XLA devices split by ``spec``, and the index (a tuple of slices into
+    the full tensor) each local device holds, in the order :func:`load_local_shards` takes them."""
     import torch_xla
     import torch_xla.distributed.spmd as xs
 
     placed = torch.empty(tuple(shape), dtype=dtype, device=torch_xla.device())
     xs.mark_sharding(placed, mesh, spec)
-    indices = torch_xla._XLAC._get_local_shard_replica_and_indices([placed])[0]
-    devices = torch_xla._XLAC._xla_get_runtime_devices()
-    shards = []
-    for _, index in indices:
-        shard = read(tuple(index)).to(dtype).contiguous()
-        expected = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+    whole = tuple(slice(None) for _ in placed.shape)  # torch_xla gives [Ellipsis] for a replicated tensor
+    return placed, [whole if index is Ellipsis or Ellipsis in index else tuple(index)
+                    for _, index in torch_xla._XLAC._get_local_shard_replica_and_indices([placed])[0]]
+
+
+def load_local_shards(placed: torch.Tensor, indices: list[tuple], shards: list[torch.Tensor]) -> torch.Tensor:
+    """Fill ``placed`` (from :func:`local_shard_indices`) with one host tensor per local device."""
+    import torch_xla
+
+    for index, shard in zip(indices, shards):
+        expected = tuple(len(range(*s.indices(n))) for s, n in zip(index, placed.shape))
         if tuple(shard.shape) != expected:
             raise ValueError(f"shard {index}: expected shape {expected}, got {tuple(shard.shape)}")
-        shards.append(shard)
-    torch_xla._XLAC._load_local_shards(placed, shards, devices[: len(shards)])
+    shards = [shard.to(placed.dtype).contiguous() for shard in shards]
+    torch_xla._XLAC._load_local_shards(placed, shards, torch_xla._XLAC._xla_get_runtime_devices()[: len(shards)])
     return placed
+
+
+def place_sharded(shape, dtype: torch.dtype, mesh, spec: tuple, read: Callable[[tuple], torch.Tensor]) -> torch.Tensor:
+    """A tensor on the XLA devices, split by ``spec``, built from its local shards only:
+    ``read(index)`` returns the host tensor for ``index`` (a tuple of slices into the full tensor), so
+    the full tensor never exists on a single device, and a host reads only its own devices' slices."""
+    placed, indices = local_shard_indices(shape, dtype, mesh, spec)
+    return load_local_shards(placed, indices, [read(index) for index in indices])
+
+
+def local_ranges(length: int, mesh, axis: str) -> list[tuple[int, int]]:
+    """``[start, stop)`` of a dimension of ``length`` split over ``axis``, for each local device (in the
+    order :func:`load_local_shards` takes them)."""
+    _, indices = local_shard_indices((length,), torch.int8, mesh, (axis,))
+    return [index[0].indices(length)[:2] for index in indices]
 
 
 def _shard_tensor(tensor: torch.Tensor, mesh, spec: tuple) -> torch.Tensor:
@@ -180,4 +199,5 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
     return report
 
 
-__all__ = ["ShardedLayer", "ShardingReport", "linear_partition_specs", "place_sharded", "resolve_plan", "shard_model"]
+__all__ = ["ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
+           "local_shard_indices", "place_sharded", "resolve_plan", "shard_model"]

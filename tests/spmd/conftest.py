@@ -4,12 +4,15 @@ import math
 import os
 import re
 
+import sys
+
 import numpy as np
 import pytest
 
 import torch_xla.runtime as xr
 
 xr.use_spmd()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: checkpoint writers
 
 DUMP = os.environ["XQPASS_HLO_DUMP"]
 # "f32[4,8]{1,0} all-reduce(" and tuple results "(f32[4]{0}, s8[2]{0}) all-gather("

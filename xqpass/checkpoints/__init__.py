@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn import XlaQuantizedLinear
+from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, resolve_plan
 from . import awq, compressed_tensors, gptq
+from .split import build_module, load_split_layer
 
 FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
 
@@ -31,6 +32,7 @@ class LoadedLayer:
     group_size: int
     symmetric: bool
     act_order: bool
+    split: str | None = None  # "column" / "row" when loaded split over a mesh
 
 
 @dataclass
@@ -43,7 +45,8 @@ class CheckpointReport:
         lines = [f"xqpass: {self.quant_method} checkpoint: {len(self.layers)} quantized linears, "
                  f"{self.other_tensors} other tensors"]
         lines += [f"  {l.name}: int{l.bits} group {l.group_size} {'sym' if l.symmetric else 'asym'}"
-                  f"{' act-order' if l.act_order else ''}" for l in self.layers]
+                  f"{' act-order' if l.act_order else ''}{f' {l.split}-parallel' if l.split else ''}"
+                  for l in self.layers]
         return "\n".join(lines)
 
 
@@ -81,15 +84,28 @@ class _Tensors:
     def keys(self):
         return self.where.keys()
 
-    def get(self, key: str) -> torch.Tensor:
+    def get_shape(self, key: str) -> list[int]:
+        return self.files[self.where[key]].get_slice(key).get_shape()
+
+    def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
+        """The tensor ``key``, or only its slice ``index`` (a tuple of slices; read without the rest)."""
         try:
-            return self.files[self.where[key]].get_tensor(key)
+            handle = self.files[self.where[key]]
+            return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
         except Exception as e:
             raise ValueError(f"tensor {key}: could not be read ({e})") from e
 
 
-def load_quantized_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
-    """Load a quantized checkpoint directory into ``model`` (see the module docstring)."""
+def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=None, axis: str = "model") -> CheckpointReport:
+    """Load a quantized checkpoint directory into ``model`` (see the module docstring).
+
+    With ``mesh`` and ``plan`` (torch_xla SPMD; see :func:`xqpass.shard_model` for the plan), the linears
+    the plan names are split over ``mesh``'s ``axis`` as they load: each local device's slice is read
+    and converted on its own (:mod:`.split`), so no host reads or holds a whole split layer (except a
+    GPTQ act-order layer split by rows, whose groups span all of K). Everything else is placed on the
+    XLA device, replicated."""
+    if (mesh is None) != (plan is None):
+        raise ValueError("load_quantized_checkpoint: mesh and plan go together (both or neither)")
     config_path = os.path.join(path, "config.json")
     try:
         with open(config_path) as f:
@@ -105,6 +121,10 @@ def load_quantized_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
     fmt = FORMATS[method]
     tensors = _Tensors(path)
     keys = set(tensors.keys())
+    styles, axis_size = {}, 0
+    if mesh is not None:
+        axis_size = mesh_axis_size(mesh, axis)
+        styles = resolve_plan(dict(model.named_modules()), plan)
 
     # 1. plan everything without touching the model
     replacements, report = {}, CheckpointReport(method)
@@ -112,46 +132,67 @@ def load_quantized_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or f"{name}.{getattr(fmt, 'KEY', 'qweight')}" not in keys:
             continue
-        layer_tensors = {s: tensors.get(f"{name}.{s}") for s in (*fmt.SUFFIXES, "bias") if f"{name}.{s}" in keys}
-        used.update(f"{name}.{s}" for s in layer_tensors)
-        converted = fmt.convert_layer(name, layer_tensors, qconfig, module.in_features, module.out_features)
-        if (converted["bias"] is None) != (module.bias is None):
+        suffixes = [s for s in (*fmt.SUFFIXES, "bias") if f"{name}.{s}" in keys]
+        used.update(f"{name}.{s}" for s in suffixes)
+        if ("bias" in suffixes) != (module.bias is not None):
             raise ValueError(f"{name}: the model's linear {'has' if module.bias is not None else 'has no'} bias, "
-                             f"the checkpoint {'has none' if converted['bias'] is None else 'has one'}")
-        q = XlaQuantizedLinear(
-            module.in_features, module.out_features, is_symmetric=converted["zero_point"] is None,
-            block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
-            bias=module.bias is not None, weight_dtype=converted["weight"].dtype,
-            scale_dtype=converted["scale"].dtype, block_layout="rows",
-        )
-        q.load_quantized_weight(converted["weight"], converted["scale"], converted["zero_point"])
-        if converted["bias"] is not None:
-            q.bias = nn.Parameter(converted["bias"].to(module.bias.dtype), requires_grad=False)
-        if converted["perm"] is not None:
-            q.set_input_permutation(converted["perm"])
+                             f"the checkpoint {'has one' if 'bias' in suffixes else 'has none'}")
+        if name in styles:
+            q, converted = load_split_layer(name, module, fmt, tensors.get, suffixes, qconfig, styles[name],
+                                            mesh, axis, axis_size)
+        else:
+            converted = fmt.convert_layer(name, {s: tensors.get(f"{name}.{s}") for s in suffixes}, qconfig,
+                                          module.in_features, module.out_features)
+            q = build_module(converted, module.in_features, module.out_features, module.bias is not None)
+            q.load_quantized_weight(converted["weight"], converted["scale"], converted["zero_point"])
+            if converted["bias"] is not None:
+                q.bias = nn.Parameter(converted["bias"].to(module.bias.dtype), requires_grad=False)
+            if converted["perm"] is not None:
+                q.set_input_permutation(converted["perm"])
+            if mesh is not None:  # replicated on every device
+                import torch_xla
+
+                q = q.to(torch_xla.device())
         replacements[name] = q
         report.layers.append(LoadedLayer(name, method, converted["bits"], converted["group"] if converted["group"] != -1
                                          else module.in_features,
-                                         converted["symmetric"], converted["perm"] is not None))
+                                         converted["symmetric"], converted["perm"] is not None, styles.get(name)))
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(f"{name}.") for name in replacements)}
     rest = keys - used
     missing, unexpected = sorted(set(expected) - rest), sorted(rest - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    state = {}
+    split_plain = {f"{name}.{attr}": (name, attr, spec) for name, style in styles.items() if name not in replacements
+                   for attr, spec in linear_partition_specs(name, model.get_submodule(name), style, axis, axis_size).items()}
+    state, placed = {}, {}
     for key in expected:
+        shape = tuple(expected[key].shape)
+        if key in split_plain:  # a float linear the plan splits: read shard by shard
+            if tuple(tensors.get_shape(key)) != shape:
+                raise ValueError(f"{key}: expected shape {shape}, got {tuple(tensors.get_shape(key))}")
+            placed[key] = place_sharded(shape, expected[key].dtype, mesh, split_plain[key][2],
+                                        lambda index, key=key: tensors.get(key, index))
+            continue
         t = tensors.get(key)
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{key}: expected shape {tuple(expected[key].shape)}, got {tuple(t.shape)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{key}: expected shape {shape}, got {tuple(t.shape)}")
         state[key] = t
 
     # 2. apply
     for name, q in replacements.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
+    for key, tensor in placed.items():
+        name, attr, _ = split_plain[key]
+        module = model.get_submodule(name)
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
     model.load_state_dict(state, strict=False)
-    report.other_tensors = len(state)
+    if mesh is not None:
+        import torch_xla
+
+        model.to(torch_xla.device())  # what is still on the host: replicated
+    report.other_tensors = len(state) + len(placed)
     return report
 
 

@@ -29,7 +29,15 @@ def unpack_columns(words: torch.Tensor) -> torch.Tensor:
     return columns.flatten(-2)
 
 
-def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int) -> dict:
+def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
+    """Per stored tensor and dim: the layer axis ("K" / "N") and the features one stored element spans."""
+    group = int(config.get("group_size", config.get("q_group_size", 128)))
+    group = in_features if group == -1 else group
+    return {"qweight": (("K", 1), ("N", 8)), "qzeros": (("K", group), ("N", 8)), "scales": (("K", group), ("N", 1)),
+            "bias": (("N", 1),)}
+
+
+def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int, k_offset: int = 0) -> dict:
     bits = int(config.get("bits", config.get("w_bit", 4)))
     if bits != 4:
         raise ValueError(f"{name}: AWQ bits={bits} is not supported (expected 4)")

@@ -54,7 +54,18 @@ def _weights_args(config: dict) -> dict:
     return args[0]
 
 
-def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int) -> dict:
+def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
+    """Per stored tensor and dim: the layer axis ("K" / "N") and the features one stored element spans;
+    "shape": a tensor holding the layer's shape (a slice gets its own)."""
+    args = _weights_args(config)
+    per = 32 // int(args.get("num_bits", 4))
+    size = int(args.get("group_size") or 0)
+    group = size if args.get("strategy", "group") == "group" and size > 0 else in_features
+    return {"weight_packed": (("N", 1), ("K", per)), "weight_scale": (("N", 1), ("K", group)),
+            "weight_zero_point": (("N", per), ("K", group)), "weight_shape": "shape", "bias": (("N", 1),)}
+
+
+def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int, k_offset: int = 0) -> dict:
     args = _weights_args(config)
     bits = int(args.get("num_bits", 4))
     if bits not in (4, 8) or args.get("type", "int") != "int":

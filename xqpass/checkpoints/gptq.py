@@ -38,8 +38,27 @@ def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
     return values.flatten(axis, axis + 1)
 
 
-def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int) -> dict:
-    """One layer's GPTQ tensors -> kwargs for ``XlaQuantizedLinear`` (and an optional permutation)."""
+def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
+    """Per stored tensor and dim: the layer axis it runs along ("K" / "N") and how many features one
+    stored element spans (a packed word, a group), to read a slice of the layer (sharded loading)."""
+    per = 32 // int(config.get("bits", 4))
+    group = int(config.get("group_size", -1))
+    group = in_features if group == -1 else group
+    return {"qweight": (("K", per), ("N", 1)), "qzeros": (("K", group), ("N", per)),
+            "scales": (("K", group), ("N", 1)), "g_idx": (("K", 1),), "bias": (("N", 1),)}
+
+
+def row_slices_exact(read, config: dict, in_features: int) -> bool:
+    """Whether a slice of K holds its own groups (not with act-order, whose groups span all of K)."""
+    group = int(config.get("group_size", -1))
+    g_idx = read("g_idx")
+    return g_idx is None or group == -1 or torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // group)
+
+
+def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int,
+                  k_offset: int = 0) -> dict:
+    """One layer's GPTQ tensors -> kwargs for ``XlaQuantizedLinear`` (and an optional permutation).
+    ``k_offset``: the tensors are the slice of a layer starting at input feature ``k_offset``."""
     bits = int(config.get("bits", 4))
     if bits not in (4, 8):
         raise ValueError(f"{name}: GPTQ bits={bits} is not supported (expected 4 or 8)")
@@ -56,7 +75,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     scales = tensors["scales"]
     g_idx = tensors.get("g_idx")
     perm = None
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // group):
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), (torch.arange(k) + k_offset) // group):
         g = g_idx.to(torch.int64)
         counts = torch.bincount(g, minlength=k // group)
         if g.min() < 0 or g.max() >= k // group or not bool((counts == group).all()):

@@ -1,0 +1,118 @@
+"""Sharded loading: each local device's slice of a quantized layer is read from the checkpoint and
+converted on its own, then placed as that device's shard (torch_xla SPMD, :mod:`xqpass.sharding`).
+
+A slice of K (row-parallel) or N (column-parallel) of a layer is a slice of each stored tensor, found
+from the format's ``stored_axes``: which layer axis each stored dim runs along and how many features
+one stored element spans (a packed word, a group). Converting the slice gives exactly the slice of the
+converted layer, because every format packs and groups locally. Where a slice would cut a packed word
+or a group, or the format's groups span all of K (GPTQ act-order, row-parallel), the layer is read and
+converted whole on the host and then split.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..nn import XlaQuantizedLinear
+from ..sharding import linear_partition_specs, load_local_shards, local_ranges, local_shard_indices
+
+
+def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
+    """The index into one stored tensor for the logical ``ranges`` (``{"K": (k0, k1)}`` or ``{"N": ...}``),
+    or None when a range boundary falls inside a stored element (a packed word, a group)."""
+    index = []
+    for axis, unit in axes:
+        if axis not in ranges or unit >= full[axis]:  # not split here, or one element spans the axis
+            index.append(slice(None))
+            continue
+        start, stop = ranges[axis]
+        if start % unit or (stop % unit and stop != full[axis]):
+            return None
+        index.append(slice(start // unit, math.ceil(stop / unit)))
+    return tuple(index)
+
+
+def build_module(converted: dict, in_features: int, out_features: int, bias: bool, device=None) -> XlaQuantizedLinear:
+    """An ``XlaQuantizedLinear`` for a converted layer; on ``device="meta"`` it holds no bytes (a
+    template for partition specs and buffer shapes)."""
+    with torch.device(device or "cpu"):
+        return XlaQuantizedLinear(
+            in_features, out_features, is_symmetric=converted["zero_point"] is None,
+            block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
+            bias=bias, weight_dtype=converted["weight"].dtype, scale_dtype=converted["scale"].dtype,
+            block_layout="rows",
+        )
+
+
+_BUFFERS = {"weight": "weight", "weight_scaler": "scale", "zero_point": "zero_point", "bias": "bias"}
+
+
+def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfig: dict, style: str, mesh,
+                     axis: str, axis_size: int) -> tuple[XlaQuantizedLinear, dict]:
+    """One quantized layer, split ``style``-parallel over ``mesh``'s ``axis`` as it loads.
+
+    ``reader(key, index=None)`` reads a checkpoint tensor (or the slice ``index`` of it). Returns the
+    module (buffers on the XLA devices, each local device holding its shard) and the converted
+    metadata of the first slice (bits, group, symmetric, perm)."""
+    import torch_xla
+
+    k, n = linear.in_features, linear.out_features
+    linear_partition_specs(name, linear, style, axis, axis_size)  # divisibility, before reading anything
+    full = {"K": k, "N": n}
+    axes = fmt.stored_axes(qconfig, k, n)
+    split_axis = "N" if style == "column" else "K"
+    ranges = local_ranges(full[split_axis], mesh, axis)
+    exact = style == "column" or getattr(fmt, "row_slices_exact", lambda *a: True)(
+        lambda s: reader(f"{name}.{s}") if s in suffixes else None, qconfig, k)
+    indices = [{s: stored_slice(axes[s], {split_axis: r}, full) for s in suffixes if axes.get(s) != "shape"}
+               for r in ranges]
+    exact = exact and all(index is not None for per_device in indices for index in per_device.values())
+
+    def convert(tensors, k_local, n_local, k_offset):
+        return fmt.convert_layer(name, tensors, qconfig, k_local, n_local, k_offset=k_offset)
+
+    local = []
+    if exact:  # each device's slice, read and converted on its own
+        for (start, stop), index in zip(ranges, indices):
+            tensors = {s: reader(f"{name}.{s}", index[s]) for s in index}
+            shape = {"K": k, "N": n, split_axis: stop - start}
+            for s in suffixes:
+                if axes.get(s) == "shape":  # checked whole, then the slice's own
+                    whole = reader(f"{name}.{s}")
+                    if whole.tolist() != [n, k]:
+                        raise ValueError(f"{name}.{s}: expected [{n}, {k}], got {whole.tolist()}")
+                    tensors[s] = torch.tensor([shape["N"], shape["K"]], dtype=whole.dtype)
+            local.append(convert(tensors, shape["K"], shape["N"], start if split_axis == "K" else 0))
+        template_source = local[0]
+    else:  # the whole layer on the host, then sliced after conversion
+        template_source = convert({s: reader(f"{name}.{s}") for s in suffixes}, k, n, 0)
+    template = build_module(template_source, k, n, linear.bias is not None, device="meta")
+    specs = linear_partition_specs(name, template, style, axis, axis_size)
+
+    placed = {}
+    for attr, key in _BUFFERS.items():
+        shape_source = getattr(template, attr, None)
+        if shape_source is None:
+            continue
+        # the converted dtypes (a float32 zero point beside float16 scales); the bias: the model's
+        dtype = linear.bias.dtype if attr == "bias" else template_source[key].dtype
+        if attr not in specs:  # whole on every device (e.g. a per-channel scale of a row split)
+            placed[attr] = template_source[key].to(dtype).to(torch_xla.device())
+            continue
+        target, shard_indices = local_shard_indices(shape_source.shape, dtype, mesh, specs[attr])
+        if exact:
+            shards = [converted[key] for converted in local]
+        else:
+            shards = [template_source[key][index] for index in shard_indices]
+        placed[attr] = load_local_shards(target, shard_indices, shards)
+    module = build_module(template_source, k, n, linear.bias is not None, device="meta")
+    for attr, tensor in placed.items():
+        if attr == "bias":
+            module.bias = nn.Parameter(tensor, requires_grad=False)
+        else:
+            setattr(module, attr, tensor)
+    if template_source["perm"] is not None:
+        module.set_input_permutation(template_source["perm"].to(torch_xla.device()))
+    return module, template_source
