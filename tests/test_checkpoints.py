@@ -247,7 +247,7 @@ def _ct_pack(values: np.ndarray, bits: int, dim: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), -1, dim))
 
 
-def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, seed=0):
+def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, seed=0, fmt="pack-quantized"):
     rng = np.random.default_rng(seed)
     tensors, oracle = {}, {}
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -260,19 +260,26 @@ def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, see
         zeros = np.zeros((n, k // g), np.int64) if symmetric else rng.integers(lo, hi + 1, size=(n, k // g))
         cols = np.arange(k) // g
         oracle[name] = (q - zeros[:, cols]) * scale.astype(np.float64)[:, cols]
-        tensors[f"{name}.weight_packed"] = torch.from_numpy(_ct_pack(q, bits, 1))
         tensors[f"{name}.weight_scale"] = torch.from_numpy(scale)
-        tensors[f"{name}.weight_shape"] = torch.tensor([n, k])
-        if not symmetric:
-            tensors[f"{name}.weight_zero_point"] = torch.from_numpy(_ct_pack(zeros, bits, 0))
+        if fmt == "int-quantized":  # int8 as it is, one a byte
+            tensors[f"{name}.weight"] = torch.from_numpy(q.astype(np.int8))
+            if not symmetric:
+                tensors[f"{name}.weight_zero_point"] = torch.from_numpy(zeros.astype(np.int8))
+        else:
+            tensors[f"{name}.weight_packed"] = torch.from_numpy(_ct_pack(q, bits, 1))
+            tensors[f"{name}.weight_shape"] = torch.tensor([n, k])
+            if not symmetric:
+                tensors[f"{name}.weight_zero_point"] = torch.from_numpy(_ct_pack(zeros, bits, 0))
         if lin.bias is not None:
             tensors[f"{name}.bias"] = lin.bias.detach().clone()
     weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
                "group_size": group if strategy == "group" else None}
+    activations = None if fmt == "pack-quantized" else {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     save_checkpoint(path, tensors, float_model,
-                    {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                    {"quant_method": "compressed-tensors", "format": fmt,
                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                                   "input_activations": None}},
+                                                   "input_activations": activations}},
                      "ignore": ["head"]})
     return oracle
 
@@ -294,3 +301,44 @@ def test_compressed_tensors_pack_quantized(tmp_path, bits, strategy, symmetric):
         out = model(x)
     exact = expected_output(reference, oracle, x)
     assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
+def per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    """The dynamic per-token int8 activations of compressed-tensors W8A8 (vLLM's scheme), in float64:
+    amax|x| / 127 a row, round half to even, as quantized values times their scale."""
+    x = x.double().numpy()
+    scale = np.abs(x).max(axis=-1, keepdims=True) / 127
+    return torch.from_numpy(np.clip(np.round(x / scale), -127, 127) * scale)
+
+
+@pytest.mark.parametrize("strategy, symmetric", [("channel", True), ("group", False)])
+def test_compressed_tensors_int_quantized_is_w8a8(tmp_path, strategy, symmetric):
+    torch.manual_seed(4)
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = write_ct_checkpoint(str(tmp_path), reference, 8, strategy, 16, symmetric, fmt="int-quantized")
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    assert all(l.quantize_activation and l.bits == 8 for l in report.layers) and "W8A8" in str(report)
+    assert model.proj.quantize_activation and model.proj.weight.dtype == torch.int8
+    assert model.proj.weight.numel() == 48 * 64
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = model(x)
+        h = per_token_int8(x) @ torch.from_numpy(oracle["proj"]).t() + reference.proj.bias.double()
+        h = torch.nn.functional.layer_norm(h, (48,), reference.norm.weight.double(), reference.norm.bias.double())
+        h = per_token_int8(h) @ torch.from_numpy(oracle["mlp"]).t()
+        exact = h @ reference.head.weight.double().t() + reference.head.bias.double()
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
+def test_compressed_tensors_int_quantized_needs_dynamic_per_token_activations(tmp_path):
+    model = Toy().eval()
+    write_ct_checkpoint(str(tmp_path), Toy().eval(), 8, "channel", 16, True, fmt="int-quantized")
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"].update(strategy="tensor", dynamic=False)
+    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="expected input_activations .*strategy: token, dynamic: true"):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert type(model.proj) is nn.Linear

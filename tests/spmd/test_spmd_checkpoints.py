@@ -16,6 +16,8 @@ WRITERS = {
     "awq": lambda path, model: write_awq_checkpoint(path, model, group=16),
     "ct-int4-group-asym": lambda path, model: write_ct_checkpoint(path, model, 4, "group", 16, False),
     "ct-int8-channel": lambda path, model: write_ct_checkpoint(path, model, 8, "channel", 16, True),
+    "ct-w8a8-group-asym": lambda path, model: write_ct_checkpoint(path, model, 8, "group", 16, False,
+                                                                  fmt="int-quantized"),
 }
 # Toy: proj 64 -> 48 (bias), mlp 48 -> 32, head 32 -> 8 (float)
 PLANS = {
@@ -48,10 +50,10 @@ def test_split_loading_matches_the_formats_dequantization(fmt, plan, mesh, tmp_p
     assert local == [tuple(want)] * 4
     # a layer whose slices stand alone is read a slice a device, never whole; the others (a split that
     # would cut a word packed along N, act-order split by rows) are read whole once
-    key = "weight_packed" if fmt.startswith("ct") else "qweight"
+    key = {"ct-w8a8-group-asym": "weight"}.get(fmt, "weight_packed" if fmt.startswith("ct") else "qweight")
     for layer in ("proj", "mlp"):
         exact = (layer == "mlp" or (plan == "rows" and fmt != "gptq4-act-order")
-                 or fmt in ("ct-int8-channel", "gptq8-v2"))  # 12 output features a device: whole 8-bit words
+                 or fmt in ("ct-int8-channel", "gptq8-v2", "ct-w8a8-group-asym"))  # 12 output features a device: whole 8-bit words
         layer_reads = [index for name, index in reads if name == f"{layer}.{key}"]
         assert layer_reads == ([index for index in layer_reads if index is not None] if exact else [None]), (layer, reads)
         assert len(layer_reads) == (4 if exact else 1)
@@ -60,7 +62,14 @@ def test_split_loading_matches_the_formats_dequantization(fmt, plan, mesh, tmp_p
     x = torch.randn(5, 64)
     with torch.no_grad():
         out = model(x.to(torch_xla.device())).cpu()
-    exact = expected_output(reference, oracle, x)
+    if fmt == "ct-w8a8-group-asym":  # the unsplit layers on the host (tested against float64 on their own)
+        host = Toy().eval()
+        host.load_state_dict(reference.state_dict())
+        load_quantized_checkpoint(host, str(tmp_path))
+        with torch.no_grad():
+            exact = host(x).double()
+    else:
+        exact = expected_output(reference, oracle, x)
     assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
 
 

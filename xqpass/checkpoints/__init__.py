@@ -6,7 +6,7 @@ time (safetensors' lazy ``safe_open``), replaces every quantized ``nn.Linear`` w
 ``XlaQuantizedLinear`` holding only the quantized bytes, and loads every other parameter and buffer as a
 strict ``load_state_dict`` would. Everything is checked before the model is touched: on any error the
 model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`),
-compressed-tensors pack-quantized (:mod:`.compressed_tensors`).
+compressed-tensors pack-quantized and int-quantized (W8A8) (:mod:`.compressed_tensors`).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class LoadedLayer:
     symmetric: bool
     act_order: bool
     split: str | None = None  # "column" / "row" when loaded split over a mesh
+    quantize_activation: bool = False  # W8A8: int8 activations, dynamic per token
 
 
 @dataclass
@@ -45,7 +46,8 @@ class CheckpointReport:
         lines = [f"xqpass: {self.quant_method} checkpoint: {len(self.layers)} quantized linears, "
                  f"{self.other_tensors} other tensors"]
         lines += [f"  {l.name}: int{l.bits} group {l.group_size} {'sym' if l.symmetric else 'asym'}"
-                  f"{' act-order' if l.act_order else ''}{f' {l.split}-parallel' if l.split else ''}"
+                  f"{' act-order' if l.act_order else ''}{' W8A8 (per-token int8 activations)' if l.quantize_activation else ''}"
+                  f"{f' {l.split}-parallel' if l.split else ''}"
                   for l in self.layers]
         return "\n".join(lines)
 
@@ -156,7 +158,8 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
         replacements[name] = q
         report.layers.append(LoadedLayer(name, method, converted["bits"], converted["group"] if converted["group"] != -1
                                          else module.in_features,
-                                         converted["symmetric"], converted["perm"] is not None, styles.get(name)))
+                                         converted["symmetric"], converted["perm"] is not None, styles.get(name),
+                                         converted.get("quantize_activation", False)))
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(f"{name}.") for name in replacements)}
     rest = keys - used

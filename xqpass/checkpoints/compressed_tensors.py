@@ -1,6 +1,7 @@
-"""compressed-tensors checkpoints (``quant_method: compressed-tensors``, ``format: pack-quantized``, as
-llm-compressor writes and vLLM reads them) into the op's layouts. Integers and scales are moved, never
-re-quantized.
+"""compressed-tensors checkpoints (``quant_method: compressed-tensors``, as llm-compressor writes and
+vLLM reads them) into the op's layouts, ``format: pack-quantized`` (int4 / int8 weights) and
+``int-quantized`` (W8A8: int8 weights, dynamic per-token int8 activations). Integers and scales are
+moved, never re-quantized.
 
 Per quantized linear ``<name>`` (N = out features, K = in features, b = num_bits, 4 or 8):
 
@@ -12,6 +13,11 @@ Per quantized linear ``<name>`` (N = out features, K = in features, b = num_bits
 * ``<name>.weight_zero_point`` (asymmetric only): signed, shifted and packed the same way but along
   **N** (dim 0): int32 ``[ceil(N * b / 32), K / g]``.
 * dequantization: ``w = (q - zero_point) * scale`` with signed ``q`` and ``zero_point``.
+
+``int-quantized``: ``<name>.weight`` int8 ``[N, K]`` unpacked, ``weight_scale`` as above,
+``weight_zero_point`` int8 ``[N, K/g]`` (asymmetric); ``input_activations`` must be dynamic symmetric
+int8 per token, which is the op's ``quantize_activation=True`` (``x_scale = amax|x| / 127`` a row,
+round to nearest even).
 
 Into the op: int8 storage (4-bit: packed two a byte, signed nibbles), per-channel ``[N]`` or blockwise
 by rows ``[N, K/g]`` scales, ``zero_point = zero * scale`` in float32.
@@ -25,8 +31,9 @@ import torch
 from ..quant.layouts import pack_int4
 from .tensors import check_shapes, resolve_group
 
-SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-KEY = "weight_packed"
+SUFFIXES = ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point")
+KEY = "weight_scale"  # both formats have it; a float linear's "weight" alone is not quantized
+FORMATS = ("pack-quantized", "int-quantized")
 
 
 def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int) -> torch.Tensor:
@@ -42,16 +49,26 @@ def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int) -> torch
 
 
 def _weights_args(config: dict) -> dict:
-    if config.get("format") not in (None, "pack-quantized"):
-        raise ValueError(f"compressed-tensors format {config.get('format')!r} is not supported "
-                         f"(supported: 'pack-quantized')")
+    """The one config group's ``weights`` arguments, with the activation scheme checked: none for
+    pack-quantized, dynamic symmetric int8 per token for int-quantized (W8A8)."""
+    fmt = config.get("format") or "pack-quantized"
+    if fmt not in FORMATS:
+        raise ValueError(f"compressed-tensors format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
     groups = config.get("config_groups") or {}
     args = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
     if len(args) != 1:
         raise ValueError(f"compressed-tensors: expected one config group with weights, got {len(args)}")
-    if any(g.get("input_activations") for g in groups.values()):
+    activations = [g.get("input_activations") for g in groups.values() if isinstance(g, dict) and g.get("input_activations")]
+    if fmt == "pack-quantized" and activations:
         raise ValueError("compressed-tensors: quantized input activations are not supported with pack-quantized")
-    return args[0]
+    if fmt == "int-quantized":
+        act = activations[0] if len(activations) == 1 else {}
+        scheme = (act.get("num_bits"), act.get("type", "int"), act.get("strategy"), act.get("dynamic"),
+                  act.get("symmetric", True))
+        if scheme != (8, "int", "token", True, True):
+            raise ValueError("compressed-tensors int-quantized: expected input_activations {num_bits: 8, type: int, "
+                             f"strategy: token, dynamic: true, symmetric: true}} (W8A8), got {act or None}")
+    return dict(args[0], format=fmt)
 
 
 def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
@@ -61,6 +78,9 @@ def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
     per = 32 // int(args.get("num_bits", 4))
     size = int(args.get("group_size") or 0)
     group = size if args.get("strategy", "group") == "group" and size > 0 else in_features
+    if args["format"] == "int-quantized":  # int8, one a byte, nothing packed
+        return {"weight": (("N", 1), ("K", 1)), "weight_scale": (("N", 1), ("K", group)),
+                "weight_zero_point": (("N", 1), ("K", group)), "bias": (("N", 1),)}
     return {"weight_packed": (("N", 1), ("K", per)), "weight_scale": (("N", 1), ("K", group)),
             "weight_zero_point": (("N", per), ("K", group)), "weight_shape": "shape", "bias": (("N", 1),)}
 
@@ -80,23 +100,35 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     else:
         raise ValueError(f"{name}: compressed-tensors strategy {strategy!r} is not supported (group, channel)")
     symmetric = bool(args.get("symmetric", True))
+    w8a8 = args["format"] == "int-quantized"
     per = 32 // bits
-    expected = {"weight_packed": (n, math.ceil(k / per)), "weight_scale": (n, k // group), "weight_shape": (2,)}
-    if not symmetric:
-        expected["weight_zero_point"] = (math.ceil(n / per), k // group)
-    check_shapes(name, tensors, expected, "compressed-tensors", f"in={k}, out={n}, bits={bits}, group_size={group}")
-    if tensors["weight_shape"].tolist() != [n, k]:
-        raise ValueError(f"{name}.weight_shape: expected [{n}, {k}], got {tensors['weight_shape'].tolist()}")
-    q = unpack_int32(tensors["weight_packed"], bits, k, 1).to(torch.int8)  # [N, K] signed
-    w = pack_int4(q, axis=1) if bits == 4 else q  # 4-bit: signed nibbles, two a byte
+    context = f"in={k}, out={n}, bits={bits}, group_size={group}"
+    if w8a8:
+        if bits != 8:
+            raise ValueError(f"{name}: compressed-tensors int-quantized num_bits={bits} is not supported (expected 8)")
+        expected = {"weight": (n, k), "weight_scale": (n, k // group)}
+        if not symmetric:
+            expected["weight_zero_point"] = (n, k // group)
+        check_shapes(name, tensors, expected, "compressed-tensors int-quantized", context)
+        if tensors["weight"].dtype != torch.int8:
+            raise ValueError(f"{name}.weight: expected int8 (int-quantized), got {tensors['weight'].dtype}")
+        w = tensors["weight"]
+        zeros = None if symmetric else tensors["weight_zero_point"].to(torch.int64)
+    else:
+        expected = {"weight_packed": (n, math.ceil(k / per)), "weight_scale": (n, k // group), "weight_shape": (2,)}
+        if not symmetric:
+            expected["weight_zero_point"] = (math.ceil(n / per), k // group)
+        check_shapes(name, tensors, expected, "compressed-tensors", context)
+        if tensors["weight_shape"].tolist() != [n, k]:
+            raise ValueError(f"{name}.weight_shape: expected [{n}, {k}], got {tensors['weight_shape'].tolist()}")
+        q = unpack_int32(tensors["weight_packed"], bits, k, 1).to(torch.int8)  # [N, K] signed
+        w = pack_int4(q, axis=1) if bits == 4 else q  # 4-bit: signed nibbles, two a byte
+        zeros = None if symmetric else unpack_int32(tensors["weight_zero_point"], bits, n, 0)  # [N, K/g] signed
     scale = tensors["weight_scale"]
-    zero_point = None
-    if not symmetric:
-        zeros = unpack_int32(tensors["weight_zero_point"], bits, n, 0)  # [N, K/g] signed
-        zero_point = (zeros.float() * scale.float()).contiguous()
+    zero_point = None if zeros is None else (zeros.float() * scale.float()).contiguous()
     if strategy == "channel":
         scale = scale[:, 0].contiguous()
         zero_point = None if zero_point is None else zero_point[:, 0].contiguous()
     return dict(weight=w.contiguous(), scale=scale.contiguous(), zero_point=zero_point, bits=bits,
                 group=-1 if strategy == "channel" else group, perm=None, symmetric=symmetric,
-                bias=tensors.get("bias"))
+                bias=tensors.get("bias"), quantize_activation=w8a8)

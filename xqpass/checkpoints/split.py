@@ -41,6 +41,7 @@ def build_module(converted: dict, in_features: int, out_features: int, bias: boo
         return XlaQuantizedLinear(
             in_features, out_features, is_symmetric=converted["zero_point"] is None,
             block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
+            quantize_activation=converted.get("quantize_activation", False),
             bias=bias, weight_dtype=converted["weight"].dtype, scale_dtype=converted["scale"].dtype,
             block_layout="rows",
         )
