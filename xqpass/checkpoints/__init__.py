@@ -145,7 +145,8 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
         else:
             converted = fmt.convert_layer(name, {s: tensors.get(f"{name}.{s}") for s in suffixes}, qconfig,
                                           module.in_features, module.out_features)
-            q = build_module(converted, module.in_features, module.out_features, module.bias is not None)
+            # built on "meta" (no zero-filled buffers), then given the converted tensors
+            q = build_module(converted, module.in_features, module.out_features, module.bias is not None, device="meta")
             q.load_quantized_weight(converted["weight"], converted["scale"], converted["zero_point"])
             if converted["bias"] is not None:
                 q.bias = nn.Parameter(converted["bias"].to(module.bias.dtype), requires_grad=False)

@@ -11,22 +11,27 @@ Per quantized linear ``<name>`` (N = out features, K = in features, g = group si
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from ..quant.layouts import pack_int4
 from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column ORDER[j] of its 8
+INVERSE_ORDER = [ORDER.index(c) for c in range(8)]
 
 
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:
-    """int32 ``[R, N/8]`` -> int64 ``[R, N]`` values in [0, 15], undoing the interleaved order."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    nibbles = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1)  # [R, N/8, 8] by nibble
-    columns = torch.empty_like(nibbles)
-    columns[..., list(ORDER)] = nibbles  # nibble j -> column ORDER[j]
-    return columns.flatten(-2)
+    """int32 ``[R, N/8]`` -> uint8 ``[R, N]`` values in [0, 15], undoing the interleaved order.
+    Byte arithmetic on the words' bytes (nibble j: byte j // 2, low half when j is even)."""
+    if sys.byteorder == "little":
+        raw = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)  # [R, N/8, 4]
+        nibbles = torch.stack([raw & 0xF, raw >> 4], dim=-1).flatten(-2)  # [R, N/8, 8], nibble j
+    else:
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        nibbles = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1).to(torch.uint8)
+    return nibbles[..., INVERSE_ORDER].flatten(-2)  # column c comes from nibble ORDER.index(c)
 
 
 def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
@@ -53,7 +58,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     q = unpack_columns(tensors["qweight"])  # [K, N]
     zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
     scale = tensors["scales"].t().contiguous()  # [N, K/g]
-    w = pack_int4(q.t().contiguous().to(torch.uint8), axis=1)  # [N, K/2], the op's nibble order
+    w = (q[0::2] | (q[1::2] << 4)).t().contiguous()  # [N, K/2], the op's nibble order (low nibble = even k)
     zero_point = (zeros.t().float() * scale.float()).contiguous()
     return dict(weight=w, scale=scale, zero_point=zero_point, bits=4, group=group, perm=None,
                 symmetric=not bool(config.get("zero_point", True)), bias=tensors.get("bias"))

@@ -25,6 +25,7 @@ by rows ``[N, K/g]`` scales, ``zero_point = zero * scale`` in float32.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -121,8 +122,14 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         check_shapes(name, tensors, expected, "compressed-tensors", context)
         if tensors["weight_shape"].tolist() != [n, k]:
             raise ValueError(f"{name}.weight_shape: expected [{n}, {k}], got {tensors['weight_shape'].tolist()}")
-        q = unpack_int32(tensors["weight_packed"], bits, k, 1).to(torch.int8)  # [N, K] signed
-        w = pack_int4(q, axis=1) if bits == 4 else q  # 4-bit: signed nibbles, two a byte
+        if sys.byteorder == "little" and (k * bits) % 8 == 0:
+            # the words' bytes are already two values a byte along K, low nibble first (8-bit: one);
+            # the offset 2**(b-1) comes off every value with one XOR: (v - 8) mod 16 == v ^ 8
+            raw = tensors["weight_packed"].contiguous().view(torch.uint8)[:, : k * bits // 8]
+            w = (raw ^ (0x88 if bits == 4 else 0x80)).view(torch.int8)
+        else:
+            q = unpack_int32(tensors["weight_packed"], bits, k, 1).to(torch.int8)  # [N, K] signed
+            w = pack_int4(q, axis=1) if bits == 4 else q  # 4-bit: signed nibbles, two a byte
         zeros = None if symmetric else unpack_int32(tensors["weight_zero_point"], bits, n, 0)  # [N, K/g] signed
     scale = tensors["weight_scale"]
     zero_point = None if zeros is None else (zeros.float() * scale.float()).contiguous()

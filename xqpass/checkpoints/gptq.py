@@ -18,12 +18,15 @@ act-order, K is sorted by group once at load and the layer permutes its activati
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..quant.layouts import pack_int4
 from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+LITTLE_ENDIAN = sys.byteorder == "little"  # an int32 word viewed as bytes: low bits first
 
 
 def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
@@ -70,7 +73,6 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
                 "scales": (k // group, n), "g_idx": (k,)}
     check_shapes(name, tensors, expected, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
                  optional=("g_idx",))
-    q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
     zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if v1 else 0)  # [K/g, N]
     scales = tensors["scales"]
     g_idx = tensors.get("g_idx")
@@ -81,10 +83,17 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         if g.min() < 0 or g.max() >= k // group or not bool((counts == group).all()):
             raise ValueError(f"{name}.g_idx: every group must hold exactly group_size={group} input features")
         perm = torch.argsort(g, stable=True)  # K sorted by group: groups become contiguous
-        q = q[perm]
-    w = q.t().contiguous().to(torch.uint8)  # [N, K] values in [0, 2**bits)
-    if bits == 4:
-        w = pack_int4(w, axis=1)
+    if perm is not None or not LITTLE_ENDIAN:
+        q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
+        q = q if perm is None else q[perm]
+    if perm is None and LITTLE_ENDIAN:
+        # the words already are the op's bytes: k = 8i + 2b and 8i + 2b + 1 sit in the low and high
+        # nibble of byte b of word i (8-bit: k = 4i + b in byte b); only the transpose is left
+        w = tensors["qweight"].t().contiguous().view(torch.uint8)  # [N, K * bits / 8]
+    else:
+        w = q.t().contiguous().to(torch.uint8)  # [N, K] values in [0, 2**bits)
+        if bits == 4:
+            w = pack_int4(w, axis=1)
     scale = scales.t().contiguous()  # [N, K/g]
     zero_point = (zeros.t().float() * scale.float()).contiguous()  # op's convention; exact in float32
     return dict(weight=w, scale=scale, zero_point=zero_point, bits=bits, group=group, perm=perm,

@@ -1,0 +1,184 @@
+"""Quantized checkpoints written from each format's published layout (numpy packers, independent of
+xqpass's loaders): random integers and scales for chosen linears of a float model, the model's other
+tensors beside them, ``config.json``, one file or index + shards. Each writer returns the float64
+weights the format's own dequantization gives, the oracle for a loaded model. For tests, the demo and
+the load benchmark."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+def linear_names(model: nn.Module, layers=None) -> tuple[str, ...]:
+    """``layers``, or the names of every ``nn.Linear`` of ``model``."""
+    if layers is not None:
+        return tuple(layers)
+    return tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
+def pack_gptq_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """GPTQ packing: 32/bits values a uint32 word along ``axis``, first value in the low bits."""
+    per = 32 // bits
+    v = np.moveaxis(values.astype(np.uint64), axis, 0)
+    v = v.reshape(v.shape[0] // per, per, *v.shape[1:])
+    words = np.zeros(v.shape[:1] + v.shape[2:], dtype=np.uint64)
+    for j in range(per):
+        words |= v[:, j] << np.uint64(bits * j)
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))
+
+
+def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None):
+    """Random GPTQ tensors for one linear and the float64 weight they stand for."""
+    levels = 2**bits
+    q = rng.integers(0, levels, size=(k, n))
+    zeros = rng.integers(1, levels - 1, size=(k // group, n))
+    scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
+    g_idx = np.arange(k) // group
+    if act_order:
+        g_idx = rng.permutation(g_idx)
+    deq = (q - zeros[g_idx]) * scales.astype(np.float64)[g_idx]  # [K, N]
+    tensors = {
+        "qweight": torch.from_numpy(pack_gptq_words(q, bits, 0)),
+        "qzeros": torch.from_numpy(pack_gptq_words(zeros - (1 if v1 else 0), bits, 1)),
+        "scales": torch.from_numpy(scales),
+        "g_idx": torch.from_numpy(g_idx.astype(np.int32)),
+    }
+    if bias is not None:
+        tensors["bias"] = bias
+    return tensors, deq.T  # W [N, K]
+
+
+def save_checkpoint(path, tensors, float_model, quantization_config, shards=1, layers=()):
+    """The float model's other tensors beside the quantized ones, config.json, one file or shards."""
+    for key, value in float_model.state_dict().items():
+        if not key.startswith(tuple(f"{name}." for name in layers)):
+            tensors[key] = value.clone()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"quantization_config": quantization_config}, f)
+    if shards == 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+        return
+    names, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in names[i::shards]}
+        save_file(part, os.path.join(path, file))
+        weight_map.update({k: file for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def write_gptq_checkpoint(path, float_model, bits=4, group=16, act_order=False, v1=True, shards=1, seed=0, *, layers=None):
+    """A GPTQ checkpoint of random integers for ``layers`` (default: every ``nn.Linear``) of ``float_model``;
+    returns ``{layer: float64 weight [N, K]}``, the format's own dequantization."""
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    layers = linear_names(float_model, layers)
+    for name in layers:
+        lin = float_model.get_submodule(name)
+        layer, w = gptq_layer(lin.out_features, lin.in_features, bits, group, rng, act_order, v1,
+                              None if lin.bias is None else lin.bias.detach().clone())
+        tensors.update({f"{name}.{k}": v for k, v in layer.items()})
+        oracle[name] = w
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                     "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2"}, shards, layers)
+    return oracle
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def pack_awq_columns(values: np.ndarray) -> np.ndarray:
+    """AWQ gemm packing along N: nibble j of word i holds column 8i + AWQ_ORDER[j]."""
+    rows, n = values.shape
+    v = values.astype(np.uint64).reshape(rows, n // 8, 8)
+    words = np.zeros((rows, n // 8), dtype=np.uint64)
+    for j, col in enumerate(AWQ_ORDER):
+        words |= v[:, :, col] << np.uint64(4 * j)
+    return np.ascontiguousarray(words.astype(np.uint32).view(np.int32))
+
+
+def write_awq_checkpoint(path, float_model, group=16, seed=0, *, layers=None):
+    """An AWQ gemm checkpoint, as :func:`write_gptq_checkpoint`."""
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    layers = linear_names(float_model, layers)
+    for name in layers:
+        lin = float_model.get_submodule(name)
+        n, k = lin.out_features, lin.in_features
+        q = rng.integers(0, 16, size=(k, n))
+        zeros = rng.integers(0, 16, size=(k // group, n))
+        scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
+        g = np.arange(k) // group
+        oracle[name] = ((q - zeros[g]) * scales.astype(np.float64)[g]).T
+        tensors.update({f"{name}.qweight": torch.from_numpy(pack_awq_columns(q)),
+                        f"{name}.qzeros": torch.from_numpy(pack_awq_columns(zeros)),
+                        f"{name}.scales": torch.from_numpy(scales)})
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"},
+                    layers=layers)
+    return oracle
+
+
+def pack_ct_int32(values: np.ndarray, bits: int, dim: int) -> np.ndarray:
+    """compressed-tensors pack_to_int32 as documented: +2**(bits-1), 32/bits a word along ``dim``,
+    first value in the low bits, zero padding to whole words."""
+    per = 32 // bits
+    v = (values + (1 << (bits - 1))).astype(np.uint64)
+    v = np.moveaxis(v, dim, -1)
+    pad = (-v.shape[-1]) % per
+    v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.uint64)], axis=-1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
+    words = np.zeros(v.shape[:-1], np.uint64)
+    for j in range(per):
+        words |= v[..., j] << np.uint64(bits * j)
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), -1, dim))
+
+
+def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, seed=0, fmt="pack-quantized", *, layers=None):
+    """A compressed-tensors checkpoint (``fmt``: pack-quantized or int-quantized), as
+    :func:`write_gptq_checkpoint`."""
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    layers = linear_names(float_model, layers)
+    for name in layers:
+        lin = float_model.get_submodule(name)
+        n, k = lin.out_features, lin.in_features
+        g = k if strategy == "channel" else group
+        q = rng.integers(lo, hi + 1, size=(n, k))
+        scale = (rng.random((n, k // g)) * 0.05 + 0.01).astype(np.float32)
+        zeros = np.zeros((n, k // g), np.int64) if symmetric else rng.integers(lo, hi + 1, size=(n, k // g))
+        cols = np.arange(k) // g
+        oracle[name] = (q - zeros[:, cols]) * scale.astype(np.float64)[:, cols]
+        tensors[f"{name}.weight_scale"] = torch.from_numpy(scale)
+        if fmt == "int-quantized":  # int8 as it is, one a byte
+            tensors[f"{name}.weight"] = torch.from_numpy(q.astype(np.int8))
+            if not symmetric:
+                tensors[f"{name}.weight_zero_point"] = torch.from_numpy(zeros.astype(np.int8))
+        else:
+            tensors[f"{name}.weight_packed"] = torch.from_numpy(pack_ct_int32(q, bits, 1))
+            tensors[f"{name}.weight_shape"] = torch.tensor([n, k])
+            if not symmetric:
+                tensors[f"{name}.weight_zero_point"] = torch.from_numpy(pack_ct_int32(zeros, bits, 0))
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+               "group_size": group if strategy == "group" else None}
+    activations = None if fmt == "pack-quantized" else {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "compressed-tensors", "format": fmt,
+                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                   "input_activations": activations}},
+                     "ignore": sorted(set(linear_names(float_model, None)) - set(layers))}, layers=layers)
+    return oracle
