@@ -108,7 +108,7 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
         else:
             shards = [template_source[key][index] for index in shard_indices]
         placed[attr] = load_local_shards(target, shard_indices, shards)
-    module = build_module(template_source, k, n, linear.bias is not None, device="meta")
+    module = template  # every tensor it holds on "meta" is replaced by its placed twin
     for attr, tensor in placed.items():
         if attr == "bias":
             module.bias = nn.Parameter(tensor, requires_grad=False)
