@@ -34,6 +34,27 @@ def unpack_columns(words: torch.Tensor) -> torch.Tensor:
     return nibbles[..., INVERSE_ORDER].flatten(-2)  # column c comes from nibble ORDER.index(c)
 
 
+#: byte t of the word ``(a & 0x0F0F0F0F) | (b & 0x0F0F0F0F) << 4`` holds nibble 2t of two words a, b:
+#: columns 0 4 1 5; the same of ``a >> 4`` and ``b >> 4``, nibble 2t + 1: columns 2 6 3 7
+_PAIRED_COLUMNS = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def qweight_to_op_bytes(words: torch.Tensor) -> torch.Tensor:
+    """``qweight`` int32 ``[K, N/8]`` -> the op's packed bytes ``[N, K/2]`` (low nibble = even k):
+    rows k and k + 1 meet nibble by nibble with 32-bit masks and shifts, then each byte goes to its
+    column in one strided copy a column of 8 (little-endian bytes of a word: low bits first)."""
+    k, n_words = words.shape
+    a, b = words[0::2], words[1::2]  # [K/2, N/8]: the low and the high nibble of each output byte
+    mask = 0x0F0F0F0F
+    even = (a & mask) | ((b & mask) << 4)
+    odd = ((a >> 4) & mask) | (((b >> 4) & mask) << 4)  # >> is arithmetic on int32: the mask cleans it
+    paired = torch.stack([even, odd], dim=-1).view(torch.uint8).reshape(k // 2, n_words, 8)
+    out = torch.empty(n_words, 8, k // 2, dtype=torch.uint8)
+    for position, column in enumerate(_PAIRED_COLUMNS):
+        out[:, column, :] = paired[:, :, position].t()
+    return out.reshape(n_words * 8, k // 2)
+
+
 def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
     """Per stored tensor and dim: the layer axis ("K" / "N") and the features one stored element spans."""
     group = int(config.get("group_size", config.get("q_group_size", 128)))
@@ -55,10 +76,13 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
     expected = {"qweight": (k, n // 8), "qzeros": (k // group, n // 8), "scales": (k // group, n)}
     check_shapes(name, tensors, expected, "AWQ", f"in={k}, out={n}, group_size={group}")
-    q = unpack_columns(tensors["qweight"])  # [K, N]
     zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
     scale = tensors["scales"].t().contiguous()  # [N, K/g]
-    w = (q[0::2] | (q[1::2] << 4)).t().contiguous()  # [N, K/2], the op's nibble order (low nibble = even k)
+    if sys.byteorder == "little" and k % 2 == 0:
+        w = qweight_to_op_bytes(tensors["qweight"])  # [N, K/2], the op's nibble order
+    else:
+        q = unpack_columns(tensors["qweight"])  # [K, N]
+        w = pack_int4(q.t().contiguous(), axis=1)
     zero_point = (zeros.t().float() * scale.float()).contiguous()
     return dict(weight=w, scale=scale, zero_point=zero_point, bits=4, group=group, perm=None,
                 symmetric=not bool(config.get("zero_point", True)), bias=tensors.get("bias"))
