@@ -195,3 +195,22 @@ def test_compressed_tensors_int_quantized_needs_dynamic_per_token_activations(tm
     with pytest.raises(ValueError, match="expected input_activations .*strategy: token, dynamic: true"):
         load_quantized_checkpoint(model, str(tmp_path))
     assert type(model.proj) is nn.Linear
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "ct"])
+def test_byte_view_conversions_equal_the_unpacking_they_replace(tmp_path, fmt, monkeypatch):
+    """GPTQ, AWQ and compressed-tensors read their words as bytes on little-endian hosts; the value by
+    value unpacking (big-endian hosts) must load the same bytes."""
+    import xqpass.checkpoints.tensors as checkpoint_tensors
+
+    write = {"gptq": lambda: write_checkpoint(str(tmp_path), Toy(), 4, 16),
+             "awq": lambda: write_awq_checkpoint(str(tmp_path), Toy(), 16),
+             "ct": lambda: write_ct_checkpoint(str(tmp_path), Toy(), 4, "group", 16, False)}[fmt]
+    write()
+    fast = Toy()
+    load_quantized_checkpoint(fast, str(tmp_path))
+    monkeypatch.setattr(checkpoint_tensors, "BYTE_VIEWS", False)
+    slow = Toy()
+    load_quantized_checkpoint(slow, str(tmp_path))
+    for name in LAYERS:
+        assert torch.equal(getattr(fast, name).weight, getattr(slow, name).weight)

@@ -11,10 +11,10 @@ Per quantized linear ``<name>`` (N = out features, K = in features, g = group si
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from ..quant.layouts import pack_int4
+from . import tensors as shared
 from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales")
@@ -25,7 +25,7 @@ INVERSE_ORDER = [ORDER.index(c) for c in range(8)]
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:
     """int32 ``[R, N/8]`` -> uint8 ``[R, N]`` values in [0, 15], undoing the interleaved order.
     Byte arithmetic on the words' bytes (nibble j: byte j // 2, low half when j is even)."""
-    if sys.byteorder == "little":
+    if shared.BYTE_VIEWS:
         raw = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)  # [R, N/8, 4]
         nibbles = torch.stack([raw & 0xF, raw >> 4], dim=-1).flatten(-2)  # [R, N/8, 8], nibble j
     else:
@@ -78,7 +78,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     check_shapes(name, tensors, expected, "AWQ", f"in={k}, out={n}, group_size={group}")
     zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
     scale = tensors["scales"].t().contiguous()  # [N, K/g]
-    if sys.byteorder == "little" and k % 2 == 0:
+    if shared.BYTE_VIEWS and k % 2 == 0:
         w = qweight_to_op_bytes(tensors["qweight"])  # [N, K/2], the op's nibble order
     else:
         q = unpack_columns(tensors["qweight"])  # [K, N]

@@ -25,11 +25,10 @@ by rows ``[N, K/g]`` scales, ``zero_point = zero * scale`` in float32.
 from __future__ import annotations
 
 import math
-import sys
-
 import torch
 
 from ..quant.layouts import pack_int4
+from . import tensors as shared
 from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point")
@@ -122,7 +121,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         check_shapes(name, tensors, expected, "compressed-tensors", context)
         if tensors["weight_shape"].tolist() != [n, k]:
             raise ValueError(f"{name}.weight_shape: expected [{n}, {k}], got {tensors['weight_shape'].tolist()}")
-        if sys.byteorder == "little" and (k * bits) % 8 == 0:
+        if shared.BYTE_VIEWS and (k * bits) % 8 == 0:
             # the words' bytes are already two values a byte along K, low nibble first (8-bit: one);
             # the offset 2**(b-1) comes off every value with one XOR: (v - 8) mod 16 == v ^ 8
             raw = tensors["weight_packed"].contiguous().view(torch.uint8)[:, : k * bits // 8]

@@ -18,15 +18,13 @@ act-order, K is sorted by group once at load and the layer permutes its activati
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..quant.layouts import pack_int4
+from . import tensors as shared
 from .tensors import check_shapes, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-LITTLE_ENDIAN = sys.byteorder == "little"  # an int32 word viewed as bytes: low bits first
 
 
 def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
@@ -83,10 +81,10 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         if g.min() < 0 or g.max() >= k // group or not bool((counts == group).all()):
             raise ValueError(f"{name}.g_idx: every group must hold exactly group_size={group} input features")
         perm = torch.argsort(g, stable=True)  # K sorted by group: groups become contiguous
-    if perm is not None or not LITTLE_ENDIAN:
+    if perm is not None or not shared.BYTE_VIEWS:
         q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
         q = q if perm is None else q[perm]
-    if perm is None and LITTLE_ENDIAN:
+    if perm is None and shared.BYTE_VIEWS:
         # the words already are the op's bytes: k = 8i + 2b and 8i + 2b + 1 sit in the low and high
         # nibble of byte b of word i (8-bit: k = 4i + b in byte b); only the transpose is left
         w = tensors["qweight"].t().contiguous().view(torch.uint8)  # [N, K * bits / 8]

@@ -1,6 +1,12 @@
 """Checks every checkpoint format shares: the group size and the tensors a quantized linear must have."""
 from __future__ import annotations
 
+import sys
+
+#: read packed int32 words as their bytes (low bits first): true on little-endian hosts; the formats
+#: unpack value by value otherwise
+BYTE_VIEWS = sys.byteorder == "little"
+
 
 def resolve_group(name: str, group: int, in_features: int) -> int:
     """``group`` (``-1``: one group over all of K), checked to divide K."""
