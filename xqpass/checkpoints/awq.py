@@ -26,7 +26,7 @@ def unpack_columns(words: torch.Tensor) -> torch.Tensor:
     """int32 ``[R, N/8]`` -> uint8 ``[R, N]`` values in [0, 15], undoing the interleaved order.
     Byte arithmetic on the words' bytes (nibble j: byte j // 2, low half when j is even)."""
     if shared.BYTE_VIEWS:
-        raw = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)  # [R, N/8, 4]
+        raw = shared.word_bytes(words).reshape(*words.shape, 4)  # [R, N/8, 4]
         nibbles = torch.stack([raw & 0xF, raw >> 4], dim=-1).flatten(-2)  # [R, N/8, 8], nibble j
     else:
         w = words.to(torch.int64) & 0xFFFFFFFF
@@ -48,7 +48,7 @@ def qweight_to_op_bytes(words: torch.Tensor) -> torch.Tensor:
     mask = 0x0F0F0F0F
     even = (a & mask) | ((b & mask) << 4)
     odd = ((a >> 4) & mask) | (((b >> 4) & mask) << 4)  # >> is arithmetic on int32: the mask cleans it
-    paired = torch.stack([even, odd], dim=-1).view(torch.uint8).reshape(k // 2, n_words, 8)
+    paired = shared.word_bytes(torch.stack([even, odd], dim=-1)).reshape(k // 2, n_words, 8)
     out = torch.empty(n_words, 8, k // 2, dtype=torch.uint8)
     for position, column in enumerate(_PAIRED_COLUMNS):
         out[:, column, :] = paired[:, :, position].t()

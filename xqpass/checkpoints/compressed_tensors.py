@@ -124,7 +124,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         if shared.BYTE_VIEWS and (k * bits) % 8 == 0:
             # the words' bytes are already two values a byte along K, low nibble first (8-bit: one);
             # the offset 2**(b-1) comes off every value with one XOR: (v - 8) mod 16 == v ^ 8
-            raw = tensors["weight_packed"].contiguous().view(torch.uint8)[:, : k * bits // 8]
+            raw = shared.word_bytes(tensors["weight_packed"])[:, : k * bits // 8]
             w = (raw ^ (0x88 if bits == 4 else 0x80)).view(torch.int8)
         else:
             q = unpack_int32(tensors["weight_packed"], bits, k, 1).to(torch.int8)  # [N, K] signed

@@ -87,7 +87,7 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     if perm is None and shared.BYTE_VIEWS:
         # the words already are the op's bytes: k = 8i + 2b and 8i + 2b + 1 sit in the low and high
         # nibble of byte b of word i (8-bit: k = 4i + b in byte b); only the transpose is left
-        w = tensors["qweight"].t().contiguous().view(torch.uint8)  # [N, K * bits / 8]
+        w = shared.word_bytes(tensors["qweight"].t())  # [N, K * bits / 8]
     else:
         w = q.t().contiguous().to(torch.uint8)  # [N, K] values in [0, 2**bits)
         if bits == 4:

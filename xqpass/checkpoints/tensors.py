@@ -3,9 +3,20 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 #: read packed int32 words as their bytes (low bits first): true on little-endian hosts; the formats
 #: unpack value by value otherwise
 BYTE_VIEWS = sys.byteorder == "little"
+
+
+def word_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 ``[..., W]`` -> uint8 ``[..., 4 W]``, the words' bytes in memory order (low bits first on
+    the hosts :data:`BYTE_VIEWS` is true on). Copies ``words`` into row-major order first when it is
+    not (a transpose, or a size-1 dim torch calls contiguous with other strides)."""
+    if words.stride() != torch.empty(words.shape, dtype=words.dtype, device="meta").stride():
+        words = torch.empty(words.shape, dtype=words.dtype).copy_(words)
+    return words.view(torch.uint8)
 
 
 def resolve_group(name: str, group: int, in_features: int) -> int:
