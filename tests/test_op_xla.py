@@ -234,3 +234,28 @@ def test_no_gathers_with_host_made_indices(fmt, rows, xla_device):
     hlo = torch_xla._XLAC._get_xla_tensors_hlo([out])
     assert " gather(" not in hlo
     assert not re.search(r"s64\[[\d,]+\]\{[\d,]*\} parameter", hlo)
+
+
+SPLIT_K_FORMATS = [
+    xst.WeightFormat(8, -1, True, False, False),
+    xst.WeightFormat(8, -1, False, False, False),
+    xst.WeightFormat(4, -1, True, True, False),
+    xst.WeightFormat(4, -1, False, True, False),
+    xst.WeightFormat(8, -1, True, False, True),
+    xst.WeightFormat(8, 128, False, False, False, by_rows=True),
+    xst.WeightFormat(4, 64, True, True, False, by_rows=True),
+]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", SPLIT_K_FORMATS, ids=lambda f: f.name)
+def test_split_k_with_rows_long_enough_for_virtual_groups(fmt, dtype, rows, xla_device):
+    """Per-channel rows of 384 values (3 virtual groups of 128; packed: 3 of 64 bytes) and the
+    groupwise pieces, at the row counts split-K covers (packed int4 up to 16, int8 up to 32)."""
+    qw = xst.random_quantized_weight(fmt, 24, 384, seed=16)
+    x = torch.randn(rows, 384).to(dtype)
+    with split_k_for_any_size():
+        out = op(x.to(xla_device), quantize_activation=fmt.quantize_activation, **_to(qw.op_kwargs(), xla_device)).cpu()
+    expected, allowance = oracle(x, **qw.op_kwargs(), quantize_activation=fmt.quantize_activation, roundings=2)
+    assert_within(out, expected, allowance, fmt.name)

@@ -10,14 +10,19 @@ Two formulations, numerically equivalent (tested on XLA:CPU), chosen by device t
 
 * ``"canonical"`` (TPU, GPU): ``dot(x, convert(w))`` with the scale applied after the dot; the weight
   stays int8 up to the dot, where XLA fuses the convert into the matmul.
-* ``"cpu"`` (XLA:CPU, measured in docs/benchmarks.md): the weight is the dot's left operand
-  (``(convert(w) @ x.T).T``, ~5x faster at small M than ``x @ w.T``). Below ``CPU_LARGE_M`` rows the dot
-  is float32 (XLA:CPU's fast matrix-vector dot), blockwise scales come after a dot batched over the
-  blocks, and packed int4 is never interleaved: low nibbles (even k) and high nibbles (odd k) meet
-  ``x[..., 0::2]`` and ``x[..., 1::2]`` in two half-size dots. From ``CPU_LARGE_M`` rows on, 16-bit
-  activations take the 16-bit dot with a 16-bit result (XLA:CPU's fast matrix-matrix dot: two roundings
-  to the activation dtype instead of one), blockwise weights are dequantized before one dot, and W8A8's
-  integer dot becomes an exact float32 dot of the same integers (XLA:CPU's integer dot is slow there).
+* ``"cpu"`` (XLA:CPU, measured in docs/benchmarks.md). Weights of at least ``CPU_SPLIT_K_MIN_WEIGHT``
+  elements stored by rows (and every groupwise-by-rows weight), up to ``CPU_SPLIT_K_MAX_M`` rows
+  (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), skip the dot: **split-K**, a fused multiply-and-reduce
+  of exact float32 products with K cut into groups and each group into ``r`` pieces summed as ``r``
+  terms of one loop (per channel: virtual groups of 128 values / 64 packed bytes, summed by a dot with
+  ones). Otherwise the weight is the dot's left operand (``(convert(w) @ x.T).T``, ~5x faster at small
+  M than ``x @ w.T``). Below ``CPU_LARGE_M`` rows that dot is float32 (XLA:CPU's fast matrix-vector
+  dot), blockwise scales come after a dot batched over the blocks, and packed int4 is never
+  interleaved: low nibbles (even k) and high nibbles (odd k) meet ``x[..., 0::2]`` and ``x[..., 1::2]``
+  in two half-size dots. From ``CPU_LARGE_M`` rows on, 16-bit activations take the 16-bit dot with a
+  16-bit result (XLA:CPU's fast matrix-matrix dot: two roundings to the activation dtype instead of
+  one), W8A8 included (its int8 values are exact in 16 bits; the integer dot is slow there), and
+  blockwise weights are dequantized before one dot.
 
 ``xla_lowering("cpu" | "canonical" | "auto")`` (or ``XQPASS_XLA_LOWERING``) forces one, e.g. to test the
 TPU form on XLA:CPU. Float work accumulates in float32 (float64 for float64 x); the canonical form
@@ -85,9 +90,11 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #: XLA:CPU: from this many activation rows on, 16-bit activations take the 16-bit dot (XLA:CPU's fast
 #: one), and blockwise weights are dequantized before a single dot instead of a dot batched over blocks
 CPU_LARGE_M = 16
-#: XLA:CPU: up to this many rows, large weights stored by rows skip the dot: a fused multiply-and-reduce
-#: over K cut into ``r`` pieces (``r`` terms an iteration) runs 3-10x faster than any dot here...
-CPU_SPLIT_K_MAX_M = 16
+#: XLA:CPU: up to this many rows (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), large weights stored by rows
+#: skip the dot: a fused multiply-and-reduce over K cut into ``r`` pieces (``r`` terms an iteration) runs
+#: 1.2-10x faster than any dot here (measured at 1-64 rows, docs/benchmarks.md)...
+CPU_SPLIT_K_MAX_M = 32
+CPU_SPLIT_K_MAX_M_PACKED = 16
 #: ...for per-channel weights of at least this many elements. Measured in whole decoders
 #: (docs/benchmarks.md): at d=4096 (16.8M and 45M-element linears) split-K made a decode step 3x faster,
 #: at d=1024 and d=2048 (1-11.5M) 1.3-2x slower than the dot, though one such linear alone is no slower.
@@ -109,11 +116,37 @@ def _is_split(t: torch.Tensor) -> bool:
 
 
 def _split_factor(length: int, rows: int) -> int:
-    """How many pieces to cut a reduction of ``length`` into (measured on XLA:CPU: 8 for one row, 16 for
-    a few), keeping pieces of at least 8 elements so short groups are not shredded."""
+    """Seed blockwise layout (N contiguous): how many pieces to cut a block's reduction into (measured on
+    XLA:CPU: 8 for one row, 16 for a few), keeping pieces of at least 8 elements."""
     preferred = 8 if rows == 1 else 16
     for r in (preferred, 8, 4, 2):
         if length % r == 0 and length // r >= 8:
+            return r
+    return 1
+
+
+#: Weights stored by rows (K contiguous): the most pieces, and the piece length they must be a multiple
+#: of, measured through the op on XLA:CPU (docs/benchmarks.md, "choosing r"), the same for 1 to 64 rows:
+#: a long per-channel row: up to 128 pieces of a multiple of 8 (4096: 128 x 32, 11008: 86 x 128; more
+#: than 128 terms, or pieces of 86, are 4-10x slower); an int8 group: up to 16 pieces of a multiple of 4;
+#: packed int4: 2 pieces (each piece is two terms, low and high nibbles; more are 2-8x slower).
+SPLIT_ROW_MAX_PIECES, SPLIT_ROW_PIECE_MULTIPLE = 128, 8
+SPLIT_GROUP_MAX_PIECES, SPLIT_GROUP_PIECE_MULTIPLE = 16, 8
+SPLIT_PACKED_PIECES = 2
+#: packed int4 per channel: the row is cut into virtual groups of this many bytes (summed after), the
+#: shape packed groupwise weights run fast in
+SPLIT_PACKED_GROUP_BYTES = 64
+SPLIT_INT8_GROUP = 128
+
+
+def _row_split_factor(length: int, packed: bool, grouped: bool) -> int:
+    """Pieces to cut a reduction of ``length`` stored elements (bytes when packed) into."""
+    if packed:
+        return SPLIT_PACKED_PIECES if length % SPLIT_PACKED_PIECES == 0 else 1
+    most, multiple = ((SPLIT_GROUP_MAX_PIECES, SPLIT_GROUP_PIECE_MULTIPLE) if grouped
+                      else (SPLIT_ROW_MAX_PIECES, SPLIT_ROW_PIECE_MULTIPLE))
+    for r in range(min(most, length // multiple), 1, -1):
+        if length % r == 0 and (length // r) % multiple == 0:
             return r
     return 1
 
@@ -143,7 +176,7 @@ def _split_k_products(w: torch.Tensor, x: torch.Tensor, packed: bool, dtype, row
     ``dtype`` (float32) accumulation, in another order than a dot. Returns ``[M, N, groups]``."""
     n, width = w.shape
     per_group = width // groups  # bytes a group
-    r = _split_factor(per_group, rows)
+    r = _row_split_factor(per_group, packed, grouped=groups > 1)
     piece = per_group // r
     w3 = w.reshape(n, groups, per_group)
     x4 = x.to(dtype).reshape(x.shape[0], 1, groups, per_group * (2 if packed else 1))  # [M, 1, G, B]
@@ -181,7 +214,10 @@ def quantized_matmul_xla(
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x2.to(cdt))  # [M, K] int8, [M, 1]
         row_sums = x_q.to(cdt)
-        if large_m:  # XLA:CPU's integer dot is slow at large M: exact float32 dot of the same integers
+        if large_m and half:  # XLA:CPU's integer dot is slow at large M: the 16-bit dot of the same
+            # integers (exact in bfloat16 / float16) with a 16-bit result, as W8A16 takes there
+            operand, dot_dtype, acc_dtype = x_q.to(x.dtype), x.dtype, x.dtype
+        elif large_m:  # float32 activations: an exact float32 dot of the integers
             operand, dot_dtype, acc_dtype = x_q.to(cdt), cdt, cdt
         else:
             operand, dot_dtype, acc_dtype = x_q, torch.int8, torch.int32
@@ -198,7 +234,8 @@ def quantized_matmul_xla(
     def weight_as(t):  # the convert sits right at the dot (int8 stays int8 for the integer dot)
         return t if dot_dtype == torch.int8 else t.to(dot_dtype)
 
-    few_rows = lowering == "cpu" and rows is not None and 0 < rows <= CPU_SPLIT_K_MAX_M
+    few_rows = (lowering == "cpu" and rows is not None
+                and 0 < rows <= (CPU_SPLIT_K_MAX_M_PACKED if packed else CPU_SPLIT_K_MAX_M))
     # per-channel: split-K only pays for large weights in whole models; groupwise by rows: always (its
     # alternative, dequantize-then-dot, rewrites the whole weight every call)
     small_m = few_rows and n * k >= CPU_SPLIT_K_MIN_WEIGHT
@@ -207,8 +244,13 @@ def quantized_matmul_xla(
     split = block_size == PER_CHANNEL and lowering == "cpu" and (small_m or packed) and _is_split(w)
     if block_size == PER_CHANNEL:
         if small_m and not split:  # W8A8 too: integer products are exact in float32, float32 accumulation
-            acc = _split_k_products(w, operand, packed, cdt, rows).sum(dim=-1)  # one group; no select:
-            # inside the op torch_xla computes a select of a computed tensor wrongly (see _slice)
+            group_bytes = SPLIT_PACKED_GROUP_BYTES if packed else SPLIT_INT8_GROUP
+            virtual = w.shape[1] // group_bytes if w.shape[1] % group_bytes == 0 else 1
+            acc = _split_k_products(w, operand, packed, cdt, rows, groups=virtual)  # [M, N, virtual]
+            # the groups are summed by a dot with ones: a sum would be merged with the pieces' reduce into
+            # one long reduce, 4x slower (measured); no select: inside the op torch_xla computes a select
+            # of a computed tensor wrongly (see _slice)
+            acc = _dot(acc, torch.ones(virtual, dtype=cdt, device=acc.device), ([2], [0]), out=cdt)
         elif lowering == "cpu" and packed and not split:  # even k: low nibbles, odd k: high nibbles
             low, high = _nibbles(w)  # [N, K/2] each
             acc = (_dot(weight_as(low), _slice(operand, 1, 0, k, 2), ([1], [1]), out=acc_dtype)
