@@ -213,7 +213,7 @@ def quantized_matmul_xla(
 
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x2.to(cdt))  # [M, K] int8, [M, 1]
-        row_sums = x_q.to(cdt)
+        x_values = x_q.to(cdt)  # the values the products see, in the compute dtype (split-K, zero points)
         if large_m and half:  # XLA:CPU's integer dot is slow at large M: the 16-bit dot of the same
             # integers (exact in bfloat16 / float16) with a 16-bit result, as W8A16 takes there
             operand, dot_dtype, acc_dtype = x_q.to(x.dtype), x.dtype, x.dtype
@@ -222,7 +222,7 @@ def quantized_matmul_xla(
         else:
             operand, dot_dtype, acc_dtype = x_q, torch.int8, torch.int32
     else:
-        row_sums = x2.to(cdt)
+        x_values = x2.to(cdt)
         if lowering == "canonical" and half:  # 16-bit operands (int8 exact in them), float32 result
             dot_dtype, acc_dtype = x.dtype, cdt
         elif large_m and half:  # XLA:CPU: the 16-bit dot with a 16-bit result is the fast one
@@ -246,7 +246,7 @@ def quantized_matmul_xla(
         if small_m and not split:  # W8A8 too: integer products are exact in float32, float32 accumulation
             group_bytes = SPLIT_PACKED_GROUP_BYTES if packed else SPLIT_INT8_GROUP
             virtual = w.shape[1] // group_bytes if w.shape[1] % group_bytes == 0 else 1
-            acc = _split_k_products(w, operand, packed, cdt, rows, groups=virtual)  # [M, N, virtual]
+            acc = _split_k_products(w, x_values, packed, cdt, rows, groups=virtual)  # [M, N, virtual]
             # the groups are summed by a dot with ones: a sum would be merged with the pieces' reduce into
             # one long reduce, 4x slower (measured); no select: inside the op torch_xla computes a select
             # of a computed tensor wrongly (see _slice)
@@ -261,13 +261,13 @@ def quantized_matmul_xla(
             acc = _dot(operand, weight_as(unpacked_weight(w, packed)), ([1], [1]), out=acc_dtype)  # [M, N]
         out = acc.to(cdt) * scale
         if zp is not None:
-            out = out - row_sums.sum(dim=-1, keepdim=True) * zp
+            out = out - x_values.sum(dim=-1, keepdim=True) * zp
     elif spec.by_rows:  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
         s = spec.num_blocks
         if few_rows:
-            acc = _split_k_products(w, operand, packed, cdt, rows, groups=s) * scale  # [M, N, S]
+            acc = _split_k_products(w, x_values, packed, cdt, rows, groups=s) * scale  # [M, N, S]
             if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
-                acc = acc - row_sums.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
+                acc = acc - x_values.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
             out = acc.sum(dim=-1)
         elif lowering == "cpu" and not quantize_activation:  # dequantize, then one dot (weight as LHS)
             w_deq = unpacked_weight(w, packed).to(cdt).reshape(n, s, block_size) * scale[:, :, None]
@@ -280,7 +280,7 @@ def quantized_matmul_xla(
             acc = _dot(operand.reshape(-1, s, block_size), w3, ([2], [2]), ([1], [1]), out=acc_dtype)
             acc = acc.to(cdt) * scale.t()[:, None, :]  # [S, M, N]
             if zp is not None:
-                    acc = acc - row_sums.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp.t()[:, None, :]
+                    acc = acc - x_values.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp.t()[:, None, :]
             out = acc.sum(dim=0)
     elif large_m and not quantize_activation:  # XLA:CPU, large M: dequantize, then one dot
         w_deq = unpacked_weight(w, packed).to(cdt) * scale[:, None, :]
@@ -290,7 +290,7 @@ def quantized_matmul_xla(
     elif small_m and rows == 1:  # multiply-and-reduce along B (N contiguous), block scales after
         acc = _split_k_blockwise(w, operand, packed, cdt, rows, block_size) * scale  # [M, S, N]
         if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
-            acc = acc - row_sums.reshape(-1, spec.num_blocks, block_size).sum(dim=-1)[:, :, None] * zp
+            acc = acc - x_values.reshape(-1, spec.num_blocks, block_size).sum(dim=-1)[:, :, None] * zp
         out = acc.sum(dim=1)
     else:  # per-block dots batched over the blocks, each block's scale after its dot
         s = spec.num_blocks
@@ -307,7 +307,7 @@ def quantized_matmul_xla(
             acc = _dot(blocks, weight_as(unpacked_weight(w, packed)), ([2], [1]), ([1], [0]), out=acc_dtype)
         acc = acc.to(cdt) * scale[:, None, :]  # [S, M, N]
         if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
-            acc = acc - row_sums.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp[:, None, :]
+            acc = acc - x_values.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp[:, None, :]
         out = acc.sum(dim=0)  # [M, N]
     if quantize_activation:
         out = out * x_scale
