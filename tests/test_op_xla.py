@@ -21,23 +21,24 @@ def _to(kw, device):
 
 
 @contextlib.contextmanager
-def split_k_for_any_size():
-    """XLA:CPU uses split-K only for large weights; tests use small ones, so lower the bar."""
+def without_split_k():
+    """XLA:CPU takes split-K up to a few dozen rows; the dot forms below them (which GSPMD-split weights
+    take) are tested by turning it off."""
     import xqpass.ops.xla as lowering_module
 
-    previous = lowering_module.CPU_SPLIT_K_MIN_WEIGHT
-    lowering_module.CPU_SPLIT_K_MIN_WEIGHT = 0
+    previous = lowering_module.CPU_SPLIT_K_MAX_M, lowering_module.CPU_SPLIT_K_MAX_M_PACKED
+    lowering_module.CPU_SPLIT_K_MAX_M = lowering_module.CPU_SPLIT_K_MAX_M_PACKED = 0
     try:
         yield
     finally:
-        lowering_module.CPU_SPLIT_K_MIN_WEIGHT = previous
+        lowering_module.CPU_SPLIT_K_MAX_M, lowering_module.CPU_SPLIT_K_MAX_M_PACKED = previous
 
 
-@pytest.mark.parametrize("lowering", ["cpu", "cpu split-K", "canonical"])
+@pytest.mark.parametrize("lowering", ["cpu", "cpu dot", "canonical"])
 @settings(max_examples=25)
 @given(case=xst.op_cases())
 def test_xla_eager_matches_cpu_reference_and_oracle(lowering, case, xla_device):
-    split = split_k_for_any_size() if lowering == "cpu split-K" else contextlib.nullcontext()
+    split = without_split_k() if lowering == "cpu dot" else contextlib.nullcontext()
     with xla_lowering(lowering.split()[0]), split:
         _check_xla_case(case, xla_device)
 
@@ -222,13 +223,14 @@ def test_nan_propagates_on_xla_as_on_cpu(qa, xla_device):
     assert torch.isnan(xla[1]).all() and torch.isfinite(xla[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("split_k", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 32])
 @pytest.mark.parametrize("fmt", LARGE_M_FORMATS, ids=lambda f: f.name)
-def test_no_gathers_with_host_made_indices(fmt, rows, xla_device):
+def test_no_gathers_with_host_made_indices(fmt, rows, split_k, xla_device):
     """Inside the op torch_xla sees tensors without functionalization: a strided view there would be
     lowered as a gather whose indices are made on the host and sent every call."""
     qw = xst.random_quantized_weight(fmt, 48, 64, seed=15)
-    with split_k_for_any_size():
+    with contextlib.nullcontext() if split_k else without_split_k():
         out = op(torch.randn(rows, 64).to(xla_device), quantize_activation=fmt.quantize_activation,
                  **_to(qw.op_kwargs(), xla_device))
     hlo = torch_xla._XLAC._get_xla_tensors_hlo([out])
@@ -255,7 +257,6 @@ def test_split_k_with_rows_long_enough_for_virtual_groups(fmt, dtype, rows, xla_
     groupwise pieces, at the row counts split-K covers (packed int4 up to 16, int8 up to 32)."""
     qw = xst.random_quantized_weight(fmt, 24, 384, seed=16)
     x = torch.randn(rows, 384).to(dtype)
-    with split_k_for_any_size():
-        out = op(x.to(xla_device), quantize_activation=fmt.quantize_activation, **_to(qw.op_kwargs(), xla_device)).cpu()
+    out = op(x.to(xla_device), quantize_activation=fmt.quantize_activation, **_to(qw.op_kwargs(), xla_device)).cpu()
     expected, allowance = oracle(x, **qw.op_kwargs(), quantize_activation=fmt.quantize_activation, roundings=2)
     assert_within(out, expected, allowance, fmt.name)

@@ -80,10 +80,7 @@ def test_split_layer_matches_unsharded(fmt, style, rows, mesh, compiled_hlo):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4-packed"])
-def test_split_k_lowering_is_not_used_on_a_split_weight(fmt, mesh, compiled_hlo, monkeypatch):
-    import xqpass.ops.xla as lowering
-
-    monkeypatch.setattr(lowering, "CPU_SPLIT_K_MIN_WEIGHT", 0)  # small weights take split-K too
+def test_split_k_lowering_is_not_used_on_a_split_weight(fmt, mesh, compiled_hlo):
     k = 2 * K  # a shape of its own: a graph compiled (and cached) by another test would dump nothing
     layer = XlaQuantizedLinear.from_float(nn.Linear(k, N), **FORMATS[fmt])
     x = torch.randn(1, k)

@@ -10,8 +10,7 @@ Two formulations, numerically equivalent (tested on XLA:CPU), chosen by device t
 
 * ``"canonical"`` (TPU, GPU): ``dot(x, convert(w))`` with the scale applied after the dot; the weight
   stays int8 up to the dot, where XLA fuses the convert into the matmul.
-* ``"cpu"`` (XLA:CPU, measured in docs/benchmarks.md). Weights of at least ``CPU_SPLIT_K_MIN_WEIGHT``
-  elements stored by rows (and every groupwise-by-rows weight), up to ``CPU_SPLIT_K_MAX_M`` rows
+* ``"cpu"`` (XLA:CPU, measured in docs/benchmarks.md). Weights stored by rows, up to ``CPU_SPLIT_K_MAX_M`` rows
   (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), skip the dot: **split-K**, a fused multiply-and-reduce
   of exact float32 products with K cut into groups and each group into ``r`` pieces summed as ``r``
   terms of one loop (per channel: virtual groups of 128 values / 64 packed bytes, summed by a dot with
@@ -92,13 +91,10 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 CPU_LARGE_M = 16
 #: XLA:CPU: up to this many rows (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), large weights stored by rows
 #: skip the dot: a fused multiply-and-reduce over K cut into ``r`` pieces (``r`` terms an iteration) runs
-#: 1.2-10x faster than any dot here (measured at 1-64 rows, docs/benchmarks.md)...
+#: 1.2-10x faster than any dot here (measured at 1-64 rows, docs/benchmarks.md), for every weight size:
+#: a decode step of a whole decoder is 4-10x faster than with the dot at d=1024 and 2048
 CPU_SPLIT_K_MAX_M = 32
 CPU_SPLIT_K_MAX_M_PACKED = 16
-#: ...for per-channel weights of at least this many elements. Measured in whole decoders
-#: (docs/benchmarks.md): at d=4096 (16.8M and 45M-element linears) split-K made a decode step 3x faster,
-#: at d=1024 and d=2048 (1-11.5M) 1.3-2x slower than the dot, though one such linear alone is no slower.
-CPU_SPLIT_K_MIN_WEIGHT = 2**24
 
 
 def _slice(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:
@@ -234,11 +230,9 @@ def quantized_matmul_xla(
     def weight_as(t):  # the convert sits right at the dot (int8 stays int8 for the integer dot)
         return t if dot_dtype == torch.int8 else t.to(dot_dtype)
 
-    few_rows = (lowering == "cpu" and rows is not None
-                and 0 < rows <= (CPU_SPLIT_K_MAX_M_PACKED if packed else CPU_SPLIT_K_MAX_M))
-    # per-channel: split-K only pays for large weights in whole models; groupwise by rows: always (its
-    # alternative, dequantize-then-dot, rewrites the whole weight every call)
-    small_m = few_rows and n * k >= CPU_SPLIT_K_MIN_WEIGHT
+    # split-K (XLA:CPU): up to CPU_SPLIT_K_MAX_M rows (packed: CPU_SPLIT_K_MAX_M_PACKED), every layout
+    small_m = (lowering == "cpu" and rows is not None
+               and 0 < rows <= (CPU_SPLIT_K_MAX_M_PACKED if packed else CPU_SPLIT_K_MAX_M))
     # GSPMD partitions a K-split per-channel weight's split-K pieces badly (it moves int8 pieces between
     # devices) and the two nibble dots into two all-reduces; the weight-as-LHS dot partitions cleanly
     split = block_size == PER_CHANNEL and lowering == "cpu" and (small_m or packed) and _is_split(w)
@@ -264,7 +258,7 @@ def quantized_matmul_xla(
             out = out - x_values.sum(dim=-1, keepdim=True) * zp
     elif spec.by_rows:  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
         s = spec.num_blocks
-        if few_rows:
+        if small_m:
             acc = _split_k_products(w, x_values, packed, cdt, rows, groups=s) * scale  # [M, N, S]
             if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
                 acc = acc - x_values.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
