@@ -27,7 +27,7 @@ test: setup
 bench: setup
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	mkdir -p benchmarks/results
-	$(PY) benchmarks/bench_matmul.py --m 1 4 16 64 256 --shapes 4096x4096 4096x11008 --json benchmarks/results/matmul.json
+	$(PY) benchmarks/bench_matmul.py --m 1 4 16 32 64 256 --shapes 4096x4096 4096x11008 --json benchmarks/results/matmul.json
 	$(PY) benchmarks/bench_decoder.py --json benchmarks/results/decoder.json
 	$(PY) benchmarks/plot.py benchmarks/results/matmul.json docs/benchmarks.png
 
