@@ -119,6 +119,13 @@ def mesh_axis_size(mesh, axis: str) -> int:
     return int(shape[list(names).index(axis)])
 
 
+def xla_device() -> torch.device:
+    """The XLA device SPMD places tensors on (torch_xla is imported here, not by the callers)."""
+    import torch_xla
+
+    return torch_xla.device()
+
+
 def local_shard_indices(shape, dtype: torch.dtype, mesh, spec: tuple) -> tuple[torch.Tensor, list[tuple]]:
     """An uninitialized tensor on the XLA devices split by ``spec``, and the index (a tuple of slices into
     the full tensor) each local device holds, in the order :func:`load_local_shards` takes them."""
@@ -200,4 +207,4 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
 
 
 __all__ = ["ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
-           "local_shard_indices", "place_sharded", "resolve_plan", "shard_model"]
+           "local_shard_indices", "place_sharded", "resolve_plan", "shard_model", "xla_device"]

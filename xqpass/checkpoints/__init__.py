@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, resolve_plan
+from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, resolve_plan, xla_device
 from . import awq, compressed_tensors, gptq
 from .split import build_module, load_split_layer
 
@@ -103,9 +103,9 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
 
     With ``mesh`` and ``plan`` (torch_xla SPMD; see :func:`xqpass.shard_model` for the plan), the linears
     the plan names are split over ``mesh``'s ``axis`` as they load: each local device's slice is read
-    and converted on its own (:mod:`.split`), so no host reads or holds a whole split layer (except a
-    GPTQ act-order layer split by rows, whose groups span all of K). Everything else is placed on the
-    XLA device, replicated."""
+    and converted on its own (:mod:`.split`), so a host reads only the slices its own devices hold,
+    never a whole stored tensor (except where a slice would cut a packed word, and GPTQ act-order split
+    by rows, whose groups span all of K). Everything else is placed on the XLA device, replicated."""
     if (mesh is None) != (plan is None):
         raise ValueError("load_quantized_checkpoint: mesh and plan go together (both or neither)")
     config_path = os.path.join(path, "config.json")
@@ -153,9 +153,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
             if converted["perm"] is not None:
                 q.set_input_permutation(converted["perm"])
             if mesh is not None:  # replicated on every device
-                import torch_xla
-
-                q = q.to(torch_xla.device())
+                q = q.to(xla_device())
         replacements[name] = q
         report.layers.append(LoadedLayer(name, method, converted["bits"], converted["group"] if converted["group"] != -1
                                          else module.in_features,
@@ -193,9 +191,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
         setattr(module, attr, nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
     model.load_state_dict(state, strict=False)
     if mesh is not None:
-        import torch_xla
-
-        model.to(torch_xla.device())  # what is still on the host: replicated
+        model.to(xla_device())  # what is still on the host: replicated
     report.other_tensors = len(state) + len(placed)
     return report
 

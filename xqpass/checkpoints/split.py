@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..nn import XlaQuantizedLinear
-from ..sharding import linear_partition_specs, load_local_shards, local_ranges, local_shard_indices
+from ..sharding import linear_partition_specs, load_local_shards, local_ranges, local_shard_indices, xla_device
 
 
 def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
@@ -57,8 +57,6 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
     ``reader(key, index=None)`` reads a checkpoint tensor (or the slice ``index`` of it). Returns the
     module (buffers on the XLA devices, each local device holding its shard) and the converted
     metadata of the first slice (bits, group, symmetric, perm)."""
-    import torch_xla
-
     k, n = linear.in_features, linear.out_features
     linear_partition_specs(name, linear, style, axis, axis_size)  # divisibility, before reading anything
     full = {"K": k, "N": n}
@@ -100,7 +98,7 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
         # the converted dtypes (a float32 zero point beside float16 scales); the bias: the model's
         dtype = linear.bias.dtype if attr == "bias" else template_source[key].dtype
         if attr not in specs:  # whole on every device (e.g. a per-channel scale of a row split)
-            placed[attr] = template_source[key].to(dtype).to(torch_xla.device())
+            placed[attr] = template_source[key].to(dtype).to(xla_device())
             continue
         target, shard_indices = local_shard_indices(shape_source.shape, dtype, mesh, specs[attr])
         if exact:
@@ -115,5 +113,5 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
         else:
             setattr(module, attr, tensor)
     if template_source["perm"] is not None:
-        module.set_input_permutation(template_source["perm"].to(torch_xla.device()))
+        module.set_input_permutation(template_source["perm"].to(xla_device()))
     return module, template_source
