@@ -170,3 +170,19 @@ def test_user_sharded_dequant_model_keeps_its_shardings_through_the_rewrite(mesh
     assert_weights_stay_put(hlo, DECODER.dim * DECODER.dim)
     # the op's integer weights enter the partitioned program as 1/4 shards
     assert any(f"s8[{DECODER.dim // 4},{DECODER.dim}]" in text for text in hlo)
+
+
+def test_plain_linears_in_the_plan_are_split_too(mesh, compiled_hlo):
+    model = TinyDecoder(DECODER)  # float nn.Linear layers only
+    x = torch.randn(1, 8, DECODER.dim)  # activations smaller than a weight shard: anything that big is a weight
+    with torch.no_grad():
+        expected = model(x)
+    model.to(torch_xla.device())
+    report = shard_model(model, mesh, LLAMA_PLAN)
+    assert len(report.layers) == 14
+    assert local_shapes(model.layers[0].up_proj.weight) == [(DECODER.hidden // 4, DECODER.dim)] * 4
+    assert local_shapes(model.layers[0].down_proj.weight) == [(DECODER.dim, DECODER.hidden // 4)] * 4
+    with torch.no_grad():
+        out = torch.compile(model, backend="openxla")(x.to(torch_xla.device())).cpu()
+    assert relative_error(out, expected) < 1e-4
+    assert_weights_stay_put(compiled_hlo(), DECODER.dim * DECODER.dim, all_reduces=2 * DECODER.layers)
