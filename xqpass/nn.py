@@ -25,7 +25,8 @@ class XlaQuantizedLinear(nn.Module):
     * ``bias`` (optional ``[N]`` float parameter).
 
     The constructor's first six parameters are the seed's (``torch_xla``'s ``XlaQuantizedLinear``),
-    including its default ``is_symmetric=False``. Build one from a float layer with :meth:`from_float`,
+    including its default ``is_symmetric=False``; ``device`` places the (zero) buffers, as ``nn.Linear``'s
+    does (``"meta"``: none allocated, for filling with :meth:`load_quantized_weight`). Build one from a float layer with :meth:`from_float`,
     or fill it with :meth:`load_quantized_weight` as with the seed.
     """
 
@@ -43,6 +44,7 @@ class XlaQuantizedLinear(nn.Module):
         weight_dtype: torch.dtype | None = None,
         scale_dtype: torch.dtype = torch.float32,
         block_layout: str = "seed",
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         if block_layout not in ("seed", "rows"):
@@ -69,13 +71,13 @@ class XlaQuantizedLinear(nn.Module):
             s_shape = (input_dim // block_size, output_dim)
         if weight_dtype is None:
             weight_dtype = torch.int8 if is_symmetric else torch.uint8
-        self.register_buffer("weight", torch.zeros(w_shape, dtype=weight_dtype))
-        self.register_buffer("weight_scaler", torch.zeros(s_shape, dtype=scale_dtype))
+        self.register_buffer("weight", torch.zeros(w_shape, dtype=weight_dtype, device=device))
+        self.register_buffer("weight_scaler", torch.zeros(s_shape, dtype=scale_dtype, device=device))
         if is_symmetric:
             self.zero_point = None
         else:
-            self.register_buffer("zero_point", torch.zeros(s_shape, dtype=scale_dtype))
-        self.bias = nn.Parameter(torch.zeros(output_dim, dtype=scale_dtype)) if bias else None
+            self.register_buffer("zero_point", torch.zeros(s_shape, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(output_dim, dtype=scale_dtype, device=device)) if bias else None
         # act-order checkpoints (GPTQ desc_act): K was permuted at load so groups are contiguous; the
         # activation's last dim is permuted the same way on every call
         self.register_buffer("input_perm", None)

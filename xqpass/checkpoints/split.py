@@ -37,14 +37,13 @@ def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
 def build_module(converted: dict, in_features: int, out_features: int, bias: bool, device=None) -> XlaQuantizedLinear:
     """An ``XlaQuantizedLinear`` for a converted layer; on ``device="meta"`` it holds no bytes (a
     template for partition specs and buffer shapes)."""
-    with torch.device(device or "cpu"):
-        return XlaQuantizedLinear(
-            in_features, out_features, is_symmetric=converted["zero_point"] is None,
-            block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
-            quantize_activation=converted.get("quantize_activation", False),
-            bias=bias, weight_dtype=converted["weight"].dtype, scale_dtype=converted["scale"].dtype,
-            block_layout="rows",
-        )
+    return XlaQuantizedLinear(
+        in_features, out_features, is_symmetric=converted["zero_point"] is None,
+        block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
+        quantize_activation=converted.get("quantize_activation", False),
+        bias=bias, weight_dtype=converted["weight"].dtype, scale_dtype=converted["scale"].dtype,
+        block_layout="rows", device=device,
+    )
 
 
 _BUFFERS = {"weight": "weight", "weight_scaler": "scale", "zero_point": "zero_point", "bias": "bias"}
