@@ -29,8 +29,9 @@ from torch import nn
 from .nn import XlaQuantizedLinear
 from .quant.layouts import SPLIT_STYLES, row_split_unit, tensor_parallel_dims
 
-#: module attribute -> key of :func:`tensor_parallel_dims`
-_QUANTIZED_TENSORS = {"weight": "weight", "weight_scaler": "scale", "zero_point": "zero_point", "bias": "bias"}
+#: an XlaQuantizedLinear's tensors: module attribute -> the op's name for it (the keys of
+#: :func:`tensor_parallel_dims` and of the checkpoint converters' output)
+QUANTIZED_LINEAR_TENSORS = {"weight": "weight", "weight_scaler": "scale", "zero_point": "zero_point", "bias": "bias"}
 
 
 @dataclass
@@ -83,7 +84,7 @@ def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, 
     if isinstance(module, XlaQuantizedLinear):
         dims = tensor_parallel_dims(style, module.block_size, module.block_layout == "rows" and module.weight.dim() == 2)
         unit = row_split_unit(module.block_size, module.packed) if style == "row" else 1
-        attrs = _QUANTIZED_TENSORS
+        attrs = QUANTIZED_LINEAR_TENSORS
     elif isinstance(module, nn.Linear):
         dims = {"weight": 0 if style == "column" else 1, "bias": 0 if style == "column" else None}
         unit, attrs = 1, {"weight": "weight", "bias": "bias"}

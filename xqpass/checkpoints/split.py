@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..nn import XlaQuantizedLinear
-from ..sharding import linear_partition_specs, load_local_shards, local_ranges, local_shard_indices, xla_device
+from ..sharding import (QUANTIZED_LINEAR_TENSORS, linear_partition_specs, load_local_shards, local_ranges,
+                        local_shard_indices, xla_device)
 
 
 def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
@@ -46,9 +47,6 @@ def build_module(converted: dict, in_features: int, out_features: int, bias: boo
     )
 
 
-_BUFFERS = {"weight": "weight", "weight_scaler": "scale", "zero_point": "zero_point", "bias": "bias"}
-
-
 def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfig: dict, style: str, mesh,
                      axis: str, axis_size: int) -> tuple[XlaQuantizedLinear, dict]:
     """One quantized layer, split ``style``-parallel over ``mesh``'s ``axis`` as it loads.
@@ -73,15 +71,16 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
 
     local = []
     if exact:  # each device's slice, read and converted on its own
+        shape_tensors = {}  # tensors holding the layer's shape: checked whole once, each slice gets its own
+        for s in suffixes:
+            if axes.get(s) == "shape":
+                shape_tensors[s] = reader(f"{name}.{s}")
+                if shape_tensors[s].tolist() != [n, k]:
+                    raise ValueError(f"{name}.{s}: expected [{n}, {k}], got {shape_tensors[s].tolist()}")
         for (start, stop), index in zip(ranges, indices):
             tensors = {s: reader(f"{name}.{s}", index[s]) for s in index}
             shape = {"K": k, "N": n, split_axis: stop - start}
-            for s in suffixes:
-                if axes.get(s) == "shape":  # checked whole, then the slice's own
-                    whole = reader(f"{name}.{s}")
-                    if whole.tolist() != [n, k]:
-                        raise ValueError(f"{name}.{s}: expected [{n}, {k}], got {whole.tolist()}")
-                    tensors[s] = torch.tensor([shape["N"], shape["K"]], dtype=whole.dtype)
+            tensors.update({s: torch.tensor([shape["N"], shape["K"]], dtype=t.dtype) for s, t in shape_tensors.items()})
             local.append(convert(tensors, shape["K"], shape["N"], start if split_axis == "K" else 0))
         template_source = local[0]
     else:  # the whole layer on the host, then sliced after conversion
@@ -90,7 +89,7 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
     specs = linear_partition_specs(name, template, style, axis, axis_size)
 
     placed = {}
-    for attr, key in _BUFFERS.items():
+    for attr, key in QUANTIZED_LINEAR_TENSORS.items():
         shape_source = getattr(template, attr, None)
         if shape_source is None:
             continue
@@ -105,12 +104,8 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
         else:
             shards = [template_source[key][index] for index in shard_indices]
         placed[attr] = load_local_shards(target, shard_indices, shards)
-    module = template  # every tensor it holds on "meta" is replaced by its placed twin
-    for attr, tensor in placed.items():
-        if attr == "bias":
-            module.bias = nn.Parameter(tensor, requires_grad=False)
-        else:
-            setattr(module, attr, tensor)
+    for attr, tensor in placed.items():  # every tensor the template holds on "meta" gets its placed twin
+        setattr(template, attr, nn.Parameter(tensor, requires_grad=False) if attr == "bias" else tensor)
     if template_source["perm"] is not None:
-        module.set_input_permutation(template_source["perm"].to(xla_device()))
-    return module, template_source
+        template.set_input_permutation(template_source["perm"].to(xla_device()))
+    return template, template_source
