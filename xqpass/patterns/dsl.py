@@ -476,18 +476,28 @@ class Sub(_WeightOp):
     kind = "sub"
 
 
+def _pt2e_dequantize_inputs(ctx, node, layout, kind: str):
+    """The inputs of a PT2E ``quantized_decomposed`` dequantize of ``kind`` at ``node`` whose weight is a
+    2-D int8/uint8 tensor, or None (a reason is recorded when the weight is not)."""
+    canon = canonical(node)
+    if canon is None or canon.kind != kind:
+        return None
+    w = canon.inputs[0]
+    if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
+        ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
+        return None
+    return canon.inputs
+
+
 @dataclass
 class DequantizePerChannel(Pattern):
     """PT2E ``quantized_decomposed.dequantize_per_channel(w, scales, zero_points, axis, ...)`` along N."""
 
     def here(self, ctx, node, layout, st):
-        canon = canonical(node)
-        if canon is None or canon.kind != "dequantize_per_channel":
+        inputs = _pt2e_dequantize_inputs(ctx, node, layout, "dequantize_per_channel")
+        if inputs is None:
             return
-        w, scales, zps, axis = canon.inputs
-        if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
-            ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
-            return
+        w, scales, zps, axis = inputs
         if layout[_axis(layout, axis)] != "N":
             ctx.fail(f"{node.name}: PT2E channel axis {axis} is not the output axis of the weight")
             return
@@ -502,13 +512,10 @@ class DequantizePerTensor(Pattern):
     """PT2E ``quantized_decomposed.dequantize_per_tensor(w, scale, zero_point, ...)``."""
 
     def here(self, ctx, node, layout, st):
-        canon = canonical(node)
-        if canon is None or canon.kind != "dequantize_per_tensor":
+        inputs = _pt2e_dequantize_inputs(ctx, node, layout, "dequantize_per_tensor")
+        if inputs is None:
             return
-        w, scale, zp = canon.inputs
-        if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
-            ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
-            return
+        w, scale, zp = inputs
         gran = ("tensor", ())
         yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scale, scale_gran=gran, scale_layout=layout,
                        zero=zp, zero_gran=gran, zero_layout=layout, zero_kind="int")
