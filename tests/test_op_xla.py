@@ -246,6 +246,10 @@ SPLIT_K_FORMATS = [
     xst.WeightFormat(8, -1, True, False, True),
     xst.WeightFormat(8, 128, False, False, False, by_rows=True),
     xst.WeightFormat(4, 64, True, True, False, by_rows=True),
+    # packed groups of 16, 64 and 96 bytes: one piece, two of 32, three of 32
+    xst.WeightFormat(4, 32, True, True, False, by_rows=True),
+    xst.WeightFormat(4, 128, False, True, False, by_rows=True),
+    xst.WeightFormat(4, 192, True, True, False, by_rows=True),
 ]
 
 

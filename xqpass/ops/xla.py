@@ -125,11 +125,13 @@ def _split_factor(length: int, rows: int) -> int:
 #: of, measured through the op on XLA:CPU (docs/benchmarks.md, "choosing r"), the same for 1 to 64 rows:
 #: a long per-channel row: up to 128 pieces of a multiple of 8 (4096: 128 x 32, 11008: 86 x 128; more
 #: than 128 terms, or pieces of 86, are 4-10x slower); an int8 group: up to 16 pieces of a multiple of 8
-#: (pieces of 4 are 1.3-5x slower); packed int4: 2 pieces (each piece is two terms, low and high
-#: nibbles; more are 1.5-8x slower).
+#: (pieces of 4 are 1.3-5x slower); packed int4: pieces of 16 to 32 bytes, 2 where that allows (each
+#: piece is two terms, low and high nibbles; session 3, with the nibbles taken in 32-bit lanes: 32-byte
+#: groups (g64) 2 pieces of 16, 64-byte groups 2 of 32; a 16-byte group (g32) in one piece is 1.2x faster
+#: than in two of 8, and pieces of 64 bytes are 7-8x slower than pieces of 32).
 SPLIT_ROW_MAX_PIECES, SPLIT_ROW_PIECE_MULTIPLE = 128, 8
 SPLIT_GROUP_MAX_PIECES, SPLIT_GROUP_PIECE_MULTIPLE = 16, 8
-SPLIT_PACKED_PIECES = 2
+SPLIT_PACKED_PIECES, SPLIT_PACKED_MIN_PIECE, SPLIT_PACKED_MAX_PIECE, SPLIT_PACKED_MAX_PIECES = 2, 16, 32, 8
 #: A per-channel row is cut into virtual groups of this many values (packed: bytes), each group cut into
 #: pieces as a real group is, the groups summed after by a dot with ones (4096 x 4096, M=1 / 16: 1.5 / 22
 #: ms against 1.3 / 24 for the best plain cut; 4096 x 11008: 3.1 / 48 against 5 / 83)
@@ -140,6 +142,13 @@ SPLIT_PACKED_GROUP_BYTES = 64
 def _row_split_factor(length: int, packed: bool, grouped: bool) -> int:
     """Pieces to cut a reduction of ``length`` stored elements (bytes when packed) into."""
     if packed:
+        if length % SPLIT_PACKED_PIECES == 0 and SPLIT_PACKED_MIN_PIECE <= length // SPLIT_PACKED_PIECES <= SPLIT_PACKED_MAX_PIECE:
+            return SPLIT_PACKED_PIECES
+        if length <= SPLIT_PACKED_MAX_PIECE:
+            return 1
+        for r in range(SPLIT_PACKED_PIECES + 1, SPLIT_PACKED_MAX_PIECES + 1):  # long groups: pieces of <= 32 bytes
+            if length % r == 0 and length // r <= SPLIT_PACKED_MAX_PIECE:
+                return r
         return SPLIT_PACKED_PIECES if length % SPLIT_PACKED_PIECES == 0 else 1
     most, multiple = ((SPLIT_GROUP_MAX_PIECES, SPLIT_GROUP_PIECE_MULTIPLE) if grouped
                       else (SPLIT_ROW_MAX_PIECES, SPLIT_ROW_PIECE_MULTIPLE))
@@ -156,7 +165,11 @@ def _sum_of_pieces(w: torch.Tensor, x: torch.Tensor, dim: int, r: int, piece: in
     for j in range(r):
         byte = _slice(w, dim, j * piece, (j + 1) * piece)
         if packed:
-            low, high = _nibbles(byte)
+            if byte.dtype == torch.uint8:  # unsigned nibbles taken in 32-bit lanes: XLA:CPU's vector code
+                byte = byte.to(torch.int32)  # has no 8-bit shift (10-20% faster at 1-16 rows, measured)
+                low, high = byte & 15, byte >> 4
+            else:
+                low, high = _nibbles(byte)
             start = 2 * j * piece
             term = (low.to(dtype) * _slice(x, dim, start, start + 2 * piece, 2)
                     + high.to(dtype) * _slice(x, dim, start + 1, start + 2 * piece, 2))
