@@ -201,7 +201,7 @@ LARGE_M_FORMATS = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("fmt", LARGE_M_FORMATS, ids=lambda f: f.name)
 def test_large_m_forms_match_the_oracle(fmt, dtype, xla_device):
-    """XLA:CPU switches formulation at CPU_LARGE_M rows (16-bit dots, dequantize-then-dot): same numerics."""
+    """XLA:CPU switches formulation at CPU_LARGE_M rows (dequantize-then-dot for blockwise weights): same numerics."""
     from xqpass.ops.xla import CPU_LARGE_M
 
     qw = xst.random_quantized_weight(fmt, 40, 96, seed=13)

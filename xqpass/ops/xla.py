@@ -14,14 +14,15 @@ Two formulations, numerically equivalent (tested on XLA:CPU), chosen by device t
   (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), skip the dot: **split-K**, a fused multiply-and-reduce
   of exact float32 products with K cut into groups and each group into ``r`` pieces summed as ``r``
   terms of one loop (per channel: virtual groups of 128 values / 64 packed bytes, summed by a dot with
-  ones). Otherwise the weight is the dot's left operand (``(convert(w) @ x.T).T``, ~5x faster at small
-  M than ``x @ w.T``). Below ``CPU_LARGE_M`` rows that dot is float32 (XLA:CPU's fast matrix-vector
-  dot), blockwise scales come after a dot batched over the blocks, and packed int4 is never
-  interleaved: low nibbles (even k) and high nibbles (odd k) meet ``x[..., 0::2]`` and ``x[..., 1::2]``
-  in two half-size dots. From ``CPU_LARGE_M`` rows on, 16-bit activations take the 16-bit dot with a
-  16-bit result (XLA:CPU's fast matrix-matrix dot: two roundings to the activation dtype instead of
-  one), W8A8 included (its int8 values are exact in 16 bits; the integer dot is slow there), and
-  blockwise weights are dequantized before one dot.
+  ones), the activation computed once before it (:func:`_computed_once`). Otherwise a float32 dot
+  with the weight as the left operand (``convert(w) @ x.T``, ``[N, M]``; ~5x faster at small M than
+  ``x @ w.T``), the epilogue in that orientation and the transpose last (XLA:CPU runs 16-bit dots as
+  float32 dots, and folds a transpose that directly follows the dot into a slower dot). Packed int4
+  per channel is never interleaved: low nibbles (even k) and high nibbles (odd k) meet
+  ``x[..., 0::2]`` and ``x[..., 1::2]`` in two half-size dots. Blockwise weights take dots batched
+  over the blocks below ``CPU_LARGE_M`` rows and are dequantized before one dot from there on (by
+  rows: always, outside split-K). W8A8 takes the float32 dot of its int8 values (exact products;
+  XLA:CPU's integer dot is slow).
 
 ``xla_lowering("cpu" | "canonical" | "auto")`` (or ``XQPASS_XLA_LOWERING``) forces one, e.g. to test the
 TPU form on XLA:CPU. Float work accumulates in float32 (float64 for float64 x); the canonical form
@@ -86,8 +87,8 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, w >> 4  # unsigned: logical and arithmetic shifts agree
 
 
-#: XLA:CPU: from this many activation rows on, 16-bit activations take the 16-bit dot (XLA:CPU's fast
-#: one), and blockwise weights are dequantized before a single dot instead of a dot batched over blocks
+#: XLA:CPU: from this many activation rows on, seed-layout blockwise weights are dequantized before a
+#: single dot instead of a dot batched over the blocks
 CPU_LARGE_M = 16
 #: XLA:CPU: up to this many rows (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), weights stored by rows skip
 #: the dot: a fused multiply-and-reduce over K cut into ``r`` pieces (``r`` terms an iteration) runs
@@ -256,27 +257,25 @@ def quantized_matmul_xla(
 
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x2.to(cdt))  # [M, K] int8, [M, 1]
-        x_values = x_q.to(cdt)  # the values the products see, in the compute dtype (split-K, zero points)
-        if large_m and half:  # XLA:CPU's integer dot is slow at large M: the 16-bit dot of the same
-            # integers (exact in bfloat16 / float16) with a 16-bit result, as W8A16 takes there
-            operand, dot_dtype, acc_dtype = x_q.to(x.dtype), x.dtype, x.dtype
-        elif large_m:  # float32 activations: an exact float32 dot of the integers
-            operand, dot_dtype, acc_dtype = x_q.to(cdt), cdt, cdt
-        else:
-            operand, dot_dtype, acc_dtype = x_q, torch.int8, torch.int32
+        x_values = x_q.to(cdt)  # the values the products see, in the compute dtype
     else:
         x_values = x2.to(cdt)
-        if lowering == "canonical" and half:  # 16-bit operands (int8 exact in them), float32 result
-            dot_dtype, acc_dtype = x.dtype, cdt
-        elif large_m and half:  # XLA:CPU: the 16-bit dot with a 16-bit result is the fast one
-            dot_dtype = acc_dtype = x.dtype
-        else:  # XLA:CPU small M (and float32 activations): float32 throughout
-            dot_dtype = acc_dtype = cdt
+    if lowering == "cpu":  # float32 dots (XLA:CPU runs a 16-bit dot as a float32 one anyway), exact integer
+        operand, dot_dtype, acc_dtype = x_values, cdt, cdt  # products for W8A8 (its integer dot is slow here)
+    elif quantize_activation:  # canonical: the integer dot
+        operand, dot_dtype, acc_dtype = x_q, torch.int8, torch.int32
+    else:  # canonical: 16-bit operands (int8 is exact in them) with a float32 result, else float32
+        dot_dtype, acc_dtype = (x.dtype if half else cdt), cdt
         operand = x2.to(dot_dtype)
 
     def weight_as(t):  # the convert sits right at the dot (int8 stays int8 for the integer dot)
         return t if dot_dtype == torch.int8 else t.to(dot_dtype)
 
+    # XLA:CPU dots take the weight as the left operand and give [N, M] ("by_features"); the epilogue
+    # (scales, zero points, bias, the cast) runs in that orientation and the result is transposed last:
+    # transposing the dot's result directly lets XLA fold the transpose into the dot, which then takes
+    # the activation as its left operand, 2x slower at 256 rows (measured)
+    by_features = False
     # split-K (XLA:CPU): up to CPU_SPLIT_K_MAX_M rows (packed: CPU_SPLIT_K_MAX_M_PACKED), every layout
     small_m = (lowering == "cpu" and rows is not None
                and 0 < rows <= (CPU_SPLIT_K_MAX_M_PACKED if packed else CPU_SPLIT_K_MAX_M))
@@ -295,14 +294,21 @@ def quantized_matmul_xla(
         elif lowering == "cpu" and packed and not split:  # even k: low nibbles, odd k: high nibbles
             low, high = _nibbles(w)  # [N, K/2] each
             acc = (_dot(weight_as(low), _slice(operand, 1, 0, k, 2), ([1], [1]), out=acc_dtype)
-                   + _dot(weight_as(high), _slice(operand, 1, 1, k, 2), ([1], [1]), out=acc_dtype)).t()
+                   + _dot(weight_as(high), _slice(operand, 1, 1, k, 2), ([1], [1]), out=acc_dtype))  # [N, M]
+            by_features = True
         elif lowering == "cpu":  # weight as the left operand: [N, K] . [M, K] -> [N, M]
-            acc = _dot(weight_as(unpacked_weight(w, packed)), operand, ([1], [1]), out=acc_dtype).t()
+            acc = _dot(weight_as(unpacked_weight(w, packed)), operand, ([1], [1]), out=acc_dtype)
+            by_features = True
         else:
             acc = _dot(operand, weight_as(unpacked_weight(w, packed)), ([1], [1]), out=acc_dtype)  # [M, N]
-        out = acc.to(cdt) * scale
-        if zp is not None:
-            out = out - x_values.sum(dim=-1, keepdim=True) * zp
+        if by_features:
+            out = acc.to(cdt) * scale[:, None]
+            if zp is not None:
+                out = out - zp[:, None] * x_values.sum(dim=-1)[None, :]
+        else:
+            out = acc.to(cdt) * scale
+            if zp is not None:
+                out = out - x_values.sum(dim=-1, keepdim=True) * zp
     elif spec.by_rows:  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
         s = spec.num_blocks
         if small_m:
@@ -310,12 +316,12 @@ def quantized_matmul_xla(
             if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
                 acc = acc - x_values.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
             out = acc.sum(dim=-1)
-        elif lowering == "cpu" and not quantize_activation:  # dequantize, then one dot (weight as LHS)
+        elif lowering == "cpu":  # dequantize, then one dot (weight as LHS) -> [N, M]
             w_deq = unpacked_weight(w, packed).to(cdt).reshape(n, s, block_size) * scale[:, :, None]
             if zp is not None:
                 w_deq = w_deq - zp[:, :, None]
-            out = _dot(w_deq.reshape(n, k).to(dot_dtype), operand, ([1], [1]), out=acc_dtype).t().to(cdt)
-            zp = None  # folded into w_deq
+            out = _dot(w_deq.reshape(n, k), operand, ([1], [1]), out=cdt)
+            by_features = True
         else:  # dots batched over the blocks: [M, S, B] . [N, S, B] -> [S, M, N], block scales after
             w3 = weight_as(unpacked_weight(w, packed)).reshape(n, s, block_size)
             acc = _dot(operand.reshape(-1, s, block_size), w3, ([2], [2]), ([1], [1]), out=acc_dtype)
@@ -323,11 +329,12 @@ def quantized_matmul_xla(
             if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
                 acc = acc - x_values.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp.t()[:, None, :]
             out = acc.sum(dim=0)
-    elif large_m and not quantize_activation:  # XLA:CPU, large M: dequantize, then one dot
+    elif large_m:  # XLA:CPU, large M: dequantize, then one dot -> [N, M]
         w_deq = unpacked_weight(w, packed).to(cdt) * scale[:, None, :]
         if zp is not None:
             w_deq = w_deq - zp[:, None, :]
-        out = _dot(w_deq.reshape(k, n).to(dot_dtype), operand, ([0], [1]), out=acc_dtype).t().to(cdt)
+        out = _dot(w_deq.reshape(k, n), operand, ([0], [1]), out=cdt)
+        by_features = True
     elif small_m and rows == 1:  # multiply-and-reduce along B (N contiguous), block scales after
         acc = _split_k_blockwise(w, operand, packed, cdt, rows, block_size) * scale  # [M, S, N]
         if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
@@ -350,6 +357,12 @@ def quantized_matmul_xla(
         if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
             acc = acc - x_values.reshape(-1, s, block_size).sum(dim=-1).t()[:, :, None] * zp[:, None, :]
         out = acc.sum(dim=0)  # [M, N]
+    if by_features:  # [N, M]: the epilogue in this orientation, the transpose last
+        if quantize_activation:
+            out = out * x_scale.t()
+        if bias is not None:
+            out = out + bias.to(cdt)[:, None]
+        return out.to(x.dtype).t().reshape(*lead, n)
     if quantize_activation:
         out = out * x_scale
     if bias is not None:
