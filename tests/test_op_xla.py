@@ -234,6 +234,21 @@ def test_nan_propagates_on_xla_as_on_cpu(qa, xla_device):
     assert torch.isnan(xla[1]).all() and torch.isfinite(xla[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("fmt", [xst.WeightFormat(8, -1, True, False, False), xst.WeightFormat(4, 32, True, True, False,
+                                                                                        by_rows=True)],
+                         ids=lambda f: f.name)
+def test_infinite_activation_stays_in_its_row(fmt, xla_device):
+    """An infinite activation makes its row non-finite (XLA:CPU's split-K: NaN, docs/ops.md) and leaves
+    the other rows exact."""
+    qw = xst.random_quantized_weight(fmt, 6, 64, seed=15)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    xla = op(x.to(xla_device), **_to(qw.op_kwargs(), xla_device)).cpu()
+    assert not torch.isfinite(xla[1]).any()
+    expected, allowance = oracle(x[[0, 2]], **qw.op_kwargs(), roundings=2)
+    assert_within(xla[[0, 2]], expected, allowance, fmt.name)
+
+
 @pytest.mark.parametrize("split_k", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 32])
 @pytest.mark.parametrize("fmt", LARGE_M_FORMATS, ids=lambda f: f.name)
