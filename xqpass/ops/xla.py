@@ -21,7 +21,7 @@ Two formulations, numerically equivalent (tested on XLA:CPU), chosen by device t
   per channel is never interleaved: low nibbles (even k) and high nibbles (odd k) meet
   ``x[..., 0::2]`` and ``x[..., 1::2]`` in two half-size dots. Blockwise weights take dots batched
   over the blocks below ``CPU_LARGE_M`` rows and are dequantized before one dot from there on (by
-  rows: always, outside split-K). W8A8 takes the float32 dot of its int8 values (exact products;
+  rows: always, outside split-K; packed: two half-size dots, one a nibble). W8A8 takes the float32 dot of its int8 values (exact products;
   XLA:CPU's integer dot is slow).
 
 ``xla_lowering("cpu" | "canonical" | "auto")`` (or ``XQPASS_XLA_LOWERING``) forces one, e.g. to test the
@@ -316,11 +316,18 @@ def quantized_matmul_xla(
             if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
                 acc = acc - x_values.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
             out = acc.sum(dim=-1)
-        elif lowering == "cpu":  # dequantize, then one dot (weight as LHS) -> [N, M]
-            w_deq = unpacked_weight(w, packed).to(cdt).reshape(n, s, block_size) * scale[:, :, None]
-            if zp is not None:
-                w_deq = w_deq - zp[:, :, None]
-            out = _dot(w_deq.reshape(n, k), operand, ([1], [1]), out=cdt)
+        elif lowering == "cpu":  # dequantize, then a dot (weight as LHS) -> [N, M]; packed int4 is never
+            # interleaved: low nibbles (even k) and high nibbles (odd k) dequantized apart, two half-size
+            # dots (a third faster at 17-256 rows than unpacking into one [N, K] weight, measured)
+            parts = _nibbles(w) if packed else (w,)
+            out = None
+            for i, part in enumerate(parts):
+                w_deq = part.to(cdt).reshape(n, s, -1) * scale[:, :, None]
+                if zp is not None:
+                    w_deq = w_deq - zp[:, :, None]
+                x_part = _slice(operand, 1, i, k, 2) if packed else operand
+                dot = _dot(w_deq.reshape(n, -1), x_part, ([1], [1]), out=cdt)
+                out = dot if out is None else out + dot
             by_features = True
         else:  # dots batched over the blocks: [M, S, B] . [N, S, B] -> [S, M, N], block scales after
             w3 = weight_as(unpacked_weight(w, packed)).reshape(n, s, block_size)
