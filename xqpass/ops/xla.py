@@ -316,17 +316,17 @@ def quantized_matmul_xla(
             if zp is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
                 acc = acc - x_values.reshape(-1, 1, s, block_size).sum(dim=-1) * zp
             out = acc.sum(dim=-1)
-        elif lowering == "cpu":  # dequantize, then a dot (weight as LHS) -> [N, M]; packed int4 is never
+        elif lowering == "cpu":  # dequantize, then a dot (weight as LHS) -> [N, M]; packed int4 is not
             # interleaved: low nibbles (even k) and high nibbles (odd k) dequantized apart, two half-size
-            # dots (a third faster at 17-256 rows than unpacking into one [N, K] weight, measured)
-            parts = _nibbles(w) if packed else (w,)
+            # dots (a third faster at 17-256 rows than unpacking into one [N, K] weight, measured), unless
+            # GSPMD splits the weight: it would all-reduce each half-size dot (and reshard x's strided halves)
+            halves = packed and not _is_split(w)
             out = None
-            for i, part in enumerate(parts):
+            for i, part in enumerate(_nibbles(w) if halves else (unpacked_weight(w, packed),)):
                 w_deq = part.to(cdt).reshape(n, s, -1) * scale[:, :, None]
                 if zp is not None:
                     w_deq = w_deq - zp[:, :, None]
-                x_part = _slice(operand, 1, i, k, 2) if packed else operand
-                dot = _dot(w_deq.reshape(n, -1), x_part, ([1], [1]), out=cdt)
+                dot = _dot(w_deq.reshape(n, -1), _slice(operand, 1, i, k, 2) if halves else operand, ([1], [1]), out=cdt)
                 out = dot if out is None else out + dot
             by_features = True
         else:  # dots batched over the blocks: [M, S, B] . [N, S, B] -> [S, M, N], block scales after
