@@ -1,0 +1,125 @@
+"""A/B the XLA:CPU lowering's tuning constants: the op under several settings of ``xqpass.ops.xla``'s
+module-level constants, side by side in one process, each variant checked against the CPU reference.
+
+The split-K cuts, thresholds and switches in ``xqpass/ops/xla.py`` were chosen by measurement on this
+project's machine; this script re-measures them on yours. Each ``--set NAME=v1,v2`` multiplies the
+variants; a variant's constants are in force while its graph is traced (the first call), so every
+variant gets its own compiled function (two variants sharing one ``torch.compile``d function would share
+Dynamo's cache and silently time the same graph).
+
+    python benchmarks/bench_lowering.py --formats w4g64 w8 --m 1 16 \
+        --set SPLIT_PACKED_MAX_PIECE=16,32 --set CPU_SPLIT_K_MAX_M_PACKED=16,32
+
+Formats: w8 (int8 per channel), w8a8, w8g128 (int8 groups of 128 by rows), w4 (packed int4 per channel),
+w4g32 / w4g64 / w4g128 (packed int4 groups by rows), u4g32 (unsigned packed int4, groups of 32, float
+zero points). Activations bfloat16; milliseconds, median of ``--runs`` calls in each of two passes, the
+fastest call in parentheses, every call waited for (``out.cpu()``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import sys
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+import torch  # noqa: E402
+
+import xqpass  # noqa: E402,F401
+from xqpass.ops import xla as lowering  # noqa: E402
+from xqpass.testing.strategies import WeightFormat, random_quantized_weight  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_matmul import bench_paths  # noqa: E402
+
+FORMATS = {
+    "w8": WeightFormat(8, -1, True, False, False),
+    "w8a8": WeightFormat(8, -1, True, False, True),
+    "w8g128": WeightFormat(8, 128, True, False, False, by_rows=True),
+    "w4": WeightFormat(4, -1, True, True, False),
+    "w4g32": WeightFormat(4, 32, True, True, False, by_rows=True),
+    "w4g64": WeightFormat(4, 64, True, True, False, by_rows=True),
+    "w4g128": WeightFormat(4, 128, True, True, False, by_rows=True),
+    "u4g32": WeightFormat(4, 32, False, True, False, by_rows=True),
+}
+
+
+def parse_settings(items: list[str]) -> list[dict]:
+    """``["A=1,2", "B=true"]`` -> every combination, e.g. ``[{"A": 1, "B": True}, {"A": 2, "B": True}]``."""
+    axes = []
+    for item in items:
+        name, _, values = item.partition("=")
+        if not hasattr(lowering, name):
+            raise ValueError(f"--set {item}: xqpass.ops.xla has no constant {name!r}")
+        current = getattr(lowering, name)
+        parsed = [(v.lower() == "true") if isinstance(current, bool) else type(current)(v) for v in values.split(",")]
+        axes.append([(name, v) for v in parsed])
+    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+@contextlib.contextmanager
+def constants(settings: dict):
+    saved = {name: getattr(lowering, name) for name in settings}
+    for name, value in settings.items():
+        setattr(lowering, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(lowering, name, value)
+
+
+def compiled_op(tag: str, kwargs: dict):
+    """A fresh function (own code object, own Dynamo cache entry) calling the op, compiled for openxla."""
+    namespace = {"torch": torch, "kw": kwargs}
+    exec(f"def op_{tag}(x, w, scale, zero_point):\n"
+         f"    return torch.ops.xq.quantized_matmul(x, w, scale, zero_point, **kw)", namespace)
+    return torch.compile(namespace[f"op_{tag}"], backend="openxla", dynamic=False)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", nargs="+", default=["w8", "w4g64"], choices=sorted(FORMATS))
+    p.add_argument("--m", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--shape", default="4096x4096", help="NxK")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2", help="a constant of xqpass/ops/xla.py")
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args(argv)
+    import torch_xla
+
+    torch._dynamo.config.cache_size_limit = 1024
+    torch._dynamo.config.recompile_limit = 1024
+    dev = torch_xla.device()
+    n, k = (int(v) for v in args.shape.split("x"))
+    variants = parse_settings(args.set)
+    with lowering.xla_lowering("cpu"):
+        for fmt_name in args.formats:
+            fmt = FORMATS[fmt_name]
+            qw = random_quantized_weight(fmt, n, k, seed=0)
+            kw = qw.op_kwargs()
+            block, int4, packed = kw.pop("block_size"), kw.pop("int4_weight"), kw.pop("packed")
+            op_kw = dict(block_size=block, int4_weight=int4, quantize_activation=fmt.quantize_activation, packed=packed)
+            dev_args = [kw["w"].to(dev), kw["scale"].to(dev), None if kw.get("zero_point") is None else kw["zero_point"].to(dev)]
+            for m in args.m:
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+                reference = torch.ops.xq.quantized_matmul(x, kw["w"], kw["scale"], kw.get("zero_point"), **op_kw).double()
+                paths, errors = {}, {}
+                for i, settings in enumerate(variants):
+                    label = ", ".join(f"{a}={b}" for a, b in settings.items()) or "as is"
+                    fn = compiled_op(f"{fmt_name}_{m}_{i}", op_kw)
+                    with constants(settings):  # traced (and compiled) under these constants
+                        out = fn(x.to(dev), *dev_args).cpu().double()
+                    errors[label] = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
+                    paths[label] = (fn, (x.to(dev), *dev_args))
+                medians, fastest = bench_paths(paths, args.runs)
+                print(f"{fmt_name} {fmt.name}, {n}x{k}, M={m}")
+                for label in paths:
+                    print(f"  {label:48s} {medians[label]:9.3f} ({fastest[label]:.3f}) ms   "
+                          f"vs CPU reference {errors[label]:.1e}")
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
