@@ -91,9 +91,10 @@ def _nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #: single dot instead of a dot batched over the blocks
 CPU_LARGE_M = 16
 #: XLA:CPU: up to this many rows (packed int4: ``CPU_SPLIT_K_MAX_M_PACKED``), weights stored by rows skip
-#: the dot: a fused multiply-and-reduce over K cut into ``r`` pieces (``r`` terms an iteration) runs
-#: 1.2-10x faster than any dot here (measured at 1-64 rows, docs/benchmarks.md), for every weight size:
-#: a decode step of a whole decoder is 4-10x faster than with the dot at d=1024 and 2048
+#: the dot: a fused multiply-and-reduce over K cut into ``r`` pieces (``r`` terms an iteration). It ran
+#: 1.2-10x faster than the dot forms of sessions 1-2; since session 3's dot (weight as LHS, epilogue
+#: before the transpose) the two are within the noise of each other at 1-32 rows, single linears and
+#: whole decode steps alike (docs/benchmarks.md; re-measure with benchmarks/bench_lowering.py)
 CPU_SPLIT_K_MAX_M = 32
 CPU_SPLIT_K_MAX_M_PACKED = 16
 
