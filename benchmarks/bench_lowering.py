@@ -12,7 +12,7 @@ Dynamo's cache and silently time the same graph).
 
 Formats: w8 (int8 per channel), w8a8, w8g128 (int8 groups of 128 by rows), w4 (packed int4 per channel),
 w4g32 / w4g64 / w4g128 (packed int4 groups by rows), u4g32 (unsigned packed int4, groups of 32, float
-zero points). Activations bfloat16; milliseconds, median of ``--runs`` calls in each of two passes, the
+zero points), w4s128 / u4s128 (packed int4 in the seed's blockwise [K/B, B/2, N] layout). Activations bfloat16; milliseconds, median of ``--runs`` calls in each of two passes, the
 fastest call in parentheses, every call waited for (``out.cpu()``).
 """
 from __future__ import annotations
@@ -43,6 +43,8 @@ FORMATS = {
     "w4g64": WeightFormat(4, 64, True, True, False, by_rows=True),
     "w4g128": WeightFormat(4, 128, True, True, False, by_rows=True),
     "u4g32": WeightFormat(4, 32, False, True, False, by_rows=True),
+    "w4s128": WeightFormat(4, 128, True, True, False),
+    "u4s128": WeightFormat(4, 128, False, True, False),
 }
 
 
