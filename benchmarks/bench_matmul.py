@@ -37,11 +37,6 @@ W4G64 = DequantSpec(weight_form="scale", bits=4, group=64, signed=True)
 W8A8 = DequantSpec(product_form="w8a8_matmul")
 
 
-def bench(fn, *args, runs: int = 7) -> float:
-    """Median ms of ``fn(*args).cpu()``; every call waited for."""
-    return bench_paths({"": (fn, args)}, runs, passes=1)[0][""]
-
-
 def bench_paths(paths: dict, runs: int = 7, passes: int = 2) -> tuple[dict, dict]:
     """``{name: (fn, args)}`` -> ``({name: median ms}, {name: fastest ms})`` of ``fn(*args).cpu()``, every
     call waited for (sub-millisecond calls here switch between two speeds ~1.6x apart in bursts; the
