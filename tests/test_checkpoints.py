@@ -254,3 +254,161 @@ def test_any_shape_group_symmetry_and_act_order_loads_exactly(fmt, n, groups, gr
         out = model(x)
     expected = x.double() @ torch.from_numpy(oracle["proj"]).t() + float_model.proj.bias.double()
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4), (out.double() - expected).abs().max()
+
+
+def _edit_config(path, **changes):
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        config = json.load(f)
+    config["quantization_config"].update(changes)
+    with open(file, "w") as f:
+        json.dump(config, f)
+
+
+def _retype(path, key, dtype):
+    """The checkpoint's tensor ``key`` stored as ``dtype`` (values cast, shape kept)."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, file)
+
+
+def _load_refused(model, path, error, message):
+    before = _snapshot(model)
+    with pytest.raises(error, match=message):
+        load_quantized_checkpoint(model, path)
+    after = _snapshot(model)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+
+
+WRITE = {"gptq": lambda path, model: write_checkpoint(path, model, 4, 16),
+         "awq": lambda path, model: write_awq_checkpoint(path, model, 16),
+         "ct": lambda path, model: write_ct_checkpoint(path, model, 4, "group", 16, False),
+         "ct-w8a8": lambda path, model: write_ct_checkpoint(path, model, 8, "group", 16, False, fmt="int-quantized")}
+
+
+@pytest.mark.parametrize("fmt, key, dtype", [
+    ("gptq", "proj.qweight", torch.float32), ("gptq", "proj.qweight", torch.int64), ("gptq", "mlp.qzeros", torch.float32),
+    ("gptq", "proj.scales", torch.int32), ("gptq", "proj.g_idx", torch.float32), ("gptq", "proj.bias", torch.int32),
+    ("awq", "proj.qweight", torch.float32), ("awq", "mlp.qweight", torch.int64), ("awq", "proj.scales", torch.int32),
+    ("ct", "proj.weight_packed", torch.float32), ("ct", "proj.weight_packed", torch.int64),
+    ("ct", "proj.weight_zero_point", torch.float32), ("ct", "mlp.weight_scale", torch.int32),
+    ("ct", "proj.weight_shape", torch.float32),
+    ("ct-w8a8", "proj.weight", torch.int32), ("ct-w8a8", "proj.weight", torch.float32),
+    ("ct-w8a8", "mlp.weight_zero_point", torch.float32),
+    ("gptq", "norm.weight", torch.int64), ("ct", "head.bias", torch.int32),  # float tensors outside the layers
+])
+def test_a_tensor_of_the_wrong_dtype_is_a_type_error_naming_it(tmp_path, fmt, key, dtype):
+    path = str(tmp_path)
+    model = Toy().eval()
+    WRITE[fmt](path, model)
+    _retype(path, key, dtype)
+    _load_refused(model, path, TypeError, rf"{key}: .*{str(dtype).removeprefix('torch.')}")
+
+
+@pytest.mark.parametrize("fmt, key, dtype", [
+    ("gptq", "scales", torch.float32), ("gptq", "g_idx", torch.int64), ("awq", "scales", torch.float32),
+    ("ct", "weight_shape", torch.int32),
+])
+def test_every_dtype_a_format_allows_loads_exactly(tmp_path, fmt, key, dtype):
+    """Other dtypes the layouts allow load (casts that keep every value: the oracle stays exact)."""
+    path = str(tmp_path)
+    torch.manual_seed(5)
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = WRITE[fmt](path, reference)
+    _retype(path, f"proj.{key}", dtype)
+    load_quantized_checkpoint(model, path)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = model(x)
+    exact = expected_output(reference, oracle, x)
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", r"model.safetensors.index.json: not a readable JSON index"),
+    ('{"metadata": {}}', r"model.safetensors.index.json: expected an object with a 'weight_map'"),
+    ('{"weight_map": ["a"]}', r"model.safetensors.index.json: 'weight_map' must map tensor names"),
+    ('{"weight_map": {"proj.qweight": "model-00009-of-00009.safetensors"}}', r"model-00009-of-00009.safetensors: .*no such file"),
+])
+def test_a_bad_index_file_is_a_value_error_naming_it(tmp_path, index, message):
+    path = str(tmp_path)
+    model = Toy().eval()
+    write_checkpoint(path, model, 4, 16, shards=2)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        f.write(index)
+    _load_refused(model, path, ValueError, message)
+
+
+@pytest.mark.parametrize("fmt, changes, message", [
+    ("gptq", {"checkpoint_format": "marlin"}, r"GPTQ checkpoint_format='marlin' is not supported \(known: 'gptq', 'gptq_v2'\)"),
+    ("gptq", {"bits": 3}, r"GPTQ bits=3 is not supported \(known: 4, 8\)"),
+    ("gptq", {"sym": "false"}, r"GPTQ sym='false' is not supported \(known: True, False\)"),
+    ("gptq", {"group_size": "16"}, r"group_size must be an integer, got '16'"),
+    ("awq", {"version": "gemv"}, r"AWQ version='gemv' is not supported \(known: 'gemm'\)"),
+    ("awq", {"backend": "llm-awq"}, r"AWQ backend='llm-awq' is not supported \(known: 'autoawq'\)"),
+    ("awq", {"zero_point": False}, r"AWQ zero_point=False is not supported \(known: True\): symmetric AWQ stores no zeros"),
+    ("awq", {"bits": 8}, r"AWQ bits=8 is not supported \(known: 4\)"),
+    ("ct", {"format": "marlin-24"}, r"compressed-tensors format='marlin-24' is not supported"),
+    ("ct", {"weights": {"actorder": "group"}}, r"actorder='group' is not supported \(known: None, 'weight', 'static'\)"),
+    ("ct", {"weights": {"strategy": "tensor"}}, r"strategy='tensor' is not supported \(known: 'group', 'channel'\)"),
+    ("ct", {"weights": {"type": "float"}}, r"type='float' is not supported"),
+    ("ct-w8a8", {"weights": {"num_bits": 4}}, r"num_bits=4 is not supported \(known: 8\)"),
+])
+def test_a_config_value_the_format_does_not_know_is_refused(tmp_path, fmt, changes, message):
+    """Each value a format reads with a default is one it knows; others are errors, never the default."""
+    path = str(tmp_path)
+    model = Toy().eval()
+    WRITE[fmt](path, model)
+    if "weights" in changes:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        config["quantization_config"]["config_groups"]["group_0"]["weights"].update(changes["weights"])
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    else:
+        _edit_config(path, **changes)
+    _load_refused(model, path, ValueError, message)
+
+
+@pytest.mark.parametrize("bits, v1", [(4, True), (8, False), (4, False)])
+def test_gptq_symmetric_checkpoint_loads_exactly_and_reports_sym(tmp_path, bits, v1):
+    torch.manual_seed(6)
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = write_checkpoint(str(tmp_path), reference, bits, 16, v1=v1, symmetric=True)
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    assert [l.symmetric for l in report.layers] == [True, True] and " sym" in str(report) and "asym" not in str(report)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = model(x)
+    exact = expected_output(reference, oracle, x)
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
+def test_gptq_sym_true_over_other_zeros_is_refused(tmp_path):
+    """sym: true promises zeros at the midpoint; asymmetric zeros under it (or a v1 / v2 mix-up, which
+    moves every zero by one) are an error naming the zeros, never a report that says sym."""
+    path = str(tmp_path)
+    model = Toy().eval()
+    write_checkpoint(path, model, 4, 16)  # random (asymmetric) zeros
+    _edit_config(path, sym=True)
+    _load_refused(model, path, ValueError, r"proj.qzeros: sym: true stores every zero at 8, got zeros \[")
+    write_checkpoint(path, model, 4, 16, v1=True, symmetric=True)
+    _edit_config(path, checkpoint_format="gptq_v2")  # v1 zeros (7 stored) read as v2
+    _load_refused(model, path, ValueError, r"proj.qzeros: sym: true stores every zero at 8, got zeros \[7\]")
+
+
+def test_gptq_report_reads_symmetry_from_the_zeros(tmp_path):
+    """sym: false over midpoint zeros: the layer is symmetric, and the report says so."""
+    path = str(tmp_path)
+    model = Toy().eval()
+    write_checkpoint(path, model, 4, 16, symmetric=True)
+    _edit_config(path, sym=False)
+    assert [l.symmetric for l in load_quantized_checkpoint(model, path).layers] == [True, True]
+    model = Toy().eval()
+    write_checkpoint(path, model, 4, 16)
+    assert [l.symmetric for l in load_quantized_checkpoint(model, path).layers] == [False, False]

@@ -4,7 +4,8 @@
 ``model.safetensors`` file (or the shards listed in ``model.safetensors.index.json``) one tensor at a
 time (safetensors' lazy ``safe_open``), replaces every quantized ``nn.Linear`` with an
 ``XlaQuantizedLinear`` holding only the quantized bytes, and loads every other parameter and buffer as a
-strict ``load_state_dict`` would. Everything is checked before the model is touched: on any error the
+strict ``load_state_dict`` would. Everything is checked before the model is touched (config values,
+every tensor's presence, dtype and shape, the files; docs/checkpoints.md, "Errors"): on any error the
 model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`),
 compressed-tensors pack-quantized and int-quantized (W8A8) (:mod:`.compressed_tensors`).
 """
@@ -20,8 +21,15 @@ from torch import nn
 from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, resolve_plan, xla_device
 from . import awq, compressed_tensors, gptq
 from .split import build_module, load_split_layer
+from .tensors import check_kind
 
 FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
+
+#: safetensors' dtype names (the header's ``dtype``) -> torch
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 
 
 @dataclass
@@ -52,6 +60,42 @@ class CheckpointReport:
         return "\n".join(lines)
 
 
+def _read_index(index: str) -> dict:
+    """``weight_map`` (tensor name -> shard file) of an index file, checked to be one."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index}: not a readable JSON index ({e})") from e
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names, got {weight_map!r:.200}")
+    return weight_map
+
+
+def _diagnose(file: str) -> str:
+    """Why a safetensors file does not open, from its header (8-byte little-endian length, then JSON):
+    the header cut or not JSON, or the first tensor whose bytes lie past the end of the file."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            return f"{size} bytes, no header"
+        length = int.from_bytes(start, "little")
+        if 8 + length > size:
+            return f"the header declares {length} bytes, the file has {size - 8} after the length"
+        try:
+            header = json.loads(f.read(length))
+            entries = sorted((entry["data_offsets"][1], key) for key, entry in header.items() if key != "__metadata__")
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "the header is not safetensors JSON"
+    for end, key in entries:
+        if 8 + length + end > size:
+            return f"tensor {key} is cut: its bytes end at {8 + length + end}, the file has {size}"
+    return "the header does not match the data"
+
+
 class _Tensors:
     """Lazy access to the checkpoint's tensors by name, across shards."""
 
@@ -61,8 +105,7 @@ class _Tensors:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_index(index)
         elif os.path.exists(single):
             weight_map = None
         else:
@@ -74,20 +117,27 @@ class _Tensors:
             try:
                 handle = safe_open(full, framework="pt")
             except Exception as e:  # truncated / not a safetensors file
-                raise ValueError(f"{full}: not a readable safetensors file ({e})") from e
+                detail = _diagnose(full) if os.path.isfile(full) else "no such file"
+                raise ValueError(f"{full}: not a readable safetensors file ({detail}; {e})") from e
             self.files[file] = handle
             for key in handle.keys():
                 self.where[key] = file
         if weight_map:
             missing = sorted(set(weight_map) - set(self.where))
             if missing:
-                raise ValueError(f"model.safetensors.index.json lists tensors no shard holds: {missing[:5]}")
+                raise ValueError(f"{index}: lists tensors no shard holds: {missing[:5]}")
 
     def keys(self):
         return self.where.keys()
 
     def get_shape(self, key: str) -> list[int]:
         return self.files[self.where[key]].get_slice(key).get_shape()
+
+    def get_dtype(self, key: str) -> torch.dtype:
+        stored = self.files[self.where[key]].get_slice(key).get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{key}: stored as {stored}, expected one of {', '.join(SAFETENSORS_DTYPES)}")
+        return SAFETENSORS_DTYPES[stored]
 
     def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
         """The tensor ``key``, or only its slice ``index`` (a tuple of slices; read without the rest)."""
@@ -131,14 +181,17 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     # 1. plan everything without touching the model
     replacements, report = {}, CheckpointReport(method)
     used = set()
+    # a linear is quantized when any tensor only its format has is there ("weight" and "bias" a float
+    # linear has too), so a quantized layer missing one of its tensors is named as such
+    markers = [s for s in fmt.SUFFIXES if s not in ("weight", "bias")]
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or f"{name}.{getattr(fmt, 'KEY', 'qweight')}" not in keys:
+        if not isinstance(module, nn.Linear) or not any(f"{name}.{s}" in keys for s in markers):
             continue
         suffixes = [s for s in (*fmt.SUFFIXES, "bias") if f"{name}.{s}" in keys]
         used.update(f"{name}.{s}" for s in suffixes)
         if ("bias" in suffixes) != (module.bias is not None):
-            raise ValueError(f"{name}: the model's linear {'has' if module.bias is not None else 'has no'} bias, "
-                             f"the checkpoint {'has one' if 'bias' in suffixes else 'has none'}")
+            raise ValueError(f"{'missing' if module.bias is not None else 'unexpected'} tensor {name}.bias: the "
+                             f"model's linear {name} {'has' if module.bias is not None else 'has no'} bias")
         if name in styles:
             q, converted = load_split_layer(name, module, fmt, tensors.get, suffixes, qconfig, styles[name],
                                             mesh, axis, axis_size)
@@ -171,12 +224,14 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     for key in expected:
         shape = tuple(expected[key].shape)
         if key in split_plain:  # a float linear the plan splits: read shard by shard
+            check_kind(key, expected[key].dtype, tensors.get_dtype(key))
             if tuple(tensors.get_shape(key)) != shape:
                 raise ValueError(f"{key}: expected shape {shape}, got {tuple(tensors.get_shape(key))}")
             placed[key] = place_sharded(shape, expected[key].dtype, mesh, split_plain[key][2],
                                         lambda index, key=key: tensors.get(key, index))
             continue
         t = tensors.get(key)
+        check_kind(key, expected[key].dtype, t.dtype)
         if tuple(t.shape) != shape:
             raise ValueError(f"{key}: expected shape {shape}, got {tuple(t.shape)}")
         state[key] = t

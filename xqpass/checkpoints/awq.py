@@ -6,8 +6,13 @@ Per quantized linear ``<name>`` (N = out features, K = in features, g = group si
 * ``<name>.qweight`` int32 ``[K, N / 8]``: 8 values a word packed along **N** in the interleaved order
   ``0 2 4 6 1 3 5 7``: nibble ``j`` (bits ``4j .. 4j+3``) of word ``i`` holds column ``8i + ORDER[j]``.
 * ``<name>.qzeros``  int32 ``[K / g, N / 8]``: zero points packed the same way (no offset).
-* ``<name>.scales``  float16 ``[K / g, N]``; ``<name>.bias`` optional.
+* ``<name>.scales``  float16 ``[K / g, N]`` (bfloat16 and float32 are read too); ``<name>.bias`` float
+  ``[N]``, optional.
 * dequantization: ``w[k, n] = (q[k, n] - zero[k // g, n]) * scale[k // g, n]``.
+
+``zero_point: false`` is refused: AutoAWQ's symmetric quantization rounds to signed ``[-8, 7]`` with no
+zeros, and its gemm packing (``WQLinear_GEMM.from_linear``) needs zeros, so no gemm layout stores it.
+``version`` other than gemm (gemv, marlin, ...) and transformers' ``backend: llm-awq`` pack otherwise.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
-from .tensors import check_shapes, resolve_group
+from .tensors import FLOAT, PACKED, SCALE, Spec, check_tensors, check_config, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column ORDER[j] of its 8
@@ -57,25 +62,35 @@ def qweight_to_op_bytes(words: torch.Tensor) -> torch.Tensor:
 
 def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
     """Per stored tensor and dim: the layer axis ("K" / "N") and the features one stored element spans."""
-    group = int(config.get("group_size", config.get("q_group_size", 128)))
-    group = in_features if group == -1 else group
+    group = resolve_group("AWQ", _group_size(config), in_features)
     return {"qweight": (("K", 1), ("N", 8)), "qzeros": (("K", group), ("N", 8)), "scales": (("K", group), ("N", 1)),
             "bias": (("N", 1),)}
 
 
+def _group_size(config: dict):
+    return config.get("group_size", config.get("q_group_size", 128))
+
+
+def _check_config(config: dict) -> None:
+    """The config values AWQ reads, each one the gemm layout knows."""
+    check_config("AWQ", "bits", config.get("bits", config.get("w_bit", 4)), (4,))
+    version = config.get("version", "gemm")
+    check_config("AWQ", "version", version.lower() if isinstance(version, str) else version,
+                 ("gemm",))  # AutoAWQ writes "GEMM", transformers "gemm"
+    check_config("AWQ", "zero_point", config.get("zero_point", True), (True,),
+                 "symmetric AWQ stores no zeros, and AutoAWQ's gemm packing needs them (module docstring)")
+    check_config("AWQ", "backend", config.get("backend", "autoawq"), ("autoawq",))
+
+
 def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int, k_offset: int = 0) -> dict:
-    bits = int(config.get("bits", config.get("w_bit", 4)))
-    if bits != 4:
-        raise ValueError(f"{name}: AWQ bits={bits} is not supported (expected 4)")
-    version = str(config.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise ValueError(f"{name}: AWQ version {version!r} is not supported (expected 'gemm')")
+    _check_config(config)
     k, n = in_features, out_features
-    group = resolve_group(name, int(config.get("group_size", config.get("q_group_size", 128))), k)
+    group = resolve_group(name, _group_size(config), k)
     if n % 8:
         raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
-    expected = {"qweight": (k, n // 8), "qzeros": (k // group, n // 8), "scales": (k // group, n)}
-    check_shapes(name, tensors, expected, "AWQ", f"in={k}, out={n}, group_size={group}")
+    expected = {"qweight": Spec((k, n // 8), PACKED), "qzeros": Spec((k // group, n // 8), PACKED),
+                "scales": Spec((k // group, n), SCALE), "bias": Spec((n,), FLOAT)}
+    check_tensors(name, tensors, expected, "AWQ", f"in={k}, out={n}, group_size={group}", optional=("bias",))
     zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
     scale = tensors["scales"].t().contiguous()  # [N, K/g]
     if shared.BYTE_VIEWS and k % 2 == 0:
@@ -85,4 +100,4 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
         w = pack_int4(q.t().contiguous(), axis=1)
     zero_point = (zeros.t().float() * scale.float()).contiguous()
     return dict(weight=w, scale=scale, zero_point=zero_point, bits=4, group=group, perm=None,
-                symmetric=not bool(config.get("zero_point", True)), bias=tensors.get("bias"))
+                symmetric=False, bias=tensors.get("bias"))

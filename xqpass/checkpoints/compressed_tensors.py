@@ -8,11 +8,14 @@ Per quantized linear ``<name>`` (N = out features, K = in features, b = num_bits
 * ``<name>.weight_packed`` int32 ``[N, ceil(K * b / 32)]``: signed values shifted by ``2**(b-1)`` to
   unsigned, ``32 / b`` a word packed along **K** (the last dim), first value in the low bits, the row
   padded with zeros to whole words.
-* ``<name>.weight_scale`` ``[N, K / g]`` (strategy ``group``) or ``[N, 1]`` (``channel``);
-  ``<name>.weight_shape`` int ``[2]`` = ``[N, K]``.
+* ``<name>.weight_scale`` float ``[N, K / g]`` (strategy ``group``) or ``[N, 1]`` (``channel``);
+  ``<name>.weight_shape`` int32 or int64 ``[2]`` = ``[N, K]``.
 * ``<name>.weight_zero_point`` (asymmetric only): signed, shifted and packed the same way but along
   **N** (dim 0): int32 ``[ceil(N * b / 32), K / g]``.
 * dequantization: ``w = (q - zero_point) * scale`` with signed ``q`` and ``zero_point``.
+* ``<name>.bias`` float ``[N]``, optional. Symmetric layers store no zero point (the library drops it).
+* ``actorder: group`` (a stored ``weight_g_idx``) is refused; ``weight`` / ``static`` order only how
+  the weights were quantized, not the layout.
 
 ``int-quantized``: ``<name>.weight`` int8 ``[N, K]`` unpacked, ``weight_scale`` as above,
 ``weight_zero_point`` int8 ``[N, K/g]`` (asymmetric); ``input_activations`` must be dynamic symmetric
@@ -29,11 +32,11 @@ import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
-from .tensors import check_shapes, resolve_group
+from .tensors import FLOAT, INDEX, INT8, PACKED, SCALE, Spec, check_config, check_tensors, resolve_group
 
 SUFFIXES = ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point")
-KEY = "weight_scale"  # both formats have it; a float linear's "weight" alone is not quantized
 FORMATS = ("pack-quantized", "int-quantized")
+ACTORDERS = (None, "weight", "static")  # "group" / "dynamic" store a weight_g_idx, not read here
 
 
 def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int) -> torch.Tensor:
@@ -51,9 +54,7 @@ def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int) -> torch
 def _weights_args(config: dict) -> dict:
     """The one config group's ``weights`` arguments, with the activation scheme checked: none for
     pack-quantized, dynamic symmetric int8 per token for int-quantized (W8A8)."""
-    fmt = config.get("format") or "pack-quantized"
-    if fmt not in FORMATS:
-        raise ValueError(f"compressed-tensors format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+    fmt = check_config("compressed-tensors", "format", config.get("format") or "pack-quantized", FORMATS)
     groups = config.get("config_groups") or {}
     args = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
     if len(args) != 1:
@@ -68,16 +69,21 @@ def _weights_args(config: dict) -> dict:
         if scheme != (8, "int", "token", True, True):
             raise ValueError("compressed-tensors int-quantized: expected input_activations {num_bits: 8, type: int, "
                              f"strategy: token, dynamic: true, symmetric: true}} (W8A8), got {act or None}")
-    return dict(args[0], format=fmt)
+    args = args[0]
+    check_config("compressed-tensors weights", "type", args.get("type", "int"), ("int",))
+    check_config("compressed-tensors weights", "num_bits", args.get("num_bits", 4), (8,) if fmt == "int-quantized" else (4, 8))
+    check_config("compressed-tensors weights", "strategy", args.get("strategy", "group"), ("group", "channel"))
+    check_config("compressed-tensors weights", "symmetric", args.get("symmetric", True), (True, False))
+    check_config("compressed-tensors weights", "actorder", args.get("actorder"), ACTORDERS)
+    return dict(args, format=fmt)
 
 
 def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
     """Per stored tensor and dim: the layer axis ("K" / "N") and the features one stored element spans;
     "shape": a tensor holding the layer's shape (a slice gets its own)."""
     args = _weights_args(config)
-    per = 32 // int(args.get("num_bits", 4))
-    size = int(args.get("group_size") or 0)
-    group = size if args.get("strategy", "group") == "group" and size > 0 else in_features
+    per = 32 // args.get("num_bits", 4)
+    group = _group(args, "compressed-tensors", in_features)
     if args["format"] == "int-quantized":  # int8, one a byte, nothing packed
         return {"weight": (("N", 1), ("K", 1)), "weight_scale": (("N", 1), ("K", group)),
                 "weight_zero_point": (("N", 1), ("K", group)), "bias": (("N", 1),)}
@@ -85,40 +91,45 @@ def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
             "weight_zero_point": (("N", per), ("K", group)), "weight_shape": "shape", "bias": (("N", 1),)}
 
 
+def _group(args: dict, name: str, in_features: int) -> int:
+    """The group size along K: all of K for ``channel``; ``group_size`` (no -1 here) for ``group``."""
+    if args.get("strategy", "group") == "channel":
+        return in_features
+    size = args.get("group_size")
+    if type(size) is not int or size <= 0:
+        raise ValueError(f"{name}: compressed-tensors strategy group needs a positive group_size, got {size!r}")
+    return resolve_group(name, size, in_features)
+
+
+def expected_tensors(args: dict, symmetric: bool, in_features: int, out_features: int, group: int) -> dict:
+    """suffix -> :class:`Spec` of one layer's tensors (the layout in the module docstring)."""
+    k, n = in_features, out_features
+    bits = args.get("num_bits", 4)
+    if args["format"] == "int-quantized":
+        expected = {"weight": Spec((n, k), INT8), "weight_scale": Spec((n, k // group), SCALE),
+                    "weight_zero_point": Spec((n, k // group), INT8)}
+    else:
+        per = 32 // bits
+        expected = {"weight_packed": Spec((n, math.ceil(k / per)), PACKED),
+                    "weight_scale": Spec((n, k // group), SCALE), "weight_shape": Spec((2,), INDEX),
+                    "weight_zero_point": Spec((math.ceil(n / per), k // group), PACKED)}
+    if symmetric:
+        del expected["weight_zero_point"]
+    return dict(expected, bias=Spec((n,), FLOAT))
+
+
 def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int, k_offset: int = 0) -> dict:
     args = _weights_args(config)
-    bits = int(args.get("num_bits", 4))
-    if bits not in (4, 8) or args.get("type", "int") != "int":
-        raise ValueError(f"{name}: compressed-tensors {args.get('type')} num_bits={bits} is not supported "
-                         f"(expected int 4 or 8)")
-    strategy = args.get("strategy", "group")
+    bits, strategy, symmetric = args.get("num_bits", 4), args.get("strategy", "group"), args.get("symmetric", True)
     k, n = in_features, out_features
-    if strategy == "channel":
-        group = k
-    elif strategy == "group":
-        group = resolve_group(name, max(int(args.get("group_size") or 0), 0), k)  # -1 is no group here
-    else:
-        raise ValueError(f"{name}: compressed-tensors strategy {strategy!r} is not supported (group, channel)")
-    symmetric = bool(args.get("symmetric", True))
+    group = _group(args, name, k)
     w8a8 = args["format"] == "int-quantized"
-    per = 32 // bits
-    context = f"in={k}, out={n}, bits={bits}, group_size={group}"
+    check_tensors(name, tensors, expected_tensors(args, symmetric, k, n, group), f"compressed-tensors {args['format']}",
+                  f"in={k}, out={n}, bits={bits}, group_size={group}, symmetric={symmetric}", optional=("bias",))
     if w8a8:
-        if bits != 8:
-            raise ValueError(f"{name}: compressed-tensors int-quantized num_bits={bits} is not supported (expected 8)")
-        expected = {"weight": (n, k), "weight_scale": (n, k // group)}
-        if not symmetric:
-            expected["weight_zero_point"] = (n, k // group)
-        check_shapes(name, tensors, expected, "compressed-tensors int-quantized", context)
-        if tensors["weight"].dtype != torch.int8:
-            raise ValueError(f"{name}.weight: expected int8 (int-quantized), got {tensors['weight'].dtype}")
         w = tensors["weight"]
         zeros = None if symmetric else tensors["weight_zero_point"].to(torch.int64)
     else:
-        expected = {"weight_packed": (n, math.ceil(k / per)), "weight_scale": (n, k // group), "weight_shape": (2,)}
-        if not symmetric:
-            expected["weight_zero_point"] = (math.ceil(n / per), k // group)
-        check_shapes(name, tensors, expected, "compressed-tensors", context)
         if tensors["weight_shape"].tolist() != [n, k]:
             raise ValueError(f"{name}.weight_shape: expected [{n}, {k}], got {tensors['weight_shape'].tolist()}")
         if shared.BYTE_VIEWS and (k * bits) % 8 == 0:

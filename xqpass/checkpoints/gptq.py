@@ -7,9 +7,12 @@ Per quantized linear ``<name>`` (N = out features, K = in features, g = group si
   value ``k = i * (32/b) + j`` in bits ``[b*j, b*j + b)`` of word ``i`` (unsigned, ``[0, 2**b)``).
 * ``<name>.qzeros``   int32 ``[K / g, N * b / 32]``: the zero points, packed the same way along N.
   ``checkpoint_format: gptq`` (v1, the default) stores ``zero - 1``; ``gptq_v2`` stores ``zero``.
-* ``<name>.scales``   float16 ``[K / g, N]``; ``<name>.g_idx`` int32 ``[K]``: the group of each k
-  (``k // g`` unless ``desc_act``, act-order, permutes it); ``<name>.bias`` optional.
+* ``<name>.scales``   float16 ``[K / g, N]`` (bfloat16 and float32 are read too); ``<name>.g_idx``
+  int32 ``[K]`` (or int64), optional: the group of each k (``k // g`` unless ``desc_act``, act-order,
+  permutes it); ``<name>.bias`` float ``[N]``, optional.
 * dequantization: ``w[k, n] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
+* ``sym: true`` stores every zero at the midpoint ``2**(b-1)``; the report's symmetry is read from
+  the zeros, and ``sym: true`` over other zeros is an error (a v1 / v2 mix-up shifts them all by one).
 
 Into the op: ``w [N, K]`` uint8 (4-bit: packed two a byte in the op's nibble order), ``scale [N, K/g]``,
 ``zero_point = zero * scale`` (the op's float convention, in float32: exact for these small integers
@@ -22,9 +25,10 @@ import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
-from .tensors import check_shapes, resolve_group
+from .tensors import FLOAT, INDEX, PACKED, SCALE, Spec, check_tensors, check_config, resolve_group
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1; others (e.g. marlin) pack differently
 
 
 def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
@@ -42,36 +46,38 @@ def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
 def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
     """Per stored tensor and dim: the layer axis it runs along ("K" / "N") and how many features one
     stored element spans (a packed word, a group), to read a slice of the layer (sharded loading)."""
-    per = 32 // int(config.get("bits", 4))
-    group = int(config.get("group_size", -1))
-    group = in_features if group == -1 else group
+    per = 32 // check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
+    group = resolve_group("GPTQ", config.get("group_size", -1), in_features)
     return {"qweight": (("K", per), ("N", 1)), "qzeros": (("K", group), ("N", per)),
             "scales": (("K", group), ("N", 1)), "g_idx": (("K", 1),), "bias": (("N", 1),)}
 
 
 def row_slices_exact(read, config: dict, in_features: int) -> bool:
     """Whether a slice of K holds its own groups (not with act-order, whose groups span all of K)."""
-    group = int(config.get("group_size", -1))
+    group = resolve_group("GPTQ", config.get("group_size", -1), in_features)
     g_idx = read("g_idx")
-    return g_idx is None or group == -1 or torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // group)
+    return g_idx is None or torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // group)
 
 
 def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int,
                   k_offset: int = 0) -> dict:
     """One layer's GPTQ tensors -> kwargs for ``XlaQuantizedLinear`` (and an optional permutation).
     ``k_offset``: the tensors are the slice of a layer starting at input feature ``k_offset``."""
-    bits = int(config.get("bits", 4))
-    if bits not in (4, 8):
-        raise ValueError(f"{name}: GPTQ bits={bits} is not supported (expected 4 or 8)")
-    group = int(config.get("group_size", -1))
+    bits = check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
+    v1 = check_config("GPTQ", "checkpoint_format", config.get("checkpoint_format", "gptq"), CHECKPOINT_FORMATS) == "gptq"
+    sym = check_config("GPTQ", "sym", config.get("sym", True), (True, False))
     k, n = in_features, out_features
-    group = resolve_group(name, group, k)
-    v1 = config.get("checkpoint_format", "gptq") != "gptq_v2"
-    expected = {"qweight": (k * bits // 32, n), "qzeros": (k // group, n * bits // 32),
-                "scales": (k // group, n), "g_idx": (k,)}
-    check_shapes(name, tensors, expected, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
-                 optional=("g_idx",))
+    group = resolve_group(name, config.get("group_size", -1), k)
+    expected = {"qweight": Spec((k * bits // 32, n), PACKED), "qzeros": Spec((k // group, n * bits // 32), PACKED),
+                "scales": Spec((k // group, n), SCALE), "g_idx": Spec((k,), INDEX), "bias": Spec((n,), FLOAT)}
+    check_tensors(name, tensors, expected, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
+                  optional=("g_idx", "bias"))
     zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if v1 else 0)  # [K/g, N]
+    symmetric = bool((zeros == 1 << (bits - 1)).all())
+    if sym and not symmetric:
+        stored = sorted(set(zeros.unique().tolist()))[:8]
+        raise ValueError(f"{name}.qzeros: sym: true stores every zero at {1 << (bits - 1)}, got zeros {stored} "
+                         f"(read as checkpoint_format {'gptq' if v1 else 'gptq_v2'}: v1 stores zero - 1)")
     scales = tensors["scales"]
     g_idx = tensors.get("g_idx")
     perm = None
@@ -95,4 +101,4 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     scale = scales.t().contiguous()  # [N, K/g]
     zero_point = (zeros.t().float() * scale.float()).contiguous()  # op's convention; exact in float32
     return dict(weight=w, scale=scale, zero_point=zero_point, bits=bits, group=group, perm=perm,
-                symmetric=bool(config.get("sym", True)), bias=tensors.get("bias"))
+                symmetric=symmetric, bias=tensors.get("bias"))

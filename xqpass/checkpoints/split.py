@@ -82,7 +82,8 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
             shape = {"K": k, "N": n, split_axis: stop - start}
             tensors.update({s: torch.tensor([shape["N"], shape["K"]], dtype=t.dtype) for s, t in shape_tensors.items()})
             local.append(convert(tensors, shape["K"], shape["N"], start if split_axis == "K" else 0))
-        template_source = local[0]
+        # symmetric only when every slice's zeros are (GPTQ reads it from the zeros)
+        template_source = dict(local[0], symmetric=all(converted["symmetric"] for converted in local))
     else:  # the whole layer on the host, then sliced after conversion
         template_source = convert({s: reader(f"{name}.{s}") for s in suffixes}, k, n, 0)
     template = build_module(template_source, k, n, linear.bias is not None, device="meta")

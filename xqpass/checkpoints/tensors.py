@@ -1,13 +1,29 @@
-"""Checks every checkpoint format shares: the group size and the tensors a quantized linear must have."""
+"""Checks every checkpoint format shares: the group size, the config values a format knows, and the
+tensors a quantized linear must have, each declared by its format as data (:class:`Spec`: a shape and
+the dtypes the format's published layout allows)."""
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import torch
 
 #: read packed int32 words as their bytes (low bits first): true on little-endian hosts; the formats
 #: unpack value by value otherwise
 BYTE_VIEWS = sys.byteorder == "little"
+
+#: the dtypes the formats store, by role
+PACKED = (torch.int32,)  # words of packed integers
+SCALE = (torch.float16, torch.bfloat16, torch.float32)
+INDEX = (torch.int32, torch.int64)  # group indices, stored shapes
+INT8 = (torch.int8,)  # unpacked int8 values
+FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a bias, cast to the model's
+
+
+class Spec(NamedTuple):
+    """One stored tensor of a quantized linear: its shape and the dtypes its format allows."""
+    shape: tuple
+    dtypes: tuple
 
 
 def word_bytes(words: torch.Tensor) -> torch.Tensor:
@@ -19,22 +35,62 @@ def word_bytes(words: torch.Tensor) -> torch.Tensor:
     return words.view(torch.uint8)
 
 
-def resolve_group(name: str, group: int, in_features: int) -> int:
-    """``group`` (``-1``: one group over all of K), checked to divide K."""
+def resolve_group(name: str, group, in_features: int) -> int:
+    """``group`` (``-1``: one group over all of K), checked to be an int that divides K."""
+    if type(group) is not int:
+        raise ValueError(f"{name}: group_size must be an integer, got {group!r}")
     group = in_features if group == -1 else group
     if group <= 0 or in_features % group:
         raise ValueError(f"{name}: group_size={group} does not divide in_features={in_features}")
     return group
 
 
-def check_shapes(name: str, tensors: dict, expected: dict, fmt: str, context: str, optional=()) -> None:
-    """Each ``name.suffix`` of ``expected`` is present (unless ``optional``) with its expected shape;
-    ``context`` (e.g. "in=64, out=48, bits=4, group_size=16") goes into the message."""
-    for suffix, shape in expected.items():
+def check_config(fmt: str, key: str, value, known: tuple, why: str = ""):
+    """A config ``value`` (already defaulted by the caller), checked to be one of ``known``: a value a
+    format does not know is an error, never read as the default. Types must match (``1`` is not ``True``);
+    ``why`` goes into the message."""
+    if not any(type(value) is type(k) and value == k for k in known):
+        raise ValueError(f"{fmt} {key}={value!r} is not supported (known: {', '.join(repr(k) for k in known)})"
+                         f"{f': {why}' if why else ''}")
+    return value
+
+
+def _names(dtypes) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensors(name: str, tensors: dict, expected: dict, fmt: str, context: str, optional=()) -> None:
+    """Each ``name.suffix`` of ``expected`` (suffix -> :class:`Spec`) is present (unless ``optional``)
+    with an allowed dtype (else ``TypeError``) and its shape (else ``ValueError``); a tensor the format
+    does not hold is an error. ``context`` (e.g. "in=64, out=48, bits=4, group_size=16") goes into
+    the message."""
+    for suffix in tensors:
+        if suffix not in expected:
+            raise ValueError(f"unexpected tensor {name}.{suffix} ({fmt} for {context} holds "
+                             f"{', '.join(sorted(expected))})")
+    for suffix, (shape, dtypes) in expected.items():
         t = tensors.get(suffix)
         if t is None:
             if suffix in optional:
                 continue
-            raise ValueError(f"missing tensor {name}.{suffix} ({fmt}, shape {shape})")
+            raise ValueError(f"missing tensor {name}.{suffix} ({fmt}, shape {shape}, {_names(dtypes)})")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}.{suffix}: expected {_names(dtypes)} ({fmt}), got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}.{suffix}: expected shape {shape} for {context}, got {tuple(t.shape)}")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def check_kind(key: str, held: torch.dtype, stored: torch.dtype) -> None:
+    """A stored tensor loads into the model's (``load_state_dict`` casts) only within its kind: a float
+    parameter takes any float dtype, never integers (a quantized tensor where a float one belongs)."""
+    if _kind(held) != _kind(stored):
+        raise TypeError(f"{key}: the model holds {held}, the checkpoint stores {stored} "
+                        f"({_kind(stored)}, expected {_kind(held)})")

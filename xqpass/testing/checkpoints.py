@@ -32,11 +32,15 @@ def pack_gptq_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))
 
 
-def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None):
-    """Random GPTQ tensors for one linear and the float64 weight they stand for."""
+def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None, symmetric=False):
+    """Random GPTQ tensors for one linear and the float64 weight they stand for; ``symmetric``: every
+    zero at the midpoint ``2**(bits-1)`` (GPTQ's ``sym: true``)."""
     levels = 2**bits
     q = rng.integers(0, levels, size=(k, n))
-    zeros = rng.integers(1, levels - 1, size=(k // group, n))
+    if symmetric:
+        zeros = np.full((k // group, n), levels // 2)
+    else:
+        zeros = rng.integers(1, levels - 1, size=(k // group, n))
     scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
     g_idx = np.arange(k) // group
     if act_order:
@@ -74,7 +78,8 @@ def save_checkpoint(path, tensors, float_model, quantization_config, shards=1, l
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
-def write_gptq_checkpoint(path, float_model, bits=4, group=16, act_order=False, v1=True, shards=1, seed=0, *, layers=None):
+def write_gptq_checkpoint(path, float_model, bits=4, group=16, act_order=False, v1=True, shards=1, seed=0, *, layers=None,
+                          symmetric=False):
     """A GPTQ checkpoint of random integers for ``layers`` (default: every ``nn.Linear``) of ``float_model``;
     returns ``{layer: float64 weight [N, K]}``, the format's own dequantization."""
     rng = np.random.default_rng(seed)
@@ -83,11 +88,11 @@ def write_gptq_checkpoint(path, float_model, bits=4, group=16, act_order=False, 
     for name in layers:
         lin = float_model.get_submodule(name)
         layer, w = gptq_layer(lin.out_features, lin.in_features, bits, group, rng, act_order, v1,
-                              None if lin.bias is None else lin.bias.detach().clone())
+                              None if lin.bias is None else lin.bias.detach().clone(), symmetric)
         tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         oracle[name] = w
     save_checkpoint(path, tensors, float_model,
-                    {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                    {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": symmetric,
                      "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2"}, shards, layers)
     return oracle
 
