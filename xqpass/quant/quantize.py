@@ -80,24 +80,22 @@ def quantize_weight(
 
     Every element of the dequantized weight lies within ``scale / 2`` (plus float rounding) of ``weight``.
     An all-zero group gets ``scale = 0`` and dequantizes to exactly 0.
+
+    Raises ``TypeError`` for a non-float or non-2-D weight or an argument of the wrong type (``bits=8.0``,
+    ``scale_dtype=torch.int32``), ``ValueError`` for a value the formats do not have (``bits=3``,
+    ``block_size=0``), a weight that cannot take the format (``block_size`` not dividing K, an odd group
+    for packed int4, K = 0), a weight without values (lazy, meta) and a non-finite weight.
     """
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
-        got = f"{weight.dtype} {weight.dim()}-D tensor" if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise TypeError(f"quantize_weight expects a floating [out_features, in_features] tensor, got {got}")
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
-    if block_layout not in ("seed", "rows"):
-        raise ValueError(f"block_layout must be 'seed' or 'rows', got {block_layout!r}")
-    if packed is None:
-        packed = bits == 4
-    if packed and bits != 4:
-        raise ValueError("packed=True needs bits=4 (two 4-bit values a byte)")
+    packed = check_format(bits, block_size, symmetric, packed, scale_dtype, block_layout)
+    check_weight(weight, block_size, packed)
     n, k = weight.shape
-    if block_size != PER_CHANNEL and (block_size <= 0 or k % block_size):
-        raise ValueError(f"block_size must be -1 or a positive divisor of in_features={k}, got {block_size}")
     group = k if block_size == PER_CHANNEL else block_size
-    if packed and group % 2:
-        raise ValueError(f"packed int4 needs an even {'in_features' if block_size == PER_CHANNEL else 'block_size'}, got {group}")
+    # an infinity makes its group's scale infinite and its other values NaN: refuse it here
+    finite = torch.isfinite(weight.detach())
+    if not bool(finite.all()):
+        first = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"weight has {int((~finite).sum())} non-finite values (first at {list(first)}: "
+                         f"{weight[first].item()}); round-to-nearest needs finite values")
 
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     grouped = w.reshape(n, k // group, group)  # [N, G, group]
@@ -134,6 +132,70 @@ def quantize_weight(
     if packed:
         q_layout = pack_int4(q_layout, axis=1)
     return QuantizedWeight(q_layout.contiguous(), scale.contiguous(), zero_point, block_size, bits == 4, packed)
+
+
+def check_format(
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    packed: bool | None,
+    scale_dtype: torch.dtype,
+    block_layout: str,
+) -> bool:
+    """Check the format arguments of :func:`quantize_weight` (and of ``from_float`` / ``quantize_model``,
+    which pass them on) without a weight; returns ``packed`` with its default resolved.
+
+    Raises ``TypeError`` for an argument of the wrong type, ``ValueError`` for a value outside the formats.
+    """
+    # bool is an int: bits=True would quantize with a made-up range
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise TypeError(f"bits must be the int 8 or 4, got {type(bits).__name__} {bits!r}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise TypeError(f"block_size must be an int (-1 for per-channel, else the group size), "
+                        f"got {type(block_size).__name__} {block_size!r}")
+    if block_size != PER_CHANNEL and block_size <= 0:
+        raise ValueError(f"block_size must be -1 (per-channel) or a positive group size, got {block_size}")
+    # a truthy string ("False") would silently pick the other format
+    for name, value in (("symmetric", symmetric), ("packed", packed)):
+        if not isinstance(value, bool) and not (name == "packed" and value is None):
+            raise TypeError(f"{name} must be True or False{' or None' if name == 'packed' else ''}, "
+                            f"got {type(value).__name__} {value!r}")
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise TypeError(f"scale_dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...), "
+                        f"got {scale_dtype!r}")
+    if not isinstance(block_layout, str) or block_layout not in ("seed", "rows"):
+        raise ValueError(f"block_layout must be 'seed' or 'rows', got {block_layout!r}")
+    if packed is None:
+        packed = bits == 4
+    if packed and bits != 4:
+        raise ValueError("packed=True needs bits=4 (two 4-bit values a byte), got bits=8")
+    return packed
+
+
+def check_weight(weight, block_size: int, packed: bool) -> None:
+    """Check that a float ``weight [N, K]`` can take the format, from its metadata only (no values read):
+    a materialized floating 2-D tensor, ``K > 0``, ``block_size`` dividing K, an even group when packed."""
+    if isinstance(weight, torch.nn.parameter.UninitializedParameter):
+        raise ValueError("weight is uninitialized (a lazy module's parameter): run one forward pass first, "
+                         "so that its shape is known and its values are set")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        got = f"{weight.dtype} {weight.dim()}-D tensor" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"quantize_weight expects a floating [out_features, in_features] tensor, got {got}")
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device (a shape without values): load or initialize it first "
+                         "(e.g. module.to_empty(device=...) and load the state dict)")
+    n, k = weight.shape
+    if k == 0:
+        raise ValueError(f"weight [{n}, {k}] has in_features=0: there is nothing to quantize (the layer "
+                         f"computes its bias alone)")
+    if block_size != PER_CHANNEL and k % block_size:
+        raise ValueError(f"block_size must be -1 or a positive divisor of in_features={k}, got {block_size}")
+    group = k if block_size == PER_CHANNEL else block_size
+    if packed and group % 2:
+        raise ValueError(f"packed int4 needs an even {'in_features' if block_size == PER_CHANNEL else 'block_size'}, "
+                         f"got {group} (pass packed=False to store one 4-bit value a byte)")
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
