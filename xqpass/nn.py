@@ -1,14 +1,18 @@
 """``XlaQuantizedLinear`` (the seed's module, grown) and ``quantize_model`` (the seed's module swap)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, overload
 
 import torch
 from torch import nn
 
 from .ops import check_inputs  # importing .ops registers torch.ops.xq.quantized_matmul
 from .quant.layouts import PER_CHANNEL
-from .quant.quantize import quantize_weight
+from .quant.quantize import check_format, check_weight, quantize_weight
+
+log = logging.getLogger("xqpass")
 
 
 class XlaQuantizedLinear(nn.Module):
@@ -53,6 +57,9 @@ class XlaQuantizedLinear(nn.Module):
             raise ValueError(f"block_size must be -1 or a positive divisor of input_dim={input_dim}, got {block_size}")
         if packed and not int4_weight:
             raise ValueError("packed=True holds two 4-bit values a byte; it needs int4_weight=True")
+        if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+            raise TypeError(f"scale_dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...), "
+                            f"got {scale_dtype!r}")
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.is_symmetric = is_symmetric
@@ -105,10 +112,14 @@ class XlaQuantizedLinear(nn.Module):
     ) -> "XlaQuantizedLinear":
         """Round-to-nearest quantize an ``nn.Linear`` (see :func:`xqpass.quant.quantize_weight`).
 
-        ``bits=4`` stores packed int4 (half a byte a weight) unless ``packed=False``.
+        ``bits=4`` stores packed int4 (half a byte a weight) unless ``packed=False``. Bad arguments and
+        weights raise as :func:`~xqpass.quant.quantize_weight` does; ``linear`` is never modified.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(quantize_activation, bool):
+            raise TypeError(f"quantize_activation must be True or False, got {type(quantize_activation).__name__} "
+                            f"{quantize_activation!r}")
         qw = quantize_weight(linear.weight, bits, block_size, symmetric, packed, scale_dtype, block_layout)
         q = cls(
             linear.in_features,
@@ -180,6 +191,138 @@ class XlaQuantizedLinear(nn.Module):
         )
 
 
+@dataclass
+class QuantizedLayer:
+    """An ``nn.Linear`` swapped for an :class:`XlaQuantizedLinear`. ``names``: every name it is registered
+    under; a module shared by several names is swapped once and every name gets the new module."""
+
+    names: tuple[str, ...]
+    in_features: int
+    out_features: int
+
+    def __str__(self) -> str:
+        return f"  + {' = '.join(self.names)}: [{self.out_features}x{self.in_features}]"
+
+
+@dataclass
+class SkippedLayer:
+    """An ``nn.Linear`` left as it is, and why. ``by_filter``: ``filter_fn`` did not pick it (the caller's
+    choice); otherwise the swap would change what the model computes or holds, and the reason says how."""
+
+    names: tuple[str, ...]
+    reason: str
+    by_filter: bool = False
+
+    def __str__(self) -> str:
+        return f"  - {' = '.join(self.names)}: not quantized: {self.reason}"
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize_model` did: ``quantized`` and ``skipped`` layers in model order, and ``notes``
+    on the other changes it made to keep the model computing the same thing (each says why)."""
+
+    format: str
+    quantized: list[QuantizedLayer] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"xqpass: quantize_model {self.format}: {len(self.quantized)} linears quantized, "
+                 f"{len(self.skipped)} left as they are"]
+        lines += [str(layer) for layer in self.quantized] + [str(layer) for layer in self.skipped]
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+
+@dataclass
+class _Site:
+    """One nn.Linear object and every place it is registered: (parent, attribute) pairs and full names."""
+
+    linear: nn.Linear
+    places: list[tuple[nn.Module, str]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+def _linear_sites(model: nn.Module) -> list[_Site]:
+    """Every nn.Linear below ``model`` once, in model order, with all its names. ``_modules`` rather than
+    ``named_children``, which drops the second name of a module registered twice."""
+    sites: dict[int, _Site] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if not isinstance(child, nn.Linear):
+                continue
+            site = sites.setdefault(id(child), _Site(child))
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if name not in site.names:
+                site.names.append(name)
+            if not any(p is parent and a == attr for p, a in site.places):
+                site.places.append((parent, attr))
+    return list(sites.values())
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, full name) that registers it: how tied weights are found."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                holders.setdefault(id(param), []).append((module, name))
+    return holders
+
+
+def _why_not_swapped(site: _Site, holders: dict) -> str | None:
+    """Why swapping this linear would change what the model computes or holds; None when it is safe."""
+    linear = site.linear
+    if isinstance(linear, nn.modules.linear.NonDynamicallyQuantizableLinear) or any(
+        isinstance(parent, nn.MultiheadAttention) for parent, _ in site.places
+    ):
+        return ("nn.MultiheadAttention reads out_proj.weight and out_proj.bias itself "
+                "(F.multi_head_attention_forward) instead of calling the layer")
+    for tensor_name in ("weight", "bias"):
+        tensor = getattr(linear, tensor_name)
+        if tensor is None:
+            continue
+        others = sorted({name for module, name in holders.get(id(tensor), []) if module is not linear})
+        if others:
+            return (f"its {tensor_name} is also {', '.join(others)} (tied): a quantized copy would leave the float "
+                    f"tensor in place for the other users (no memory saved) and end the tie; to quantize it, "
+                    f"untie it first (layer.{tensor_name} = nn.Parameter(layer.{tensor_name}.detach().clone()))")
+    if type(linear).forward is not nn.Linear.forward:
+        return f"its class {type(linear).__qualname__} overrides nn.Linear.forward, which the swap would drop"
+    if linear._forward_hooks or linear._forward_pre_hooks:
+        return "it has forward hooks or pre-hooks, which the swap would drop"
+    return None
+
+
+def _call_the_layer(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing. nn.TransformerEncoderLayer's fused inference path reads
+    linear1.weight and linear2.weight as float matrices instead of calling the layers, and it is not
+    taken while a submodule has a hook; this hook keeps the quantized layers called."""
+    return None
+
+
+def _format_name(bits, block_size, symmetric, quantize_activation, packed, block_layout) -> str:
+    grouping = "per-channel" if block_size == PER_CHANNEL else \
+        f"blockwise{' by rows' if block_layout == 'rows' else ''}(B={block_size})"
+    return (f"W{bits}A{8 if quantize_activation else 16}{' packed' if packed else ''} {grouping} "
+            f"{'sym' if symmetric else 'asym'}")
+
+
+@overload
+def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., symmetric: bool = ...,
+                   quantize_activation: bool = ..., filter_fn: Optional[Callable[[nn.Module, str], bool]] = ..., *,
+                   packed: bool | None = ..., scale_dtype: torch.dtype = ..., block_layout: str = ...,
+                   return_report: Literal[False] = ...) -> nn.Module: ...
+
+
+@overload
+def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., symmetric: bool = ...,
+                   quantize_activation: bool = ..., filter_fn: Optional[Callable[[nn.Module, str], bool]] = ..., *,
+                   packed: bool | None = ..., scale_dtype: torch.dtype = ..., block_layout: str = ...,
+                   return_report: Literal[True]) -> tuple[nn.Module, QuantizeReport]: ...
+
+
 def quantize_model(
     model: nn.Module,
     bits: int = 8,
@@ -191,32 +334,115 @@ def quantize_model(
     packed: bool | None = None,
     scale_dtype: torch.dtype = torch.float32,
     block_layout: str = "seed",
-) -> nn.Module:
-    """Swap every ``nn.Linear`` of ``model`` (in place) for an :class:`XlaQuantizedLinear`.
+    return_report: bool = False,
+):
+    """Swap the ``nn.Linear`` layers of ``model`` (in place) for :class:`XlaQuantizedLinear` layers.
 
-    ``filter_fn(module, fully_qualified_name) -> bool`` picks the layers (default: every
-    ``nn.Linear``). Every picked layer is checked before any is swapped, so a layer that cannot take
-    the format (a ``block_size`` that does not divide its ``in_features``, an odd K for packed int4)
-    raises ``ValueError`` naming it and leaves the model untouched. Returns ``model``.
+    ``filter_fn(module, fully_qualified_name) -> bool`` picks the layers (default: every ``nn.Linear``).
+    The format arguments are :meth:`XlaQuantizedLinear.from_float`'s.
+
+    **Left alone, and reported**, because the swap would change what the model computes or holds:
+    ``nn.MultiheadAttention``'s ``out_proj`` (the attention reads its weight, it does not call it); a
+    linear whose weight or bias is tied to another module's (``lm_head.weight is embed.weight``: a
+    quantized copy keeps the float tensor for the embedding and ends the tie; untie it to quantize it);
+    a subclass that overrides ``forward``; a layer with forward hooks. A module registered under several
+    names is swapped once, and every name gets the same new module; if ``filter_fn`` picks it under
+    some names only, it is left alone. Where a quantized layer sits in an ``nn.TransformerEncoderLayer``,
+    whose fused inference path reads ``linear1.weight`` instead of calling the layer, the new layer gets
+    a no-op forward pre-hook (that path is not taken while a submodule has a hook), and an
+    ``nn.TransformerEncoder`` above it gets ``use_nested_tensor = False`` (its nested-tensor path feeds
+    that fused path); the report's notes say so.
+
+    **All or nothing.** Every argument and every picked layer is checked first (a lazy layer not yet
+    run, a meta or non-finite weight, ``in_features == 0``, a ``block_size`` that does not divide
+    ``in_features``, an odd group for packed int4), then every replacement is built, then the swap is
+    done: any error (``TypeError`` for a wrong type, ``ValueError`` for a wrong value, naming the layer
+    and what was expected) leaves the model untouched. Peak memory is therefore the float weights plus
+    the quantized ones; the float layers are freed after the swap unless something else holds them.
+
+    **The report.** Returns ``model``, so ``model = quantize_model(model, ...)`` reads as before; with
+    ``return_report=True`` it returns ``(model, report)``, a :class:`QuantizeReport` of the layers
+    quantized and left alone (the way ``transformers``' ``from_pretrained(output_loading_info=True)``
+    returns its loading info). The report is also logged on ``logging.getLogger("xqpass")``: all of it
+    at INFO, and the layers left alone for safety (not by ``filter_fn``) at WARNING, so that a model
+    that is not fully quantized says so by default. It is not stored on the model: an attribute would
+    be saved and copied with the model and go stale as soon as the model changes.
     """
-    picked = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (filter_fn is None or filter_fn(module, name))
-    ]
-    group = lambda m: m.in_features if block_size == PER_CHANNEL else block_size  # noqa: E731
-    for name, module in picked:
-        if name == "":
-            raise ValueError("quantize_model: the model itself is an nn.Linear; use XlaQuantizedLinear.from_float")
-        if block_size != PER_CHANNEL and module.in_features % block_size:
-            raise ValueError(f"quantize_model: block_size={block_size} does not divide in_features={module.in_features} of {name!r}")
-        if bits == 4 and packed is not False and group(module) % 2:
-            raise ValueError(f"quantize_model: packed int4 needs an even group, {name!r} has {group(module)}")
-    for name, module in picked:
-        swapped = XlaQuantizedLinear.from_float(
-            module, bits, block_size, symmetric, quantize_activation, packed=packed, scale_dtype=scale_dtype,
-            block_layout=block_layout,
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, swapped)
-    return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("quantize_model: the model itself is an nn.Linear; use XlaQuantizedLinear.from_float")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, name) -> bool or None, got {type(filter_fn).__name__}")
+    if not isinstance(quantize_activation, bool):
+        raise TypeError(f"quantize_activation must be True or False, got {type(quantize_activation).__name__} "
+                        f"{quantize_activation!r}")
+    packed_resolved = check_format(bits, block_size, symmetric, packed, scale_dtype, block_layout)
+    report = QuantizeReport(_format_name(bits, block_size, symmetric, quantize_activation, packed_resolved, block_layout))
+
+    # 1. check: decide every layer, raise before anything is built
+    holders = _parameter_holders(model)
+    to_swap: list[_Site] = []
+    for site in _linear_sites(model):
+        names = tuple(site.names)
+        picked = [name for name in names if filter_fn is None or filter_fn(site.linear, name)]
+        if not picked:
+            report.skipped.append(SkippedLayer(names, "not picked by filter_fn", by_filter=True))
+            continue
+        if len(picked) < len(names):
+            report.skipped.append(SkippedLayer(names, (
+                f"one module under several names: filter_fn picks it as {', '.join(map(repr, picked))} but not as "
+                f"{', '.join(repr(n) for n in names if n not in picked)}, and a shared module is swapped everywhere "
+                f"or nowhere"), by_filter=True))
+            continue
+        if nn.parameter.is_lazy(site.linear.weight):
+            raise ValueError(f"quantize_model: {names[0]!r} ({type(site.linear).__name__}) has uninitialized "
+                             f"parameters: run one forward pass first so that its shape and values are set; "
+                             f"the model is untouched")
+        reason = _why_not_swapped(site, holders)
+        if reason is not None:
+            report.skipped.append(SkippedLayer(names, reason))
+            continue
+        try:
+            check_weight(site.linear.weight, block_size, packed_resolved)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"quantize_model: {names[0]!r}: {e}; the model is untouched") from e
+        to_swap.append(site)
+
+    # 2. build every replacement (reads the weights: a non-finite value raises here)
+    built: list[XlaQuantizedLinear] = []
+    for site in to_swap:
+        try:
+            built.append(XlaQuantizedLinear.from_float(
+                site.linear, bits, block_size, symmetric, quantize_activation, packed=packed,
+                scale_dtype=scale_dtype, block_layout=block_layout,
+            ))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"quantize_model: {site.names[0]!r}: {e}; the model is untouched") from e
+        except Exception as e:
+            e.add_note(f"quantize_model: while quantizing {site.names[0]!r}; the model is untouched")
+            raise
+
+    # 3. swap (plain attribute assignments: nothing here can fail half way)
+    for site, new in zip(to_swap, built):
+        for parent, attr in site.places:
+            setattr(parent, attr, new)
+        if any(isinstance(parent, nn.TransformerEncoderLayer) for parent, _ in site.places):
+            new.register_forward_pre_hook(_call_the_layer)
+            report.notes.append(f"{site.names[0]}: a no-op forward pre-hook keeps nn.TransformerEncoderLayer's fused "
+                                f"inference path (which reads the weight as a float matrix) from being taken")
+        report.quantized.append(QuantizedLayer(tuple(site.names), site.linear.in_features, site.linear.out_features))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False) and any(
+            isinstance(m, XlaQuantizedLinear) for m in module.modules()
+        ):
+            module.use_nested_tensor = False
+            report.notes.append(f"{name or '(model)'}: use_nested_tensor = False: the nested-tensor path feeds the "
+                                f"layers' fused inference path, which reads float weights")
+
+    log.info("%s", report)
+    unsafe = [layer for layer in report.skipped if not layer.by_filter]
+    if unsafe:
+        log.warning("xqpass: quantize_model left %d linears unquantized:\n%s", len(unsafe),
+                    "\n".join(str(layer) for layer in unsafe))
+    return (model, report) if return_report else model
