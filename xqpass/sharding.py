@@ -16,6 +16,8 @@ e.g. the Llama plan::
 
 The mesh is a ``torch_xla.distributed.spmd.Mesh`` with ``axis`` among its axis names; other mesh axes
 (data parallelism) see the weights replicated. torch_xla's SPMD mode (``xr.use_spmd()``) must be on.
+A spec that leaves a tensor whole on every device (a mesh of one device, or ``axis`` of size 1) places
+one host copy, replicated: the same script runs on one device and on a pod.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class ShardingReport:
     layers: list[ShardedLayer] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"xqpass: {len(self.layers)} linears split over mesh axis {self.axis!r} ({self.axis_size} devices)"]
+        devices = f"{self.axis_size} device{'s' if self.axis_size != 1 else ''}"
+        lines = [f"xqpass: {len(self.layers)} linears split over mesh axis {self.axis!r} ({devices})"]
         lines += [f"  {layer.name}: {layer.style}" for layer in self.layers]
         return "\n".join(lines)
 
@@ -120,6 +123,16 @@ def mesh_axis_size(mesh, axis: str) -> int:
     return int(shape[list(names).index(axis)])
 
 
+def require_spmd() -> None:
+    """``ValueError`` unless torch_xla's SPMD mode is on: without it ``mark_sharding`` and the shard
+    loaders fail inside torch_xla with a failed C++ check."""
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        raise ValueError("sharding over a mesh needs torch_xla's SPMD mode, which is off: call "
+                         "torch_xla.runtime.use_spmd() first, before any tensor is on the XLA device")
+
+
 def xla_device() -> torch.device:
     """The XLA device SPMD places tensors on (torch_xla is imported here, not by the callers)."""
     import torch_xla
@@ -133,6 +146,7 @@ def local_shard_indices(shape, dtype: torch.dtype, mesh, spec: tuple) -> tuple[t
     import torch_xla
     import torch_xla.distributed.spmd as xs
 
+    require_spmd()
     placed = torch.empty(tuple(shape), dtype=dtype, device=torch_xla.device())
     xs.mark_sharding(placed, mesh, spec)
     whole = tuple(slice(None) for _ in placed.shape)  # torch_xla gives [Ellipsis] for a replicated tensor
@@ -141,24 +155,46 @@ def local_shard_indices(shape, dtype: torch.dtype, mesh, spec: tuple) -> tuple[t
 
 
 def load_local_shards(placed: torch.Tensor, indices: list[tuple], shards: list[torch.Tensor]) -> torch.Tensor:
-    """Fill ``placed`` (from :func:`local_shard_indices`) with one host tensor per local device."""
+    """Fill ``placed`` (from :func:`local_shard_indices`) with one host tensor per local device and
+    return it; a replicated ``placed`` (every device holds it whole) is returned as a new tensor
+    with the same sharding, made from the first shard."""
     import torch_xla
+    import torch_xla.distributed.spmd as xs
 
     for index, shard in zip(indices, shards):
         expected = tuple(len(range(*s.indices(n))) for s, n in zip(index, placed.shape))
         if tuple(shard.shape) != expected:
             raise ValueError(f"shard {index}: expected shape {expected}, got {tuple(shard.shape)}")
+    if torch_xla._XLAC._get_xla_sharding_type(placed) == xs.ShardingType.REPLICATED:
+        return _load_replicated(placed, shards[0])
     shards = [shard.to(placed.dtype).contiguous() for shard in shards]
     torch_xla._XLAC._load_local_shards(placed, shards, torch_xla._XLAC._xla_get_runtime_devices()[: len(shards)])
     return placed
 
 
+def _load_replicated(placed: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` on the XLA devices with ``placed``'s (replicated) sharding. torch_xla's
+    ``_load_local_shards`` refuses a replicated tensor; a plain transfer replicates in SPMD mode."""
+    import torch_xla
+
+    loaded = whole.to(placed.dtype).to(placed.device)
+    torch_xla._XLAC._xla_mark_sharding(loaded, torch_xla._XLAC._get_xla_op_sharding(placed))
+    return loaded
+
+
 def place_sharded(shape, dtype: torch.dtype, mesh, spec: tuple, read: Callable[[tuple], torch.Tensor]) -> torch.Tensor:
     """A tensor on the XLA devices, split by ``spec``, built from its local shards only:
     ``read(index)`` returns the host tensor for ``index`` (a tuple of slices into the full tensor), so
-    the full tensor never exists on a single device, and a host reads only its own devices' slices."""
+    the full tensor never exists on a single device, and a host reads only its own devices' slices,
+    each once (local devices that hold the same slice, along a mesh axis the spec leaves out, share it)."""
     placed, indices = local_shard_indices(shape, dtype, mesh, spec)
-    return load_local_shards(placed, indices, [read(index) for index in indices])
+    reads, shards = {}, []
+    for index in indices:
+        key = tuple((s.start, s.stop, s.step) for s in index)  # slices are not hashable before Python 3.12
+        if key not in reads:
+            reads[key] = read(index)
+        shards.append(reads[key])
+    return load_local_shards(placed, indices, shards)
 
 
 def local_ranges(length: int, mesh, axis: str) -> list[tuple[int, int]]:
@@ -188,6 +224,7 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
     replicated). Returns a :class:`ShardingReport`.
     """
     size = mesh_axis_size(mesh, axis)
+    require_spmd()
     modules = dict(model.named_modules())
     styles = resolve_plan(modules, plan)
     planned = [(name, style, linear_partition_specs(name, modules[name], style, axis, size))
@@ -208,4 +245,4 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
 
 
 __all__ = ["ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
-           "local_shard_indices", "place_sharded", "resolve_plan", "shard_model", "xla_device"]
+           "local_shard_indices", "place_sharded", "require_spmd", "resolve_plan", "shard_model", "xla_device"]
