@@ -8,8 +8,8 @@ Per quantized linear ``<name>`` (N = out features, K = in features, g = group si
 * ``<name>.qzeros``   int32 ``[K / g, N * b / 32]``: the zero points, packed the same way along N.
   ``checkpoint_format: gptq`` (v1, the default) stores ``zero - 1``; ``gptq_v2`` stores ``zero``.
 * ``<name>.scales``   float16 ``[K / g, N]`` (bfloat16 and float32 are read too); ``<name>.g_idx``
-  int32 ``[K]`` (or int64), optional: the group of each k (``k // g`` unless ``desc_act``, act-order,
-  permutes it); ``<name>.bias`` float ``[N]``, optional.
+  int32 ``[K]`` (or int64), optional unless ``desc_act: true``: the group of each k (``k // g``
+  unless ``desc_act``, act-order, permutes it); ``<name>.bias`` float ``[N]``, optional.
 * dequantization: ``w[k, n] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
 * ``sym: true`` stores every zero at the midpoint ``2**(b-1)``; the report's symmetry is read from
   the zeros, and ``sym: true`` over other zeros is an error (a v1 / v2 mix-up shifts them all by one).
@@ -66,12 +66,13 @@ def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_
     bits = check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
     v1 = check_config("GPTQ", "checkpoint_format", config.get("checkpoint_format", "gptq"), CHECKPOINT_FORMATS) == "gptq"
     sym = check_config("GPTQ", "sym", config.get("sym", True), (True, False))
+    act_order = check_config("GPTQ", "desc_act", config.get("desc_act", False), (True, False))
     k, n = in_features, out_features
     group = resolve_group(name, config.get("group_size", -1), k)
     expected = {"qweight": Spec((k * bits // 32, n), PACKED), "qzeros": Spec((k // group, n * bits // 32), PACKED),
                 "scales": Spec((k // group, n), SCALE), "g_idx": Spec((k,), INDEX), "bias": Spec((n,), FLOAT)}
     check_tensors(name, tensors, expected, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
-                  optional=("g_idx", "bias"))
+                  optional=("bias",) if act_order else ("g_idx", "bias"))  # act-order: k // g is wrong
     zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if v1 else 0)  # [K/g, N]
     symmetric = bool((zeros == 1 << (bits - 1)).all())
     if sym and not symmetric:
