@@ -1,5 +1,6 @@
-"""Tensor-parallel plans and partition specs (no devices needed), and the GSPMD tests on 4 XLA:CPU
-devices, run in their own process because torch_xla's SPMD mode is process-wide."""
+"""Tensor-parallel plans and partition specs (no devices needed), sharding refused without SPMD mode,
+and the GSPMD tests on 4 XLA:CPU devices and on one, each run in its own process because torch_xla's
+SPMD mode and device count are process-wide."""
 import os
 import subprocess
 import sys
@@ -7,24 +8,65 @@ import sys
 import pytest
 from torch import nn
 
-from xqpass import XlaQuantizedLinear, quantize_model
+from xqpass import XlaQuantizedLinear, load_quantized_checkpoint, quantize_model, shard_model
 from xqpass.quant.layouts import tensor_parallel_dims
 from xqpass.sharding import linear_partition_specs, resolve_plan
 from xqpass.testing.models import DecoderConfig, TinyDecoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SPMD = os.path.join(HERE, "spmd")
+ONE_DEVICE = os.path.join(SPMD, "test_spmd_one_device.py")
 LLAMA_PLAN = {"*q_proj": "column", "*k_proj": "column", "*v_proj": "column", "*o_proj": "row",
               "*gate_proj": "column", "*up_proj": "column", "*down_proj": "row"}
 
 
-def test_spmd_suite_on_four_xla_cpu_devices(tmp_path):
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XQPASS_SPMD_WORKER="1",
+def run_spmd_tests(tmp_path, devices: int, *args: str):
+    """pytest ``args`` in a process of its own with SPMD on ``devices`` XLA:CPU devices and XLA's HLO
+    dump in ``tmp_path`` (tests/spmd/conftest.py)."""
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), XQPASS_SPMD_WORKER="1",
                XQPASS_HLO_DUMP=str(tmp_path),
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={tmp_path} --xla_dump_hlo_as_text".strip())
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "spmd")],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
                             env=env, capture_output=True, text=True, timeout=900)
     print(result.stdout[-20000:], result.stderr[-5000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def test_spmd_suite_on_four_xla_cpu_devices(tmp_path):
+    run_spmd_tests(tmp_path, 4, SPMD, f"--ignore={ONE_DEVICE}")
+
+
+def test_spmd_on_one_xla_cpu_device(tmp_path):
+    run_spmd_tests(tmp_path, 1, ONE_DEVICE)
+
+
+def test_sharding_without_spmd_mode_says_to_turn_it_on(tmp_path):
+    """This process never calls use_spmd(): the mesh is refused before the model changes, not deep
+    inside torch_xla."""
+    import numpy as np
+    import torch
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    from test_checkpoints import Toy, write_checkpoint
+
+    if xr.is_spmd():
+        pytest.skip("SPMD mode is on in this process (XLA_USE_SPMD)")
+    n = xr.global_runtime_device_count()
+    mesh = xs.Mesh(np.arange(n), (1, n), ("data", "model"))
+    model = TinyDecoder(DecoderConfig(layers=1))
+    quantize_model(model, bits=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"SPMD mode, which is off: call torch_xla\.runtime\.use_spmd\(\) first"):
+        shard_model(model, mesh, LLAMA_PLAN)
+    assert all(t.device.type == "cpu" and torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+    toy, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(toy.state_dict())
+    write_checkpoint(str(tmp_path), reference, bits=4, group=16)
+    with pytest.raises(ValueError, match=r"call torch_xla\.runtime\.use_spmd\(\) first"):
+        load_quantized_checkpoint(toy, str(tmp_path), mesh=mesh, plan={"proj": "column", "mlp": "column"})
+    assert type(toy.proj) is nn.Linear and all(t.device.type == "cpu" for t in toy.state_dict().values())
 
 
 def quantized(in_features=256, out_features=128, **kwargs):

@@ -1,5 +1,6 @@
 """Fixtures for the GSPMD tests. These run in their own process (SPMD is process-wide), started by
-tests/test_sharding.py with CPU_NUM_DEVICES=4 and XLA's HLO dump in XQPASS_HLO_DUMP."""
+tests/test_sharding.py with XLA's HLO dump in XQPASS_HLO_DUMP: with CPU_NUM_DEVICES=4 for all but
+test_spmd_one_device.py, which has a process of its own with CPU_NUM_DEVICES=1."""
 import math
 import os
 import re

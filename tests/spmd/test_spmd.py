@@ -186,3 +186,25 @@ def test_plain_linears_in_the_plan_are_split_too(mesh, compiled_hlo):
         out = torch.compile(model, backend="openxla")(x.to(torch_xla.device())).cpu()
     assert relative_error(out, expected) < 1e-4
     assert_weights_stay_put(compiled_hlo(), DECODER.dim * DECODER.dim, all_reduces=2 * DECODER.layers)
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (2, 2)])
+def test_a_model_axis_smaller_than_the_mesh_replicates_the_rest(shape):
+    """A "model" axis of 1 (every tensor whole on all 4 devices) or 2 (halves, each on 2 devices):
+    placed from the host, as a pod's script would on a mesh of other proportions."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    model = quantized_decoder()
+    x = torch.randn(2, 8, DECODER.dim)
+    expected = model(x)
+    mesh = xs.Mesh(np.arange(4), shape, ("data", "model"))
+    report = shard_model(model, mesh, LLAMA_PLAN)
+    model.to(torch_xla.device())
+    size = shape[1]
+    assert f"14 linears split over mesh axis 'model' ({size} device{'s' if size > 1 else ''})" in str(report)
+    layer = model.layers[0]
+    assert local_shapes(layer.q_proj.weight) == [(DECODER.dim // size, DECODER.dim)] * 4
+    assert local_shapes(layer.down_proj.weight) == [(DECODER.dim, DECODER.hidden // 2 // size)] * 4
+    out = model(x.to(torch_xla.device())).cpu()
+    assert relative_error(out, expected) < 1e-4

@@ -59,13 +59,19 @@ def test_split_loading_matches_the_formats_dequantization(fmt, plan, mesh, tmp_p
         assert len(layer_reads) == (4 if exact else 1)
     assert all(index is not None for name, index in reads if name.startswith("head.weight"))
 
+    assert_computes_the_formats_model(model, fmt, str(tmp_path), reference, oracle)
+
+
+def assert_computes_the_formats_model(model, fmt, path, reference, oracle):
+    """``model`` (loaded onto the XLA devices) against the float64 dequantization of the checkpoint
+    ``WRITERS[fmt]`` wrote at ``path`` from ``reference`` (``oracle``: its dequantized weights)."""
     x = torch.randn(5, 64)
     with torch.no_grad():
         out = model(x.to(torch_xla.device())).cpu()
     if fmt == "ct-w8a8-group-asym":  # the unsplit layers on the host (tested against float64 on their own)
         host = Toy().eval()
         host.load_state_dict(reference.state_dict())
-        load_quantized_checkpoint(host, str(tmp_path))
+        load_quantized_checkpoint(host, path)
         with torch.no_grad():
             exact = host(x).double()
     else:
@@ -82,3 +88,22 @@ def test_a_plan_that_cuts_a_group_is_refused_before_the_model_changes(mesh, tmp_
         load_quantized_checkpoint(model, str(tmp_path), mesh=mesh, plan={"proj": "column", "mlp": "row"})
     assert type(model.mlp) is nn.Linear
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (2, 2)])
+@pytest.mark.parametrize("fmt", ["gptq4", "ct-int8-channel"])
+def test_a_model_axis_smaller_than_the_mesh_replicates_the_rest(fmt, shape, tmp_path):
+    """A "model" axis of 1 (every tensor whole on all 4 devices) or 2 (halves, each on 2 devices)."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    torch.manual_seed(3)
+    model, reference = Toy().eval(), Toy().eval()
+    reference.load_state_dict(model.state_dict())
+    oracle = WRITERS[fmt](str(tmp_path), reference)
+    mesh = xs.Mesh(np.arange(4), shape, ("data", "model"))
+    load_quantized_checkpoint(model, str(tmp_path), mesh=mesh, plan=PLANS["rows"])
+    weight = model.proj.weight  # row-parallel: [48, 64 / pack] split along K over the model axis
+    local = [tuple(s.shape) for s, _ in torch_xla._XLAC._get_local_shards([weight])[0]]
+    assert local == [(weight.shape[0], weight.shape[1] // shape[1])] * 4
+    assert_computes_the_formats_model(model, fmt, str(tmp_path), reference, oracle)
