@@ -35,7 +35,7 @@ def make_backend(compiler: Compiler, *, boxed: bool, reports: list | None = None
     counter = {"graphs": 0}
 
     def after_aot(gm: torch.fx.GraphModule, example_inputs):
-        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)")
+        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)", model_state=_static_inputs(gm))
         _record(report, reports)
         compiled = compiler(gm, example_inputs)
         if boxed:
@@ -53,6 +53,18 @@ def make_backend(compiler: Compiler, *, boxed: bool, reports: list | None = None
         return aot(gm, example_inputs)
 
     return backend
+
+
+def _static_inputs(gm: torch.fx.GraphModule) -> list[str]:
+    """The placeholders AOT autograd treats as static: the parameters and buffers Dynamo lifted (flattened,
+    for a tensor subclass), which AOT's own input descriptors record only as positions."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    indices = getattr(metadata, "static_input_indices", None) or ()
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return [placeholders[i].name for i in indices if i < len(placeholders)]
 
 
 def _record(report: RewriteReport, reports: list | None) -> None:

@@ -116,6 +116,32 @@ def _looks_dequantized(node: Node) -> bool:
     return False
 
 
+def _model_state(gm: GraphModule, exported, names: Iterable[str]) -> frozenset:
+    """The placeholders that hold parameters and buffers, as each graph level records them: Dynamo's
+    source of a lifted input (an ``nn.Module`` attribute), AOT's input descriptor, the export signature,
+    and ``names`` from the caller (the backend passes AOT's static inputs: the Dynamo graph's parameters
+    and buffers, flattened). A placeholder nothing vouches for is taken as data; ``symbolic_trace``
+    keeps parameters as ``get_attr`` nodes, never graph inputs."""
+    names = set(names)
+    if exported is not None:
+        from torch.export.graph_signature import InputKind
+
+        names |= {spec.arg.name for spec in exported.graph_signature.input_specs
+                  if spec.kind != InputKind.USER_INPUT and hasattr(spec.arg, "name")}
+    return frozenset(n for n in gm.graph.find_nodes(op="placeholder") if n.name in names or _recorded_as_state(n))
+
+
+def _recorded_as_state(placeholder: Node) -> bool:
+    """Whether Dynamo (an input lifted from an ``nn.Module``) or AOT (a parameter / buffer descriptor, as
+    ``aot_export_module`` writes) records the placeholder as a parameter or buffer."""
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    if source is not None:
+        guard = source.guard_source()
+        return guard.is_specialized_nn_module() or guard.is_unspecialized_nn_module() or guard.is_fsdp_module()
+    desc = placeholder.meta.get("desc")
+    return desc is not None and (desc.is_param() or desc.is_buffer())
+
+
 def _erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
@@ -123,7 +149,8 @@ def _erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
             gm.graph.erase_node(n)
 
 
-def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: str = "") -> RewriteReport:
+def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: str = "",
+            model_state: Iterable[str] = ()) -> RewriteReport:
     """Rewrite every dequantize -> matmul in ``graph_module`` (in place) into ``xq.quantized_matmul``.
 
     ``graph_module``: a ``torch.fx.GraphModule`` (torch-level or aten-level) or a
@@ -131,6 +158,11 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
     ``symbolic_trace``) pass ``example_inputs`` to propagate fake tensors first. Returns a
     :class:`RewriteReport`: ``.rewrites`` (layer, pattern, format) and ``.misses`` (near misses with the
     reason, e.g. a scale along the input axis, a float weight, a scale computed from the activation).
+
+    A scale, zero point or weight computed from the activation is refused; parameters and buffers are
+    never the activation's data. Each graph level records which placeholders hold them (Dynamo's sources,
+    AOT's descriptors, the export signature); ``model_state`` names more (placeholder names), for graphs
+    that do not record it.
     """
     exported = None
     if isinstance(graph_module, torch.export.ExportedProgram):
@@ -142,7 +174,7 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
     if example_inputs is not None:
         _propagate_metadata(gm, example_inputs)
     report = RewriteReport(graph=name)
-    ctx = Context(gm)
+    ctx = Context(gm, model_state=_model_state(gm, exported, model_state))
     consumed: set[Node] = set()
     failures: dict[Node, list] = {}
 
@@ -240,3 +272,4 @@ def explain(model, *args, **kwargs) -> ExplainReport:
     with torch.no_grad():
         compiled(*args, **kwargs)
     return ExplainReport(reports)
+

@@ -113,6 +113,9 @@ class Context:
     gm: torch.fx.GraphModule
     failures: list = field(default_factory=list)  # (depth, reason)
     depth: int = 0
+    #: placeholders that hold the model's parameters and buffers: never the activation's data, even when
+    #: the activation was computed with them (a weight shared by two layers feeds both)
+    model_state: frozenset = frozenset()
 
     def val(self, node: Any) -> Any:
         return meta_value(node, self.gm)
@@ -152,12 +155,27 @@ class Context:
             memo[n] = own.union(*(memo[a] for a in n.all_input_nodes))
         return memo[node]
 
-    def depends_on(self, node: Any, activation: Node) -> bool:
-        """Whether ``node``'s value is computed from the activation: from ``activation`` itself or from
-        a graph input the activation is computed from (a view of ``x`` is still ``x``)."""
+    def activation_source(self, node: Any, activation: Node) -> Node | None:
+        """What makes ``node``'s value computed from the activation, or None: ``activation`` itself when it
+        is an ancestor of ``node``, else a graph input both are computed from (a view of ``x`` is still
+        ``x``) that is data, not model state. A parameter or buffer the activation was computed with (the
+        same dequantized weight feeding an earlier layer) does not make a scale the activation's."""
         if not isinstance(node, Node):
-            return False
-        return bool(self.inputs_of(node) & self.inputs_of(activation)) or activation in _ancestors(node)
+            return None
+        if activation in _ancestors(node):
+            return activation
+        shared = (self.inputs_of(node) & self.inputs_of(activation)) - self.model_state
+        return min(shared, key=lambda n: n.name) if shared else None
+
+    def from_activation(self, node: Any, activation: Node, what: str) -> str | None:
+        """The reason ``what`` (e.g. "scale s") is refused as computed from the activation, or None."""
+        source = self.activation_source(node, activation)
+        if source is None:
+            return None
+        if source is activation:
+            return f"{what} is computed from the activation {activation.name}"
+        return f"{what} is computed from the activation's input {source.name} (a graph input not recorded as a " \
+               f"parameter or buffer)"
 
 
 def _ancestors(node: Node) -> set:
@@ -416,8 +434,9 @@ class Operand(Pattern):
 
     def here(self, ctx, node, layout, st):
         x = st.get("x")
-        if x is not None and ctx.depends_on(node, x):
-            ctx.fail(f"{self.role} {getattr(node, 'name', node)} is computed from the activation")
+        reason = ctx.from_activation(node, x, f"{self.role} {getattr(node, 'name', node)}") if x is not None else None
+        if reason:
+            ctx.fail(reason)
             return
         if isinstance(node, (int, float)) and not isinstance(node, bool):
             yield st.with_(**{self.bind: node, f"{self.bind}_gran": ("tensor", ()), f"{self.bind}_layout": layout})
@@ -671,9 +690,7 @@ def _vector_along_last(ctx: Context, v: Any, out_shape: tuple, x: Node | None, r
     if len(shape) > len(out_shape) or any(not same_size(s, 1) for s in shape[:-1]) or \
             (len(shape) and not (same_size(shape[-1], out_shape[-1]) or same_size(shape[-1], 1))):
         return f"{role} {v.name} {list(shape)} does not vary along the output features only (output {list(out_shape)})"
-    if x is not None and ctx.depends_on(v, x):
-        return f"{role} {v.name} is computed from the activation"
-    return None
+    return ctx.from_activation(v, x, f"{role} {v.name}") if x is not None else None
 
 
 @dataclass

@@ -132,8 +132,9 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
         raise Rejected("symbolic K or N (weights must have static shapes)")
     if not same_shape(out_shape[:-1], x_shape[:-1]):
         raise Rejected(f"output {list(out_shape)} does not keep the activation's leading dims {list(x_shape)}")
-    if ctx.depends_on(w, x):
-        raise Rejected("the weight is computed from the activation")
+    reason = ctx.from_activation(w, x, f"the weight {getattr(w, 'name', w)}")
+    if reason:
+        raise Rejected(reason)
 
     scale_gran = m.get("scale_gran", ("tensor", ()))
     zero_gran = m.get("zero_gran", ("tensor", ()))
