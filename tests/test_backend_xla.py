@@ -95,3 +95,28 @@ def test_torchao_int8_weight_only_is_rewritten_with_xq_eager():
     with torch.no_grad():
         out = torch.compile(model, backend="xq_eager")(x)
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_on_xla", [True, False])
+def test_explain_refuses_a_model_and_inputs_on_different_devices(model_on_xla, xla_device):
+    """Checked before Dynamo runs: the error names one parameter and one input, and their devices."""
+    module = DequantLinear(DequantSpec(), 16, 8)
+    x = torch.randn(3, 16)
+    if model_on_xla:
+        module.to(xla_device)
+    else:
+        x = x.to(xla_device)
+    xla = str(torch.empty(0, device=xla_device).device)
+    state, inputs = (xla, "cpu") if model_on_xla else ("cpu", xla)
+    with pytest.raises(ValueError, match=rf"parameters and buffers are on {state} \(e\.g\. 'qweight' on {state}\), "
+                                         rf"the inputs on {inputs} \(e\.g\. args\[0\] on {inputs}\)"):
+        xqpass.explain(module, x)
+
+
+def test_explain_on_xla_with_the_model_and_inputs_moved_together(xla_device):
+    """The README's usage: the model moved to the device for torch.compile, the input moved with it."""
+    module = DequantLinear(DequantSpec(), 16, 8)
+    x = torch.randn(3, 16)
+    model = module.to(xla_device)
+    report = xqpass.explain(model, x.to(xla_device))
+    assert len(report.rewrites) == 1 and not report.misses, report

@@ -263,9 +263,12 @@ def explain(model, *args, **kwargs) -> ExplainReport:
 
     The rewritten graphs run once, eagerly, on the arguments' device (nothing is compiled for XLA).
     The report is also logged on ``logging.getLogger("xqpass")``; ``print(report)`` shows it.
+    Raises ValueError, before capturing anything, when the model's parameters and buffers and the
+    tensor arguments share no device (``model.to(torch_xla.device())`` with a CPU ``x``).
     """
     from .backend import _eager, make_backend
 
+    _check_one_device(model, args, kwargs)
     reports: list[RewriteReport] = []
     backend = make_backend(_eager, boxed=False, reports=reports, name="explain")
     compiled = torch.compile(model, backend=backend)
@@ -273,3 +276,30 @@ def explain(model, *args, **kwargs) -> ExplainReport:
         compiled(*args, **kwargs)
     return ExplainReport(reports)
 
+
+def _check_one_device(model, args: tuple, kwargs: dict) -> None:
+    """A model whose state and inputs share no device fails deep inside Dynamo's fake tensors; say so
+    first, naming one tensor of each side."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    state = [*model.named_parameters(), *model.named_buffers()]
+    leaves, _ = torch.utils._pytree.tree_flatten_with_path((args, kwargs))
+    inputs = [(("args", "kwargs")[path[0].idx] + torch.utils._pytree.keystr(path[1:]), t)
+              for path, t in leaves if isinstance(t, torch.Tensor)]
+    if not state or not inputs:
+        return
+    state_devices = {t.device for _, t in state}
+    input_devices = {t.device for _, t in inputs}
+    if state_devices & input_devices:
+        return
+    name, tensor = state[0]
+    where, value = inputs[0]
+    raise ValueError(
+        f"explain: the model's parameters and buffers are on {_devices(state_devices)} (e.g. {name!r} on "
+        f"{tensor.device}), the inputs on {_devices(input_devices)} (e.g. {where} on {value.device}); "
+        f"expected one device for both: move the inputs with .to({str(tensor.device)!r}) or the model with "
+        f"model.to({str(value.device)!r})")
+
+
+def _devices(devices: set) -> str:
+    return ", ".join(sorted(str(d) for d in devices))
