@@ -3,6 +3,9 @@ import numpy as np
 import torch
 
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
+#: the spacing of the subnormals: below the smallest normal a rounding errs by up to half of it, however
+#: small the value (float16's smallest normal, 6e-5, is reached by ordinary products)
+SUBNORMAL = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float64: 2.0**-1074}
 
 
 def np_unpack_int4(packed: torch.Tensor, axis: int) -> np.ndarray:
@@ -64,7 +67,7 @@ def oracle(x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quant
         x_scale = np.abs(xd).max(axis=-1, keepdims=True) / 127
         quant_err = x_scale / 2 * np.abs(w_deq).sum(axis=1)
         allowance = allowance + quant_err * (1 + 1e-5) + (roundings * EPS[x.dtype] + 8 * k * 2.0**-24) * x_scale * w_mag.sum(axis=1)
-    return expected, allowance + 1e-30
+    return expected, allowance + roundings * SUBNORMAL[x.dtype] / 2 + 1e-30
 
 
 def assert_within(out: torch.Tensor, expected: np.ndarray, allowance: np.ndarray, what=""):

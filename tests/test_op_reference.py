@@ -23,15 +23,20 @@ def test_reference_matches_float64_oracle(case):
 
 
 def test_cpu_kernel_uses_torch_int8_kernel_for_symmetric_int8():
-    from xqpass.ops.cpu import _int8pack_applies
+    from xqpass.ops.cpu import int8pack_applies
 
-    w = torch.zeros(4, 8, dtype=torch.int8)
-    assert _int8pack_applies(torch.zeros(2, 8, dtype=torch.bfloat16), w, None, -1, False, False, False)
-    assert not _int8pack_applies(torch.zeros(2, 8), w, torch.zeros(4), -1, False, False, False)  # asym
-    assert not _int8pack_applies(torch.zeros(2, 8), w.view(torch.uint8), None, -1, False, False, False)
-    assert not _int8pack_applies(torch.zeros(2, 8, dtype=torch.float64), w, None, -1, False, False, False)
-    w7 = torch.zeros(4, 7, dtype=torch.int8)  # torch's kernel is wrong (or crashes) for K % 8 != 0
-    assert not _int8pack_applies(torch.zeros(2, 7), w7, None, -1, False, False, False)
+    w = torch.zeros(4, 16, dtype=torch.int8)
+    assert int8pack_applies(torch.zeros(2, 16, dtype=torch.bfloat16), w, None, -1, False, False, False)
+    assert not int8pack_applies(torch.zeros(2, 16), w, torch.zeros(4), -1, False, False, False)  # asym
+    assert not int8pack_applies(torch.zeros(2, 16), w.view(torch.uint8), None, -1, False, False, False)
+    assert not int8pack_applies(torch.zeros(2, 16, dtype=torch.float64), w, None, -1, False, False, False)
+    assert not int8pack_applies(torch.zeros(0, 16), w, None, -1, False, False, False)  # empty
+    w7 = torch.zeros(4, 7, dtype=torch.int8)  # K % 8 != 0: wrong or a crash under AVX2 / AVX-512
+    assert not int8pack_applies(torch.zeros(2, 7), w7, None, -1, False, False, False)
+    w24 = torch.zeros(4, 24, dtype=torch.int8)  # K % 16 == 8: AVX-512's bfloat16 variant is wrong
+    assert not int8pack_applies(torch.zeros(2, 24, dtype=torch.bfloat16), w24, None, -1, False, False, False)
+    assert int8pack_applies(torch.zeros(2, 24, dtype=torch.float16), w24, None, -1, False, False, False)
+    assert int8pack_applies(torch.zeros(2, 24), w24, None, -1, False, False, False)
 
 
 @given(xst.op_cases(x_dtypes=(torch.float64,), formats=xst.weight_formats(quantize_activation=(False,))))

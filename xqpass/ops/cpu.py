@@ -1,14 +1,18 @@
-"""CPU kernel of ``xq::quantized_matmul``: torch's own int8 kernel where the layout allows, else the
-readable reference (:mod:`xqpass.ops.reference`).
+"""CPU kernel of ``xq::quantized_matmul``: torch's own int8 kernel where it is right on every CPU,
+else the readable reference (:mod:`xqpass.ops.reference`).
 
 ``aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scale [N])`` computes ``x @ (w * scale).T`` near the
 memory-read floor of the int8 weight (docs/benchmarks.md); it is used for symmetric per-channel int8
 weights with 16/32-bit float activations and no activation quantization. Its scale is rounded to
 ``x.dtype`` (for bfloat16, one more rounding of 2**-9 relative), which keeps the result at the
-activation dtype's precision. In torch 2.9 that kernel is only right for K a multiple of 8 (other K
-give wrong sums or a segmentation fault: checked here), so other K take the reference. Asymmetric
-weights are left to the reference: subtracting the zero-point
+activation dtype's precision. Asymmetric weights are left to the reference: subtracting the zero-point
 term from a bfloat16 product would cancel digits the float32 reference keeps.
+
+torch dispatches that kernel by CPU capability (AVX-512, AVX2, default; ``ATEN_CPU_CAPABILITY``
+selects one), and in torch 2.9 not every variant handles every K: other K give wrong sums or a
+segmentation fault. :data:`INT8PACK_K_MULTIPLE` holds, per activation dtype, the K multiple for which
+every variant is right; tests/test_cpu_capabilities.py sweeps K, M, N and dtype under each capability,
+each process isolated, and fails if a shape the rule admits is wrong or crashes on any of them.
 """
 from __future__ import annotations
 
@@ -18,14 +22,18 @@ from .checks import check_inputs
 from .quantized_matmul import quantized_matmul
 from .reference import quantized_matmul_reference
 
-_INT8PACK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: activation dtype -> the K multiple for which torch 2.9's ``_weight_int8pack_mm`` is right under
+#: every CPU capability. K % 8 != 0 is wrong or crashes under AVX2 and AVX-512; with bfloat16
+#: activations the AVX-512 variant is also wrong (1e12..inf, NaN) or crashes for K % 16 == 8.
+INT8PACK_K_MULTIPLE = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 16}
 
 
-def _int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed) -> bool:
-    # torch 2.9's CPU kernel is only right for K a multiple of 8: other K give wrong sums or crash
-    return (block_size == -1 and zero_point is None and not packed and not quantize_activation
-            and w.dtype == torch.int8 and x.dtype in _INT8PACK_DTYPES and x.dim() >= 1 and x.numel() > 0
-            and w.dim() == 2 and w.shape[1] % 8 == 0)
+def int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed) -> bool:
+    """Whether a call takes torch's int8 kernel (see the module docstring)."""
+    multiple = INT8PACK_K_MULTIPLE.get(x.dtype)
+    return (multiple is not None and block_size == -1 and zero_point is None and not packed
+            and not quantize_activation and w.dtype == torch.int8 and x.dim() >= 1 and x.numel() > 0
+            and w.dim() == 2 and w.shape[1] % multiple == 0)
 
 
 @quantized_matmul.register_kernel("cpu")
@@ -33,7 +41,7 @@ def quantized_matmul_cpu(
     x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, bias=None, *,
     packed=False
 ):
-    if not _int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed):
+    if not int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed):
         return quantized_matmul_reference(x, w, scale, zero_point, block_size, int4_weight, quantize_activation,
                                           packed, bias)
     spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
