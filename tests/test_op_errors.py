@@ -121,3 +121,14 @@ def test_device_mismatch(xla_device):
     kwargs["x"] = kwargs["x"].to(xla_device)
     with pytest.raises(ValueError, match=r"w is on cpu, expected x's device xla"):
         _call(kwargs)
+
+
+def test_an_unknown_xla_lowering_in_the_environment_is_refused_at_import():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XQPASS_XLA_LOWERING="bogus")
+    proc = subprocess.run([sys.executable, "-c", "import xqpass"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ValueError: XQPASS_XLA_LOWERING: expected one of ('auto', 'canonical', 'cpu'), got 'bogus'" in proc.stderr

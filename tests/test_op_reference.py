@@ -37,6 +37,9 @@ def test_cpu_kernel_uses_torch_int8_kernel_for_symmetric_int8():
     assert not int8pack_applies(torch.zeros(2, 24, dtype=torch.bfloat16), w24, None, -1, False, False, False)
     assert int8pack_applies(torch.zeros(2, 24, dtype=torch.float16), w24, None, -1, False, False, False)
     assert int8pack_applies(torch.zeros(2, 24), w24, None, -1, False, False, False)
+    # float32 / float16 variants read the whole weight once a row: past 2 rows the reference is faster
+    assert not int8pack_applies(torch.zeros(3, 16), w, None, -1, False, False, False)
+    assert int8pack_applies(torch.zeros(64, 16, dtype=torch.bfloat16), w, None, -1, False, False, False)
 
 
 @given(xst.op_cases(x_dtypes=(torch.float64,), formats=xst.weight_formats(quantize_activation=(False,))))

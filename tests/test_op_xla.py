@@ -290,3 +290,21 @@ def test_split_k_with_rows_long_enough_for_virtual_groups(fmt, dtype, rows, xla_
     out = op(x.to(xla_device), quantize_activation=fmt.quantize_activation, **_to(qw.op_kwargs(), xla_device)).cpu()
     expected, allowance = oracle(x, **qw.op_kwargs(), quantize_activation=fmt.quantize_activation, roundings=2)
     assert_within(out, expected, allowance, fmt.name)
+
+
+@pytest.mark.parametrize("layout", ["per-channel", "seed blockwise", "blockwise by rows"])
+@pytest.mark.parametrize("quantize_activation", [False, True])
+@pytest.mark.parametrize("x_shape", [(0, 16), (3, 0, 16)])
+def test_empty_activation_gives_the_empty_result(layout, quantize_activation, x_shape, xla_device):
+    """An activation with no rows, with a zero point (whose lowering views an empty x), on every layout."""
+    g = torch.Generator().manual_seed(0)
+    w_shape, s_shape, block = {"per-channel": ((8, 16), (8,), -1), "seed blockwise": ((2, 8, 8), (2, 8), 8),
+                               "blockwise by rows": ((8, 16), (8, 2), 8)}[layout]
+    w = torch.randint(0, 256, w_shape, generator=g, dtype=torch.int16).to(torch.uint8)
+    scale, zero = torch.rand(s_shape, generator=g), torch.rand(s_shape, generator=g)
+    x = torch.randn(x_shape, generator=g)
+    for lowering in ("cpu", "canonical"):
+        with xla_lowering(lowering):
+            out = op(x.to(xla_device), w.to(xla_device), scale.to(xla_device), zero.to(xla_device), block, False,
+                     quantize_activation, torch.randn(8).to(xla_device)).cpu()
+        assert out.shape == (*x_shape[:-1], 8) and out.dtype == x.dtype

@@ -10,11 +10,14 @@ term from a bfloat16 product would cancel digits the float32 reference keeps.
 
 torch dispatches that kernel by CPU capability (AVX-512, AVX2, default; ``ATEN_CPU_CAPABILITY``
 selects one), and in torch 2.9 not every variant handles every K: other K give wrong sums or a
-segmentation fault. :data:`INT8PACK_K_MULTIPLE` holds, per activation dtype, the K multiple for which
-every variant is right; tests/test_cpu_capabilities.py sweeps K, M, N and dtype under each capability,
-each process isolated, and fails if a shape the rule admits is wrong or crashes on any of them.
+segmentation fault. :data:`INT8PACK_RULES` holds, per activation dtype, the K multiple for which
+every variant is right (and the rows up to which it is faster than the reference);
+tests/test_cpu_capabilities.py sweeps K, M, N and dtype under each capability, each process isolated,
+and fails if a shape the rule admits is wrong or crashes on any of them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,18 +25,34 @@ from .checks import check_inputs
 from .quantized_matmul import quantized_matmul
 from .reference import quantized_matmul_reference
 
-#: activation dtype -> the K multiple for which torch 2.9's ``_weight_int8pack_mm`` is right under
-#: every CPU capability. K % 8 != 0 is wrong or crashes under AVX2 and AVX-512; with bfloat16
-#: activations the AVX-512 variant is also wrong (1e12..inf, NaN) or crashes for K % 16 == 8.
-INT8PACK_K_MULTIPLE = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 16}
+
+@dataclass(frozen=True)
+class Int8PackRule:
+    """Where torch 2.9's ``_weight_int8pack_mm`` takes an activation dtype: right, and faster than the
+    reference."""
+
+    #: K must be a multiple of this for the kernel to be right under every CPU capability: K % 8 != 0 is
+    #: wrong or crashes under AVX2 and AVX-512, and with bfloat16 activations the AVX-512 variant is also
+    #: wrong (1e12..inf, NaN) or crashes for K % 16 == 8
+    k_multiple: int
+    #: most rows the kernel is faster than the reference for (None: any): its float32 / float16 variants
+    #: cost a whole weight read a row, under AVX-512 and AVX2 alike (docs/benchmarks.md)
+    max_rows: int | None = None
+
+
+INT8PACK_RULES = {torch.bfloat16: Int8PackRule(16), torch.float16: Int8PackRule(8, 2),
+                  torch.float32: Int8PackRule(8, 2)}
 
 
 def int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed) -> bool:
     """Whether a call takes torch's int8 kernel (see the module docstring)."""
-    multiple = INT8PACK_K_MULTIPLE.get(x.dtype)
-    return (multiple is not None and block_size == -1 and zero_point is None and not packed
-            and not quantize_activation and w.dtype == torch.int8 and x.dim() >= 1 and x.numel() > 0
-            and w.dim() == 2 and w.shape[1] % multiple == 0)
+    rule = INT8PACK_RULES.get(x.dtype)
+    if rule is None or block_size != -1 or zero_point is not None or packed or quantize_activation:
+        return False
+    if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] % rule.k_multiple or x.dim() < 1:
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    return x.numel() > 0 and (rule.max_rows is None or rows <= rule.max_rows)
 
 
 @quantized_matmul.register_kernel("cpu")

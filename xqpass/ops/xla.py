@@ -41,7 +41,17 @@ from .checks import check_inputs, compute_dtype
 from .quantized_matmul import quantized_matmul
 
 LOWERINGS = ("auto", "canonical", "cpu")
-_lowering = os.environ.get("XQPASS_XLA_LOWERING", "auto")
+
+
+def _lowering_from_environment() -> str:
+    """``XQPASS_XLA_LOWERING`` checked at import: a typo would otherwise silently pick "auto"."""
+    name = os.environ.get("XQPASS_XLA_LOWERING", "auto")
+    if name not in LOWERINGS:
+        raise ValueError(f"XQPASS_XLA_LOWERING: expected one of {LOWERINGS}, got {name!r}")
+    return name
+
+
+_lowering = _lowering_from_environment()
 
 
 @contextlib.contextmanager
@@ -250,6 +260,8 @@ def quantized_matmul_xla(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
     rows = x2.shape[0] if isinstance(x2.shape[0], int) else None
+    if rows == 0:  # nothing to compute; the lowerings' views of an empty x have no XLA implementation
+        return x.new_empty((*lead, n))
     scale = scale.to(cdt)
     zp = None if zero_point is None else zero_point.to(cdt)
     lowering = _resolve_lowering(x)

@@ -113,12 +113,17 @@ def op_cases(
     max_out_features: int = 24,
     max_blocks: int = 4,
     x_ranks=(1, 2, 3),
+    in_features=None,
+    min_rows: int = 1,
 ):
-    """An :class:`OpCase`: a format, odd and even sizes, a 1-3-D activation, a weight in that format."""
+    """An :class:`OpCase`: a format, odd and even sizes, a 1-3-D activation, a weight in that format.
+
+    ``in_features``: a strategy for K of per-channel formats (default 1-48; blockwise K is a multiple of
+    the block); ``min_rows=0`` lets the activation's leading dims be empty."""
     fmt = draw(formats if formats is not None else weight_formats())
     n = draw(st.integers(1, max_out_features))
     if fmt.block_size == PER_CHANNEL:
-        k = draw(st.integers(1, 48))
+        k = draw(in_features if in_features is not None else st.integers(1, 48))
         if fmt.packed:
             k = 2 * ((k + 1) // 2)
     else:
@@ -127,7 +132,7 @@ def op_cases(
                                fmt.by_rows)
         k = fmt.block_size * draw(st.integers(1, max_blocks))
     rank = draw(st.sampled_from(x_ranks))
-    lead = draw(st.lists(st.integers(1, 5), min_size=rank - 1, max_size=rank - 1))
+    lead = draw(st.lists(st.integers(min_rows, 5), min_size=rank - 1, max_size=rank - 1))
     dtype = draw(st.sampled_from(x_dtypes))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
