@@ -4,7 +4,7 @@
 lowering). torch_xla is imported only when an XLA tensor reaches the op.
 """
 from . import ops  # noqa: F401  (registers torch.ops.xq.quantized_matmul)
-from .nn import XlaQuantizedLinear, quantize_model
+from .nn import QuantizeReport, XlaQuantizedLinear, quantize_model
 from .quant import QuantizedWeight, dequantize, pack_int4, quantize_per_token, quantize_weight, unpack_int4
 from .rewrite import ExplainReport, Missed, RewriteReport, Rewritten, explain, rewrite
 from . import backend  # noqa: E402,F401  (registers the xq_openxla and xq_eager backends)
@@ -19,6 +19,7 @@ __all__ = [
     "ExplainReport",
     "explain",
     "Missed",
+    "QuantizeReport",
     "QuantizedWeight",
     "RewriteReport",
     "ShardingReport",

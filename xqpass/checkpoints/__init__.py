@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, resolve_plan, xla_device
+from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, require_spmd, resolve_plan, xla_device
 from . import awq, compressed_tensors, gptq
 from .split import build_module, load_split_layer
 from .tensors import check_kind
@@ -175,6 +175,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     keys = set(tensors.keys())
     styles, axis_size = {}, 0
     if mesh is not None:
+        require_spmd()  # before any layer is read or converted
         axis_size = mesh_axis_size(mesh, axis)
         styles = resolve_plan(dict(model.named_modules()), plan)
 
