@@ -19,11 +19,15 @@ import torch
 from torch import nn
 
 from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, require_spmd, resolve_plan, xla_device
-from . import awq, compressed_tensors, gptq
-from .split import build_module, load_split_layer
+from .awq import AWQ
+from .compressed_tensors import CompressedTensors
+from .format import CheckpointFormat
+from .gptq import GPTQ
+from .split import load_layer, load_split_layer
 from .tensors import check_kind
 
-FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
+#: quant_method -> its format class (xqpass/checkpoints/format.py says what a format declares)
+FORMATS: dict[str, type[CheckpointFormat]] = {f.quant_method: f for f in (GPTQ, AWQ, CompressedTensors)}
 
 #: safetensors' dtype names (the header's ``dtype``) -> torch
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -170,7 +174,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     method = qconfig["quant_method"]
     if method not in FORMATS:
         raise ValueError(f"{config_path}: quant_method {method!r} is not supported (supported: {sorted(FORMATS)})")
-    fmt = FORMATS[method]
+    fmt = FORMATS[method](qconfig)  # checks the config values the format reads
     tensors = _Tensors(path)
     keys = set(tensors.keys())
     styles, axis_size = {}, 0
@@ -184,35 +188,29 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     used = set()
     # a linear is quantized when any tensor only its format has is there ("weight" and "bias" a float
     # linear has too), so a quantized layer missing one of its tensors is named as such
-    markers = [s for s in fmt.SUFFIXES if s not in ("weight", "bias")]
+    markers = [s for s in fmt.TENSORS if s != "weight"]
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not any(f"{name}.{s}" in keys for s in markers):
             continue
-        suffixes = [s for s in (*fmt.SUFFIXES, "bias") if f"{name}.{s}" in keys]
+        suffixes = [s for s in (*fmt.TENSORS, "bias") if f"{name}.{s}" in keys]
         used.update(f"{name}.{s}" for s in suffixes)
         if ("bias" in suffixes) != (module.bias is not None):
             raise ValueError(f"{'missing' if module.bias is not None else 'unexpected'} tensor {name}.bias: the "
                              f"model's linear {name} {'has' if module.bias is not None else 'has no'} bias")
         if name in styles:
-            q, converted = load_split_layer(name, module, fmt, tensors.get, suffixes, qconfig, styles[name],
-                                            mesh, axis, axis_size)
+            q, converted = load_split_layer(name, module, fmt, tensors.get, suffixes, styles[name], mesh, axis,
+                                            axis_size)
         else:
-            converted = fmt.convert_layer(name, {s: tensors.get(f"{name}.{s}") for s in suffixes}, qconfig,
-                                          module.in_features, module.out_features)
-            # built on "meta" (no zero-filled buffers), then given the converted tensors
-            q = build_module(converted, module.in_features, module.out_features, module.bias is not None, device="meta")
-            q.load_quantized_weight(converted["weight"], converted["scale"], converted["zero_point"])
-            if converted["bias"] is not None:
-                q.bias = nn.Parameter(converted["bias"].to(module.bias.dtype), requires_grad=False)
-            if converted["perm"] is not None:
-                q.set_input_permutation(converted["perm"])
+            converted = fmt.convert(name, {s: tensors.get(f"{name}.{s}") for s in suffixes},
+                                    module.in_features, module.out_features)
+            q = load_layer(converted, module)
             if mesh is not None:  # replicated on every device
                 q = q.to(xla_device())
         replacements[name] = q
-        report.layers.append(LoadedLayer(name, method, converted["bits"], converted["group"] if converted["group"] != -1
-                                         else module.in_features,
-                                         converted["symmetric"], converted["perm"] is not None, styles.get(name),
-                                         converted.get("quantize_activation", False)))
+        report.layers.append(LoadedLayer(name, method, converted.bits,
+                                         module.in_features if converted.group == -1 else converted.group,
+                                         converted.symmetric, converted.perm is not None, styles.get(name),
+                                         converted.quantize_activation))
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(f"{name}.") for name in replacements)}
     rest = keys - used

@@ -20,23 +20,17 @@ import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
-from .tensors import FLOAT, PACKED, SCALE, Spec, check_tensors, check_config, resolve_group
+from .format import CheckpointFormat, ConvertedLayer
+from .tensors import FLOAT, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
-SUFFIXES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column ORDER[j] of its 8
 INVERSE_ORDER = [ORDER.index(c) for c in range(8)]
 
 
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:
-    """int32 ``[R, N/8]`` -> uint8 ``[R, N]`` values in [0, 15], undoing the interleaved order.
-    Byte arithmetic on the words' bytes (nibble j: byte j // 2, low half when j is even)."""
-    if shared.BYTE_VIEWS:
-        raw = shared.word_bytes(words).reshape(*words.shape, 4)  # [R, N/8, 4]
-        nibbles = torch.stack([raw & 0xF, raw >> 4], dim=-1).flatten(-2)  # [R, N/8, 8], nibble j
-    else:
-        w = words.to(torch.int64) & 0xFFFFFFFF
-        nibbles = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1).to(torch.uint8)
-    return nibbles[..., INVERSE_ORDER].flatten(-2)  # column c comes from nibble ORDER.index(c)
+    """int32 ``[R, N/8]`` -> uint8 ``[R, N]`` values in [0, 15], undoing the interleaved order."""
+    nibbles = unpack_words(words, 4, 1).unflatten(1, (-1, 8))  # [R, N/8, 8], nibble j
+    return nibbles[..., INVERSE_ORDER].flatten(1).to(torch.uint8)  # column c comes from nibble ORDER.index(c)
 
 
 #: byte t of the word ``(a & 0x0F0F0F0F) | (b & 0x0F0F0F0F) << 4`` holds nibble 2t of two words a, b:
@@ -60,44 +54,42 @@ def qweight_to_op_bytes(words: torch.Tensor) -> torch.Tensor:
     return out.reshape(n_words * 8, k // 2)
 
 
-def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
-    """Per stored tensor and dim: the layer axis ("K" / "N") and the features one stored element spans."""
-    group = resolve_group("AWQ", _group_size(config), in_features)
-    return {"qweight": (("K", 1), ("N", 8)), "qzeros": (("K", group), ("N", 8)), "scales": (("K", group), ("N", 1)),
-            "bias": (("N", 1),)}
+class AWQ(CheckpointFormat):
+    quant_method = "awq"
+    TENSORS = ("qweight", "qzeros", "scales")
 
+    def __init__(self, config: dict):
+        check_config("AWQ", "bits", config.get("bits", config.get("w_bit", 4)), (4,))
+        version = config.get("version", "gemm")
+        check_config("AWQ", "version", version.lower() if isinstance(version, str) else version,
+                     ("gemm",))  # AutoAWQ writes "GEMM", transformers "gemm"
+        check_config("AWQ", "zero_point", config.get("zero_point", True), (True,),
+                     "symmetric AWQ stores no zeros, and AutoAWQ's gemm packing needs them (module docstring)")
+        check_config("AWQ", "backend", config.get("backend", "autoawq"), ("autoawq",))
+        self.group_size = config.get("group_size", config.get("q_group_size", 128))
 
-def _group_size(config: dict):
-    return config.get("group_size", config.get("q_group_size", 128))
-
-
-def _check_config(config: dict) -> None:
-    """The config values AWQ reads, each one the gemm layout knows."""
-    check_config("AWQ", "bits", config.get("bits", config.get("w_bit", 4)), (4,))
-    version = config.get("version", "gemm")
-    check_config("AWQ", "version", version.lower() if isinstance(version, str) else version,
-                 ("gemm",))  # AutoAWQ writes "GEMM", transformers "gemm"
-    check_config("AWQ", "zero_point", config.get("zero_point", True), (True,),
-                 "symmetric AWQ stores no zeros, and AutoAWQ's gemm packing needs them (module docstring)")
-    check_config("AWQ", "backend", config.get("backend", "autoawq"), ("autoawq",))
-
-
-def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int, k_offset: int = 0) -> dict:
-    _check_config(config)
-    k, n = in_features, out_features
-    group = resolve_group(name, _group_size(config), k)
-    if n % 8:
-        raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
-    expected = {"qweight": Spec((k, n // 8), PACKED), "qzeros": Spec((k // group, n // 8), PACKED),
+    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
+        k, n = in_features, out_features
+        return {"qweight": Spec((k, n // 8), PACKED), "qzeros": Spec((k // group, n // 8), PACKED),
                 "scales": Spec((k // group, n), SCALE), "bias": Spec((n,), FLOAT)}
-    check_tensors(name, tensors, expected, "AWQ", f"in={k}, out={n}, group_size={group}", optional=("bias",))
-    zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
-    scale = tensors["scales"].t().contiguous()  # [N, K/g]
-    if shared.BYTE_VIEWS and k % 2 == 0:
-        w = qweight_to_op_bytes(tensors["qweight"])  # [N, K/2], the op's nibble order
-    else:
-        q = unpack_columns(tensors["qweight"])  # [K, N]
-        w = pack_int4(q.t().contiguous(), axis=1)
-    zero_point = (zeros.t().float() * scale.float()).contiguous()
-    return dict(weight=w, scale=scale, zero_point=zero_point, bits=4, group=group, perm=None,
-                symmetric=False, bias=tensors.get("bias"))
+
+    def stored_axes(self, group: int) -> dict:
+        return {"qweight": (("K", 1), ("N", 8)), "qzeros": (("K", group), ("N", 8)),
+                "scales": (("K", group), ("N", 1)), "bias": (("N", 1),)}
+
+    def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
+                k_offset: int = 0) -> ConvertedLayer:
+        k, n = in_features, out_features
+        group = self.group(name, k)
+        if n % 8:
+            raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
+        check_tensors(name, tensors, self.specs(k, n, group), "AWQ", f"in={k}, out={n}, group_size={group}",
+                      optional=("bias",))
+        zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
+        scale = tensors["scales"].t().contiguous()  # [N, K/g]
+        if shared.BYTE_VIEWS and k % 2 == 0:
+            w = qweight_to_op_bytes(tensors["qweight"])  # [N, K/2], the op's nibble order
+        else:
+            w = pack_int4(unpack_columns(tensors["qweight"]).t().contiguous(), axis=1)
+        zero_point = (zeros.t().float() * scale.float()).contiguous()
+        return ConvertedLayer(w, scale, zero_point, 4, group, False, bias=tensors.get("bias"))

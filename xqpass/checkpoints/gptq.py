@@ -25,81 +25,67 @@ import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
-from .tensors import FLOAT, INDEX, PACKED, SCALE, Spec, check_tensors, check_config, resolve_group
+from .format import CheckpointFormat, ConvertedLayer
+from .tensors import FLOAT, INDEX, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
-SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1; others (e.g. marlin) pack differently
 
 
-def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
-    """int32 words -> int64 values of ``bits`` bits, unpacked along ``axis`` (low bits first)."""
-    per = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF  # the words as unsigned 32-bit
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    w = w.unsqueeze(axis + 1)
-    shape = [1] * w.dim()
-    shape[axis + 1] = per
-    values = (w >> shifts.view(shape)) & ((1 << bits) - 1)
-    return values.flatten(axis, axis + 1)
+class GPTQ(CheckpointFormat):
+    quant_method = "gptq"
+    TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
+    def __init__(self, config: dict):
+        self.bits = check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
+        self.v1 = check_config("GPTQ", "checkpoint_format", config.get("checkpoint_format", "gptq"),
+                               CHECKPOINT_FORMATS) == "gptq"
+        self.sym = check_config("GPTQ", "sym", config.get("sym", True), (True, False))
+        self.act_order = check_config("GPTQ", "desc_act", config.get("desc_act", False), (True, False))
+        self.group_size = config.get("group_size", -1)
 
-def stored_axes(config: dict, in_features: int, out_features: int) -> dict:
-    """Per stored tensor and dim: the layer axis it runs along ("K" / "N") and how many features one
-    stored element spans (a packed word, a group), to read a slice of the layer (sharded loading)."""
-    per = 32 // check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
-    group = resolve_group("GPTQ", config.get("group_size", -1), in_features)
-    return {"qweight": (("K", per), ("N", 1)), "qzeros": (("K", group), ("N", per)),
-            "scales": (("K", group), ("N", 1)), "g_idx": (("K", 1),), "bias": (("N", 1),)}
-
-
-def row_slices_exact(read, config: dict, in_features: int) -> bool:
-    """Whether a slice of K holds its own groups (not with act-order, whose groups span all of K)."""
-    group = resolve_group("GPTQ", config.get("group_size", -1), in_features)
-    g_idx = read("g_idx")
-    return g_idx is None or torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // group)
-
-
-def convert_layer(name: str, tensors: dict, config: dict, in_features: int, out_features: int,
-                  k_offset: int = 0) -> dict:
-    """One layer's GPTQ tensors -> kwargs for ``XlaQuantizedLinear`` (and an optional permutation).
-    ``k_offset``: the tensors are the slice of a layer starting at input feature ``k_offset``."""
-    bits = check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
-    v1 = check_config("GPTQ", "checkpoint_format", config.get("checkpoint_format", "gptq"), CHECKPOINT_FORMATS) == "gptq"
-    sym = check_config("GPTQ", "sym", config.get("sym", True), (True, False))
-    act_order = check_config("GPTQ", "desc_act", config.get("desc_act", False), (True, False))
-    k, n = in_features, out_features
-    group = resolve_group(name, config.get("group_size", -1), k)
-    expected = {"qweight": Spec((k * bits // 32, n), PACKED), "qzeros": Spec((k // group, n * bits // 32), PACKED),
+    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
+        k, n, bits = in_features, out_features, self.bits
+        return {"qweight": Spec((k * bits // 32, n), PACKED), "qzeros": Spec((k // group, n * bits // 32), PACKED),
                 "scales": Spec((k // group, n), SCALE), "g_idx": Spec((k,), INDEX), "bias": Spec((n,), FLOAT)}
-    check_tensors(name, tensors, expected, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
-                  optional=("bias",) if act_order else ("g_idx", "bias"))  # act-order: k // g is wrong
-    zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if v1 else 0)  # [K/g, N]
-    symmetric = bool((zeros == 1 << (bits - 1)).all())
-    if sym and not symmetric:
-        stored = sorted(set(zeros.unique().tolist()))[:8]
-        raise ValueError(f"{name}.qzeros: sym: true stores every zero at {1 << (bits - 1)}, got zeros {stored} "
-                         f"(read as checkpoint_format {'gptq' if v1 else 'gptq_v2'}: v1 stores zero - 1)")
-    scales = tensors["scales"]
-    g_idx = tensors.get("g_idx")
-    perm = None
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), (torch.arange(k) + k_offset) // group):
-        g = g_idx.to(torch.int64)
-        counts = torch.bincount(g, minlength=k // group)
-        if g.min() < 0 or g.max() >= k // group or not bool((counts == group).all()):
-            raise ValueError(f"{name}.g_idx: every group must hold exactly group_size={group} input features")
-        perm = torch.argsort(g, stable=True)  # K sorted by group: groups become contiguous
-    if perm is not None or not shared.BYTE_VIEWS:
-        q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
-        q = q if perm is None else q[perm]
-    if perm is None and shared.BYTE_VIEWS:
-        # the words already are the op's bytes: k = 8i + 2b and 8i + 2b + 1 sit in the low and high
-        # nibble of byte b of word i (8-bit: k = 4i + b in byte b); only the transpose is left
-        w = shared.word_bytes(tensors["qweight"].t())  # [N, K * bits / 8]
-    else:
-        w = q.t().contiguous().to(torch.uint8)  # [N, K] values in [0, 2**bits)
-        if bits == 4:
-            w = pack_int4(w, axis=1)
-    scale = scales.t().contiguous()  # [N, K/g]
-    zero_point = (zeros.t().float() * scale.float()).contiguous()  # op's convention; exact in float32
-    return dict(weight=w, scale=scale, zero_point=zero_point, bits=bits, group=group, perm=perm,
-                symmetric=symmetric, bias=tensors.get("bias"))
+
+    def stored_axes(self, group: int) -> dict:
+        per = 32 // self.bits
+        return {"qweight": (("K", per), ("N", 1)), "qzeros": (("K", group), ("N", per)),
+                "scales": (("K", group), ("N", 1)), "g_idx": (("K", 1),), "bias": (("N", 1),)}
+
+    def row_slices_exact(self, read, in_features: int, group: int) -> bool:
+        """Not with act-order, whose groups span all of K."""
+        g_idx = read("g_idx")
+        return g_idx is None or torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // group)
+
+    def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
+                k_offset: int = 0) -> ConvertedLayer:
+        bits, k, n = self.bits, in_features, out_features
+        group = self.group(name, k)
+        check_tensors(name, tensors, self.specs(k, n, group), "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
+                      optional=("bias",) if self.act_order else ("g_idx", "bias"))  # act-order: k // g is wrong
+        zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if self.v1 else 0)  # [K/g, N]
+        symmetric = bool((zeros == 1 << (bits - 1)).all())
+        if self.sym and not symmetric:
+            stored = sorted(set(zeros.unique().tolist()))[:8]
+            raise ValueError(f"{name}.qzeros: sym: true stores every zero at {1 << (bits - 1)}, got zeros {stored} "
+                             f"(read as checkpoint_format {'gptq' if self.v1 else 'gptq_v2'}: v1 stores zero - 1)")
+        g_idx = tensors.get("g_idx")
+        perm = None
+        if g_idx is not None and not torch.equal(g_idx.to(torch.int64), (torch.arange(k) + k_offset) // group):
+            g = g_idx.to(torch.int64)
+            counts = torch.bincount(g, minlength=k // group)
+            if g.min() < 0 or g.max() >= k // group or not bool((counts == group).all()):
+                raise ValueError(f"{name}.g_idx: every group must hold exactly group_size={group} input features")
+            perm = torch.argsort(g, stable=True)  # K sorted by group: groups become contiguous
+        if perm is None and shared.BYTE_VIEWS:
+            # the words already are the op's bytes: k = 8i + 2b and 8i + 2b + 1 sit in the low and high
+            # nibble of byte b of word i (8-bit: k = 4i + b in byte b); only the transpose is left
+            w = shared.word_bytes(tensors["qweight"].t())  # [N, K * bits / 8]
+        else:
+            q = unpack_words(tensors["qweight"], bits, 0)  # [K, N]
+            w = (q if perm is None else q[perm]).t().contiguous().to(torch.uint8)  # [N, K] in [0, 2**bits)
+            w = pack_int4(w, axis=1) if bits == 4 else w
+        scale = tensors["scales"].t().contiguous()  # [N, K/g]
+        zero_point = (zeros.t().float() * scale.float()).contiguous()  # op's convention; exact in float32
+        return ConvertedLayer(w, scale, zero_point, bits, group, symmetric, perm, tensors.get("bias"))

@@ -11,6 +11,7 @@ converted whole on the host and then split.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from ..nn import XlaQuantizedLinear
 from ..sharding import (QUANTIZED_LINEAR_TENSORS, linear_partition_specs, load_local_shards, local_ranges,
                         local_shard_indices, xla_device)
+from .format import CheckpointFormat, ConvertedLayer
 
 
 def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
@@ -35,39 +37,48 @@ def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
     return tuple(index)
 
 
-def build_module(converted: dict, in_features: int, out_features: int, bias: bool, device=None) -> XlaQuantizedLinear:
+def build_module(converted: ConvertedLayer, in_features: int, out_features: int, bias: bool,
+                 device=None) -> XlaQuantizedLinear:
     """An ``XlaQuantizedLinear`` for a converted layer; on ``device="meta"`` it holds no bytes (a
     template for partition specs and buffer shapes)."""
     return XlaQuantizedLinear(
-        in_features, out_features, is_symmetric=converted["zero_point"] is None,
-        block_size=converted["group"], int4_weight=converted["bits"] == 4, packed=converted["bits"] == 4,
-        quantize_activation=converted.get("quantize_activation", False),
-        bias=bias, weight_dtype=converted["weight"].dtype, scale_dtype=converted["scale"].dtype,
-        block_layout="rows", device=device,
+        in_features, out_features, is_symmetric=converted.zero_point is None, block_size=converted.group,
+        int4_weight=converted.bits == 4, packed=converted.bits == 4, quantize_activation=converted.quantize_activation,
+        bias=bias, weight_dtype=converted.weight.dtype, scale_dtype=converted.scale.dtype, block_layout="rows",
+        device=device,
     )
 
 
-def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfig: dict, style: str, mesh,
-                     axis: str, axis_size: int) -> tuple[XlaQuantizedLinear, dict]:
+def load_layer(converted: ConvertedLayer, linear: nn.Linear) -> XlaQuantizedLinear:
+    """A whole converted layer into a module on the host (built on "meta": no zero-filled buffers)."""
+    q = build_module(converted, linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    q.load_quantized_weight(converted.weight, converted.scale, converted.zero_point)
+    if converted.bias is not None:
+        q.bias = nn.Parameter(converted.bias.to(linear.bias.dtype), requires_grad=False)
+    if converted.perm is not None:
+        q.set_input_permutation(converted.perm)
+    return q
+
+
+def load_split_layer(name: str, linear: nn.Linear, fmt: CheckpointFormat, reader, suffixes, style: str, mesh,
+                     axis: str, axis_size: int) -> tuple[XlaQuantizedLinear, ConvertedLayer]:
     """One quantized layer, split ``style``-parallel over ``mesh``'s ``axis`` as it loads.
 
     ``reader(key, index=None)`` reads a checkpoint tensor (or the slice ``index`` of it). Returns the
-    module (buffers on the XLA devices, each local device holding its shard) and the converted
-    metadata of the first slice (bits, group, symmetric, perm)."""
+    module (buffers on the XLA devices, each local device holding its shard) and the converted first
+    slice (bits, group, symmetric, perm)."""
     k, n = linear.in_features, linear.out_features
     linear_partition_specs(name, linear, style, axis, axis_size)  # divisibility, before reading anything
     full = {"K": k, "N": n}
-    axes = fmt.stored_axes(qconfig, k, n)
+    group = fmt.group(name, k)
+    axes = fmt.stored_axes(group)
     split_axis = "N" if style == "column" else "K"
     ranges = local_ranges(full[split_axis], mesh, axis)
-    exact = style == "column" or getattr(fmt, "row_slices_exact", lambda *a: True)(
-        lambda s: reader(f"{name}.{s}") if s in suffixes else None, qconfig, k)
+    exact = style == "column" or fmt.row_slices_exact(lambda s: reader(f"{name}.{s}") if s in suffixes else None,
+                                                      k, group)
     indices = [{s: stored_slice(axes[s], {split_axis: r}, full) for s in suffixes if axes.get(s) != "shape"}
                for r in ranges]
     exact = exact and all(index is not None for per_device in indices for index in per_device.values())
-
-    def convert(tensors, k_local, n_local, k_offset):
-        return fmt.convert_layer(name, tensors, qconfig, k_local, n_local, k_offset=k_offset)
 
     local = []
     if exact:  # each device's slice, read and converted on its own
@@ -81,12 +92,12 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
             tensors = {s: reader(f"{name}.{s}", index[s]) for s in index}
             shape = {"K": k, "N": n, split_axis: stop - start}
             tensors.update({s: torch.tensor([shape["N"], shape["K"]], dtype=t.dtype) for s, t in shape_tensors.items()})
-            local.append(convert(tensors, shape["K"], shape["N"], start if split_axis == "K" else 0))
+            local.append(fmt.convert(name, tensors, shape["K"], shape["N"], k_offset=start if split_axis == "K" else 0))
         # symmetric only when every slice's zeros are (GPTQ reads it from the zeros)
-        template_source = dict(local[0], symmetric=all(converted["symmetric"] for converted in local))
+        whole = replace(local[0], symmetric=all(converted.symmetric for converted in local))
     else:  # the whole layer on the host, then sliced after conversion
-        template_source = convert({s: reader(f"{name}.{s}") for s in suffixes}, k, n, 0)
-    template = build_module(template_source, k, n, linear.bias is not None, device="meta")
+        whole = fmt.convert(name, {s: reader(f"{name}.{s}") for s in suffixes}, k, n)
+    template = build_module(whole, k, n, linear.bias is not None, device="meta")
     specs = linear_partition_specs(name, template, style, axis, axis_size)
 
     placed = {}
@@ -95,18 +106,18 @@ def load_split_layer(name: str, linear: nn.Linear, fmt, reader, suffixes, qconfi
         if shape_source is None:
             continue
         # the converted dtypes (a float32 zero point beside float16 scales); the bias: the model's
-        dtype = linear.bias.dtype if attr == "bias" else template_source[key].dtype
+        dtype = linear.bias.dtype if attr == "bias" else getattr(whole, key).dtype
         if attr not in specs:  # whole on every device (e.g. a per-channel scale of a row split)
-            placed[attr] = template_source[key].to(dtype).to(xla_device())
+            placed[attr] = getattr(whole, key).to(dtype).to(xla_device())
             continue
         target, shard_indices = local_shard_indices(shape_source.shape, dtype, mesh, specs[attr])
         if exact:
-            shards = [converted[key] for converted in local]
+            shards = [getattr(converted, key) for converted in local]
         else:
-            shards = [template_source[key][index] for index in shard_indices]
+            shards = [getattr(whole, key)[index] for index in shard_indices]
         placed[attr] = load_local_shards(target, shard_indices, shards)
     for attr, tensor in placed.items():  # every tensor the template holds on "meta" gets its placed twin
         setattr(template, attr, nn.Parameter(tensor, requires_grad=False) if attr == "bias" else tensor)
-    if template_source["perm"] is not None:
-        template.set_input_permutation(template_source["perm"].to(xla_device()))
-    return template, template_source
+    if whole.perm is not None:
+        template.set_input_permutation(whole.perm.to(xla_device()))
+    return template, whole

@@ -1,6 +1,6 @@
-"""Checks every checkpoint format shares: the group size, the config values a format knows, and the
-tensors a quantized linear must have, each declared by its format as data (:class:`Spec`: a shape and
-the dtypes the format's published layout allows)."""
+"""What every checkpoint format shares: reading packed int32 words, and the checks of the group size,
+the config values a format knows, and the tensors a quantized linear must have, each declared by its
+format as data (:class:`Spec`: a shape and the dtypes the format's published layout allows)."""
 from __future__ import annotations
 
 import sys
@@ -33,6 +33,15 @@ def word_bytes(words: torch.Tensor) -> torch.Tensor:
     if words.stride() != torch.empty(words.shape, dtype=words.dtype, device="meta").stride():
         words = torch.empty(words.shape, dtype=words.dtype).copy_(words)
     return words.view(torch.uint8)
+
+
+def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """int32 words -> int64 values in ``[0, 2**bits)``, ``32 / bits`` a word along ``axis``, the
+    first value in the low bits (arithmetic: right on any host, unlike :func:`word_bytes`)."""
+    axis, per = axis % words.dim(), 32 // bits
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(per, *[1] * (words.dim() - 1 - axis))
+    values = ((words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(axis + 1) >> shifts) & ((1 << bits) - 1)
+    return values.flatten(axis, axis + 1)
 
 
 def resolve_group(name: str, group, in_features: int) -> int:

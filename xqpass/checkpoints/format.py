@@ -1,0 +1,57 @@
+"""A checkpoint format, to the loader: a class built once per checkpoint from its ``quantization_config``
+(the constructor checks every value the format reads) that declares the tensors a quantized linear
+stores and converts one layer into a :class:`ConvertedLayer` (the op's layout; what
+:class:`~xqpass.nn.XlaQuantizedLinear` is built from). A format declares:
+
+* ``quant_method`` (the config's name) and ``TENSORS``: every tensor a quantized linear may store, bias
+  aside; any of them but ``weight`` marks a linear as quantized;
+* ``specs(in_features, out_features, group)``: name -> :class:`~.tensors.Spec` of one layer's tensors;
+* ``convert``: one layer, or its slice of K from ``k_offset`` (checked against ``specs`` first);
+* ``stored_axes(group)``: per stored tensor and dim, the layer axis it runs along ("K" / "N") and the
+  features one element spans (a packed word, a group), to read one device's slice (:mod:`.split`);
+  ``row_slices_exact``: whether a slice of K holds its own groups (default: yes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from .tensors import Spec, resolve_group
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """One quantized linear in the op's blockwise-by-rows layout (per channel where ``group == -1``).
+    Integers and scales are the checkpoint's own, moved, never re-quantized."""
+    weight: torch.Tensor  # [N, K] int8/uint8; 4-bit: [N, K/2], two a byte, low nibble = even k
+    scale: torch.Tensor  # [N, K/g], or [N] per channel
+    zero_point: torch.Tensor | None  # float32 zero * scale, as scale; None: symmetric storage
+    bits: int  # 4 (packed, int4) or 8
+    group: int  # features of K one scale spans (the op's block_size); -1: per channel
+    symmetric: bool  # the report's symmetry (GPTQ: read from the zeros)
+    perm: torch.Tensor | None = None  # act-order: K sorted by group; the layer reads x[..., perm]
+    bias: torch.Tensor | None = None
+    quantize_activation: bool = False  # W8A8: int8 activations, dynamic per token
+
+
+class CheckpointFormat:
+    """The protocol every format follows (module docstring); one instance per checkpoint."""
+    quant_method: ClassVar[str]
+    TENSORS: ClassVar[tuple[str, ...]]
+    group_size: int | None  # as configured (-1: all of K); set by the constructor from the config
+
+    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]: ...
+
+    def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
+                k_offset: int = 0) -> ConvertedLayer: ...
+
+    def stored_axes(self, group: int) -> dict: ...
+
+    def group(self, name: str, in_features: int) -> int:
+        """The group size along K of a layer (or slice) of ``in_features``, checked to divide it."""
+        return resolve_group(name, self.group_size, in_features)
+
+    def row_slices_exact(self, read: Callable[[str], torch.Tensor | None], in_features: int, group: int) -> bool:
+        return True
