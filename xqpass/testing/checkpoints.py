@@ -21,8 +21,9 @@ def linear_names(model: nn.Module, layers=None) -> tuple[str, ...]:
     return tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
 
 
-def pack_gptq_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """GPTQ packing: 32/bits values a uint32 word along ``axis``, first value in the low bits."""
+def pack_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """32/bits unsigned values a uint32 word along ``axis``, first value in the low bits (GPTQ's packing;
+    AWQ and compressed-tensors pack the same way after reordering, offsetting and padding)."""
     per = 32 // bits
     v = np.moveaxis(values.astype(np.uint64), axis, 0)
     v = v.reshape(v.shape[0] // per, per, *v.shape[1:])
@@ -47,8 +48,8 @@ def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None, symm
         g_idx = rng.permutation(g_idx)
     deq = (q - zeros[g_idx]) * scales.astype(np.float64)[g_idx]  # [K, N]
     tensors = {
-        "qweight": torch.from_numpy(pack_gptq_words(q, bits, 0)),
-        "qzeros": torch.from_numpy(pack_gptq_words(zeros - (1 if v1 else 0), bits, 1)),
+        "qweight": torch.from_numpy(pack_words(q, bits, 0)),
+        "qzeros": torch.from_numpy(pack_words(zeros - (1 if v1 else 0), bits, 1)),
         "scales": torch.from_numpy(scales),
         "g_idx": torch.from_numpy(g_idx.astype(np.int32)),
     }
@@ -103,11 +104,7 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 def pack_awq_columns(values: np.ndarray) -> np.ndarray:
     """AWQ gemm packing along N: nibble j of word i holds column 8i + AWQ_ORDER[j]."""
     rows, n = values.shape
-    v = values.astype(np.uint64).reshape(rows, n // 8, 8)
-    words = np.zeros((rows, n // 8), dtype=np.uint64)
-    for j, col in enumerate(AWQ_ORDER):
-        words |= v[:, :, col] << np.uint64(4 * j)
-    return np.ascontiguousarray(words.astype(np.uint32).view(np.int32))
+    return pack_words(values.reshape(rows, n // 8, 8)[:, :, AWQ_ORDER].reshape(rows, n), 4, 1)
 
 
 def write_awq_checkpoint(path, float_model, group=16, seed=0, *, layers=None):
@@ -137,16 +134,9 @@ def write_awq_checkpoint(path, float_model, group=16, seed=0, *, layers=None):
 def pack_ct_int32(values: np.ndarray, bits: int, dim: int) -> np.ndarray:
     """compressed-tensors pack_to_int32 as documented: +2**(bits-1), 32/bits a word along ``dim``,
     first value in the low bits, zero padding to whole words."""
-    per = 32 // bits
-    v = (values + (1 << (bits - 1))).astype(np.uint64)
-    v = np.moveaxis(v, dim, -1)
-    pad = (-v.shape[-1]) % per
-    v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.uint64)], axis=-1)
-    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
-    words = np.zeros(v.shape[:-1], np.uint64)
-    for j in range(per):
-        words |= v[..., j] << np.uint64(bits * j)
-    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), -1, dim))
+    v = np.moveaxis(values + (1 << (bits - 1)), dim, -1)
+    v = np.concatenate([v, np.zeros(v.shape[:-1] + ((-v.shape[-1]) % (32 // bits),), v.dtype)], axis=-1)
+    return np.ascontiguousarray(np.moveaxis(pack_words(v, bits, -1), -1, dim))
 
 
 def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, seed=0, fmt="pack-quantized", *, layers=None):
