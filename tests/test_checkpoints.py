@@ -412,3 +412,34 @@ def test_gptq_report_reads_symmetry_from_the_zeros(tmp_path):
     model = Toy().eval()
     write_checkpoint(path, model, 4, 16)
     assert [l.symmetric for l in load_quantized_checkpoint(model, path).layers] == [False, False]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, axis", [((16, 24), 0), ((16, 24), 1), ((8, 3, 16), -1), ((24, 5), 0)])
+def test_unpack_words_reads_what_the_published_packing_wrote(bits, shape, axis):
+    """The one word-unpacking helper every format uses, against the numpy packer the test writers use
+    (first value in the low bits), on rows, columns, the last axis and a transposed (strided) input."""
+    from xqpass.checkpoints.tensors import unpack_words
+
+    values = np.random.default_rng(bits).integers(0, 2**bits, size=shape)
+    words = torch.from_numpy(writers.pack_words(values, bits, axis))
+    assert torch.equal(unpack_words(words, bits, axis), torch.from_numpy(values))
+    if len(shape) == 2:  # the same words read through a transpose
+        assert torch.equal(unpack_words(words.t().contiguous().t(), bits, axis), torch.from_numpy(values))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "ct", "ct-w8a8"])
+def test_each_format_declares_its_tensors(tmp_path, fmt):
+    """A format class (xqpass/checkpoints/format.py): built from its checkpoint's config, it declares the
+    tensors a layer stores, and reads a device's slice only of tensors it declares."""
+    from xqpass.checkpoints import FORMATS
+
+    WRITE[fmt](str(tmp_path), Toy())
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        config = json.load(f)["quantization_config"]
+    cls = FORMATS[config["quant_method"]]
+    assert cls.quant_method == config["quant_method"]
+    layout = cls(config)
+    specs = layout.specs(64, 48, layout.group("proj", 64))
+    assert set(specs) - {"bias"} <= set(cls.TENSORS) and specs["bias"].shape == (48,)
+    assert set(layout.stored_axes(16)) <= set(specs)

@@ -18,7 +18,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .tensors import Spec, resolve_group
+from .tensors import Spec
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,14 @@ class CheckpointFormat:
     def stored_axes(self, group: int) -> dict: ...
 
     def group(self, name: str, in_features: int) -> int:
-        """The group size along K of a layer (or slice) of ``in_features``, checked to divide it."""
-        return resolve_group(name, self.group_size, in_features)
+        """The group size along K of a layer (or slice) of ``in_features`` (``group_size`` -1: all of
+        it), checked to be an int that divides it."""
+        if type(self.group_size) is not int:
+            raise ValueError(f"{name}: group_size must be an integer, got {self.group_size!r}")
+        group = in_features if self.group_size == -1 else self.group_size
+        if group <= 0 or in_features % group:
+            raise ValueError(f"{name}: group_size={group} does not divide in_features={in_features}")
+        return group
 
     def row_slices_exact(self, read: Callable[[str], torch.Tensor | None], in_features: int, group: int) -> bool:
         return True

@@ -1,6 +1,6 @@
-"""What every checkpoint format shares: reading packed int32 words, and the checks of the group size,
-the config values a format knows, and the tensors a quantized linear must have, each declared by its
-format as data (:class:`Spec`: a shape and the dtypes the format's published layout allows)."""
+"""What every checkpoint format shares: reading packed int32 words, and the checks of the config
+values a format knows and of the tensors a quantized linear must have, each declared by its format
+as data (:class:`Spec`: a shape and the dtypes the format's published layout allows)."""
 from __future__ import annotations
 
 import sys
@@ -42,16 +42,6 @@ def unpack_words(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
     shifts = (torch.arange(per, dtype=torch.int64) * bits).view(per, *[1] * (words.dim() - 1 - axis))
     values = ((words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(axis + 1) >> shifts) & ((1 << bits) - 1)
     return values.flatten(axis, axis + 1)
-
-
-def resolve_group(name: str, group, in_features: int) -> int:
-    """``group`` (``-1``: one group over all of K), checked to be an int that divides K."""
-    if type(group) is not int:
-        raise ValueError(f"{name}: group_size must be an integer, got {group!r}")
-    group = in_features if group == -1 else group
-    if group <= 0 or in_features % group:
-        raise ValueError(f"{name}: group_size={group} does not divide in_features={in_features}")
-    return group
 
 
 def check_config(fmt: str, key: str, value, known: tuple, why: str = ""):
