@@ -19,15 +19,12 @@ import torch
 from torch import nn
 
 from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, require_spmd, resolve_plan, xla_device
-from .awq import AWQ
-from .compressed_tensors import CompressedTensors
-from .format import CheckpointFormat
-from .gptq import GPTQ
+from . import awq, compressed_tensors, gptq
 from .split import load_layer, load_split_layer
 from .tensors import check_kind
 
-#: quant_method -> its format class (xqpass/checkpoints/format.py says what a format declares)
-FORMATS: dict[str, type[CheckpointFormat]] = {f.quant_method: f for f in (GPTQ, AWQ, CompressedTensors)}
+#: quant_method -> its format class (a CheckpointFormat, xqpass/checkpoints/format.py)
+FORMATS = {f.quant_method: f for f in (gptq.GPTQ, awq.AWQ, compressed_tensors.CompressedTensors)}
 
 #: safetensors' dtype names (the header's ``dtype``) -> torch
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

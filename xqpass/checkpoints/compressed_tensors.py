@@ -49,9 +49,7 @@ class CompressedTensors(CheckpointFormat):
     quant_method = "compressed-tensors"
     TENSORS = ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point")
 
-    def __init__(self, config: dict):
-        """The one config group's ``weights`` arguments, with the activation scheme checked: none for
-        pack-quantized, dynamic symmetric int8 per token for int-quantized (W8A8)."""
+    def __init__(self, config: dict):  # one config group's weights; activations: none, or W8A8's per token
         self.format = check_config("compressed-tensors", "format", config.get("format") or "pack-quantized", FORMATS)
         self.w8a8 = self.format == "int-quantized"  # int8 weights as they are, one a byte
         groups = config.get("config_groups") or {}
@@ -72,7 +70,8 @@ class CompressedTensors(CheckpointFormat):
         args, weights = args[0], "compressed-tensors weights"
         check_config(weights, "type", args.get("type", "int"), ("int",))
         self.bits = check_config(weights, "num_bits", args.get("num_bits", 4), (8,) if self.w8a8 else (4, 8))
-        self.channel = check_config(weights, "strategy", args.get("strategy", "group"), ("group", "channel")) == "channel"
+        strategy = check_config(weights, "strategy", args.get("strategy", "group"), ("group", "channel"))
+        self.channel = strategy == "channel"
         self.symmetric = check_config(weights, "symmetric", args.get("symmetric", True), (True, False))
         check_config(weights, "actorder", args.get("actorder"), ACTORDERS)
         self.group_size = None if self.channel else args.get("group_size")  # no -1 here

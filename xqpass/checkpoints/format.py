@@ -1,18 +1,11 @@
-"""A checkpoint format, to the loader: a class built once per checkpoint from its ``quantization_config``
-(the constructor checks every value the format reads) that declares the tensors a quantized linear
-stores and converts one layer into a :class:`ConvertedLayer` (the op's layout; what
-:class:`~xqpass.nn.XlaQuantizedLinear` is built from). A format declares:
-
-* ``quant_method`` (the config's name) and ``TENSORS``: every tensor a quantized linear may store, bias
-  aside; any of them but ``weight`` marks a linear as quantized;
-* ``specs(in_features, out_features, group)``: name -> :class:`~.tensors.Spec` of one layer's tensors;
-* ``convert``: one layer, or its slice of K from ``k_offset`` (checked against ``specs`` first);
-* ``stored_axes(group)``: per stored tensor and dim, the layer axis it runs along ("K" / "N") and the
-  features one element spans (a packed word, a group), to read one device's slice (:mod:`.split`);
-  ``row_slices_exact``: whether a slice of K holds its own groups (default: yes).
+"""What a checkpoint format is to the loader: a class built once per checkpoint from its
+``quantization_config`` (the constructor checks every value the format reads) that declares the
+tensors a quantized linear stores and converts one layer into a :class:`ConvertedLayer`, the op's
+layout :class:`~xqpass.nn.XlaQuantizedLinear` is built from (docs/checkpoints.md, "Adding a format").
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -36,18 +29,25 @@ class ConvertedLayer:
     quantize_activation: bool = False  # W8A8: int8 activations, dynamic per token
 
 
-class CheckpointFormat:
-    """The protocol every format follows (module docstring); one instance per checkpoint."""
-    quant_method: ClassVar[str]
-    TENSORS: ClassVar[tuple[str, ...]]
+class CheckpointFormat(ABC):
+    """The protocol every format follows; one instance per checkpoint."""
+    quant_method: ClassVar[str]  # the config's name for the format
+    TENSORS: ClassVar[tuple[str, ...]]  # what a quantized linear may store, bias aside; all but "weight" mark one
     group_size: int | None  # as configured (-1: all of K); set by the constructor from the config
 
-    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]: ...
+    @abstractmethod
+    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
+        """name -> :class:`~.tensors.Spec` (shape, dtypes) of one layer's tensors, bias included."""
 
+    @abstractmethod
     def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
-                k_offset: int = 0) -> ConvertedLayer: ...
+                k_offset: int = 0) -> ConvertedLayer:
+        """One layer, or its slice of K from input feature ``k_offset``, checked against :meth:`specs`."""
 
-    def stored_axes(self, group: int) -> dict: ...
+    @abstractmethod
+    def stored_axes(self, group: int) -> dict:
+        """Per stored tensor and dim: the layer axis it runs along ("K" / "N") and the features one
+        element spans (a packed word, a group), to read one device's slice (:mod:`.split`)."""
 
     def group(self, name: str, in_features: int) -> int:
         """The group size along K of a layer (or slice) of ``in_features`` (``group_size`` -1: all of
@@ -60,4 +60,5 @@ class CheckpointFormat:
         return group
 
     def row_slices_exact(self, read: Callable[[str], torch.Tensor | None], in_features: int, group: int) -> bool:
+        """Whether a slice of K holds its own groups (``read(tensor name)``: a stored tensor or None)."""
         return True

@@ -28,8 +28,6 @@ from . import tensors as shared
 from .format import CheckpointFormat, ConvertedLayer
 from .tensors import FLOAT, INDEX, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1; others (e.g. marlin) pack differently
-
 
 class GPTQ(CheckpointFormat):
     quant_method = "gptq"
@@ -38,7 +36,7 @@ class GPTQ(CheckpointFormat):
     def __init__(self, config: dict):
         self.bits = check_config("GPTQ", "bits", config.get("bits", 4), (4, 8))
         self.v1 = check_config("GPTQ", "checkpoint_format", config.get("checkpoint_format", "gptq"),
-                               CHECKPOINT_FORMATS) == "gptq"
+                               ("gptq", "gptq_v2")) == "gptq"  # v1 stores zero - 1; marlin packs otherwise
         self.sym = check_config("GPTQ", "sym", config.get("sym", True), (True, False))
         self.act_order = check_config("GPTQ", "desc_act", config.get("desc_act", False), (True, False))
         self.group_size = config.get("group_size", -1)
@@ -62,8 +60,9 @@ class GPTQ(CheckpointFormat):
                 k_offset: int = 0) -> ConvertedLayer:
         bits, k, n = self.bits, in_features, out_features
         group = self.group(name, k)
+        optional = ("bias",) if self.act_order else ("g_idx", "bias")  # act-order: k // g is wrong
         check_tensors(name, tensors, self.specs(k, n, group), "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
-                      optional=("bias",) if self.act_order else ("g_idx", "bias"))  # act-order: k // g is wrong
+                      optional=optional)
         zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if self.v1 else 0)  # [K/g, N]
         symmetric = bool((zeros == 1 << (bits - 1)).all())
         if self.sym and not symmetric:
