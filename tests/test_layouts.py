@@ -135,3 +135,88 @@ def test_quantize_per_token_nan_stays_in_scale():
     x_q, x_scale = quantize_per_token(x)
     assert torch.isnan(x_scale[0]).all() and x_q[0].tolist() == [0, 0, 0]
     assert x_q[1].tolist() == [32, -64, 127]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout: the shapes of docs/ops.md's table, recognition, errors
+
+from xqpass.quant import Layout  # noqa: E402
+from xqpass.sharding import tensor_parallel_dims  # noqa: E402
+
+N, K, B = 6, 32, 8
+#: docs/ops.md, Layouts: (block_size, by_rows, packed) -> (w, scale / zero_point), written out by hand
+DOCS_TABLE = {
+    (-1, False, False): ((N, K), (N,)),
+    (B, False, False): ((K // B, B, N), (K // B, N)),
+    (-1, False, True): ((N, K // 2), (N,)),
+    (B, False, True): ((K // B, B // 2, N), (K // B, N)),
+    (B, True, False): ((N, K), (N, K // B)),
+    (B, True, True): ((N, K // 2), (N, K // B)),
+}
+
+
+@pytest.mark.parametrize("args", sorted(DOCS_TABLE))
+def test_layout_shapes_match_the_docs_and_are_recognised(args):
+    layout = Layout(*args)
+    w_shape, s_shape = DOCS_TABLE[args]
+    assert layout.weight_shape(N, K) == w_shape and layout.scale_shape(N, K) == s_shape
+    assert layout.features(w_shape) == (N, K)
+    assert Layout.recognise(w_shape, layout.block_size, layout.packed) == layout
+    assert Layout.of(layout.block_size, layout.packed, "rows" if layout.by_rows else "seed") == layout
+    assert len(layout.weight_axes) == len(w_shape) and w_shape[layout.weight_axes.index("N")] == N
+    assert len(layout.scale_axes) == len(s_shape) and s_shape[layout.scale_axes.index("N")] == N
+
+
+@pytest.mark.parametrize("args", sorted(DOCS_TABLE))
+def test_layout_arrange_and_dequantize_are_inverse(args):
+    layout = Layout(*args)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (N, K), generator=gen, dtype=torch.int8)
+    groups = layout.num_groups(K)
+    scale, zero = torch.rand(N, groups, generator=gen), torch.rand(N, groups, generator=gen)
+    w, s, z = layout.arrange(q, scale, zero)
+    assert tuple(w.shape) == DOCS_TABLE[args][0] and tuple(s.shape) == tuple(z.shape) == DOCS_TABLE[args][1]
+    expected = (q.double().reshape(N, groups, -1) * scale.double()[..., None] - zero.double()[..., None]).reshape(N, K)
+    assert torch.allclose(layout.dequantize(w, s, z, torch.float64), expected)
+    assert torch.equal(layout.grouped_scale(s), scale) and torch.equal(layout.grouped_scale(z), zero)
+
+
+def test_layout_k_unit_and_names():
+    assert [Layout().k_unit, Layout(packed=True).k_unit, Layout(B).k_unit, Layout(B, True, True).k_unit] == [1, 2, B, B]
+    assert [Layout().name, Layout(B).name, Layout(B, True).name] == ["per-channel", "blockwise", "blockwise by rows"]
+    assert Layout.of(-1, False, "rows") == Layout()  # per-channel is stored by rows already
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0,), r"block_size must be -1 \(per-channel\) or positive, got 0"),
+    ((-2,), r"got -2"),
+    ((-1, True), r"by rows needs a block_size"),
+    ((3, False, True), r"packed int4 needs an even block_size, got 3"),
+])
+def test_layout_rejects_what_no_layout_is(args, message):
+    with pytest.raises(ValueError, match=message):
+        Layout(*args)
+
+
+def test_recognise_rejects_ranks_no_layout_has():
+    with pytest.raises(ValueError, match=r"per-channel w must be 2-D \[N, K\], got shape \(2, 4, 4\).*pass block_size"):
+        Layout.recognise((2, 4, 4), -1, False)
+    with pytest.raises(ValueError, match=r"blockwise w must be 3-D \[K/B, B/2, N\] or, by rows, 2-D \[N, K/2\]"):
+        Layout.recognise((2, 2, 2, 4), 4, True)
+    with pytest.raises(ValueError, match=r"got 0"):
+        Layout.recognise((4, 8), 0, False)
+
+
+#: docs/sharding.md, "What is split, per layout": style -> dims of weight, scale, zero_point, bias
+SPLITS = {
+    Layout(): {"column": (0, 0, 0, 0), "row": (1, None, None, None)},
+    Layout(B): {"column": (2, 1, 1, 0), "row": (0, 0, 0, None)},
+    Layout(B, True): {"column": (0, 0, 0, 0), "row": (1, 1, 1, None)},
+}
+
+
+@pytest.mark.parametrize("layout", list(SPLITS), ids=lambda layout: layout.name)
+@pytest.mark.parametrize("style", ["column", "row"])
+def test_tensor_parallel_dims_follow_the_layout(layout, style):
+    dims = tensor_parallel_dims(style, layout)
+    assert tuple(dims[key] for key in ("weight", "scale", "zero_point", "bias")) == SPLITS[layout][style]

@@ -9,8 +9,8 @@ import pytest
 from torch import nn
 
 from xqpass import XlaQuantizedLinear, load_quantized_checkpoint, quantize_model, shard_model
-from xqpass.quant.layouts import tensor_parallel_dims
-from xqpass.sharding import linear_partition_specs, resolve_plan
+from xqpass.quant.layouts import Layout
+from xqpass.sharding import linear_partition_specs, resolve_plan, tensor_parallel_dims
 from xqpass.testing.models import DecoderConfig, TinyDecoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -138,4 +138,4 @@ def test_a_mesh_must_have_the_axis():
 
 def test_tensor_parallel_dims_rejects_unknown_styles():
     with pytest.raises(ValueError, match="got 'diagonal'"):
-        tensor_parallel_dims("diagonal", -1, False)
+        tensor_parallel_dims("diagonal", Layout())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .ops import check_inputs  # importing .ops registers torch.ops.xq.quantized_matmul
-from .quant.layouts import PER_CHANNEL
+from .quant.layouts import PER_CHANNEL, Layout
 from .quant.quantize import check_format, check_weight, quantize_weight
 
 log = logging.getLogger("xqpass")
@@ -68,14 +68,8 @@ class XlaQuantizedLinear(nn.Module):
         self.quantize_activation = quantize_activation
         self.packed = packed
         self.block_layout = block_layout
-        pack = 2 if packed else 1
-        if block_size == PER_CHANNEL:
-            w_shape, s_shape = (output_dim, input_dim // pack), (output_dim,)
-        elif block_layout == "rows":
-            w_shape, s_shape = (output_dim, input_dim // pack), (output_dim, input_dim // block_size)
-        else:
-            w_shape = (input_dim // block_size, block_size // pack, output_dim)
-            s_shape = (input_dim // block_size, output_dim)
+        layout = Layout.of(block_size, packed, block_layout)
+        w_shape, s_shape = layout.weight_shape(output_dim, input_dim), layout.scale_shape(output_dim, input_dim)
         if weight_dtype is None:
             weight_dtype = torch.int8 if is_symmetric else torch.uint8
         self.register_buffer("weight", torch.zeros(w_shape, dtype=weight_dtype, device=device))
@@ -88,6 +82,11 @@ class XlaQuantizedLinear(nn.Module):
         # act-order checkpoints (GPTQ desc_act): K was permuted at load so groups are contiguous; the
         # activation's last dim is permuted the same way on every call
         self.register_buffer("input_perm", None)
+
+    @property
+    def layout(self) -> Layout:
+        """The layout of ``weight``, ``weight_scaler`` and ``zero_point`` as loaded (:mod:`xqpass.quant.layouts`)."""
+        return Layout.recognise(self.weight.shape, self.block_size, self.packed)
 
     @property
     def in_features(self) -> int:
@@ -142,9 +141,9 @@ class XlaQuantizedLinear(nn.Module):
     def load_quantized_weight(self, weight, weight_scaler, zero_point=None):
         """Load quantized tensors in this module's layout (the seed's method).
 
-        weight: per-channel ``[out, in]`` / blockwise ``[in / block_size, block_size, out]``
-        (K or B halved when packed); weight_scaler: ``[out]`` / ``[in / block_size, out]``;
-        zero_point: like weight_scaler, or None.
+        weight: per-channel ``[out, in]``, blockwise ``[in / block_size, block_size, out]`` or by rows
+        ``[out, in]`` (K or B halved when packed); weight_scaler: ``[out]``, ``[in / block_size, out]`` or
+        ``[out, in / block_size]``; zero_point: like weight_scaler, or None.
         """
         probe = torch.empty((1, self.input_dim), dtype=torch.float32, device=weight.device)
         spec = check_inputs(
@@ -185,7 +184,7 @@ class XlaQuantizedLinear(nn.Module):
             bits += " packed" if self.packed else " (one a byte)"
         return (
             f"in_features={self.input_dim}, out_features={self.output_dim}, weight={bits} {self.weight.dtype}, "
-            f"block_size={self.block_size}{' by rows' if self.block_layout == 'rows' and self.block_size != -1 else ''}, "
+            f"block_size={self.block_size}{' by rows' if self.layout.by_rows else ''}, "
             f"symmetric={self.zero_point is None}, "
             f"quantize_activation={self.quantize_activation}, bias={self.bias is not None}"
         )
@@ -303,8 +302,8 @@ def _call_the_layer(module: nn.Module, args: tuple) -> None:
 
 
 def _format_name(bits, block_size, symmetric, quantize_activation, packed, block_layout) -> str:
-    grouping = "per-channel" if block_size == PER_CHANNEL else \
-        f"blockwise{' by rows' if block_layout == 'rows' else ''}(B={block_size})"
+    layout = Layout.of(block_size, packed, block_layout)
+    grouping = layout.name + ("" if block_size == PER_CHANNEL else f"(B={block_size})")
     return (f"W{bits}A{8 if quantize_activation else 16}{' packed' if packed else ''} {grouping} "
             f"{'sym' if symmetric else 'asym'}")
 

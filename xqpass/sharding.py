@@ -3,7 +3,7 @@
 ``shard_model(model, mesh, plan, axis="model")`` splits every linear that ``plan`` names, Megatron
 style: ``"column"`` splits the output features N, ``"row"`` the input features K. An
 :class:`~xqpass.nn.XlaQuantizedLinear` has its quantized weight, scale and zero point split consistently
-for its layout (:func:`xqpass.quant.layouts.tensor_parallel_dims`), so each device holds 1/n of the
+for its layout (:func:`tensor_parallel_dims`), so each device holds 1/n of the
 bytes and the op runs on its shard: the compiled HLO moves activations (one all-reduce per
 row-parallel layer), never an integer weight.
 
@@ -29,11 +29,33 @@ import torch
 from torch import nn
 
 from .nn import XlaQuantizedLinear
-from .quant.layouts import SPLIT_STYLES, row_split_unit, tensor_parallel_dims
+from .quant.layouts import Layout
 
 #: an XlaQuantizedLinear's tensors: module attribute -> the op's name for it (the keys of
 #: :func:`tensor_parallel_dims` and of the checkpoint converters' output)
 QUANTIZED_LINEAR_TENSORS = {"weight": "weight", "weight_scaler": "scale", "zero_point": "zero_point", "bias": "bias"}
+
+#: Megatron tensor parallelism: "column" splits the output features N, "row" the input features K
+SPLIT_STYLES = ("column", "row")
+
+
+def tensor_parallel_dims(style: str, layout: Layout) -> dict[str, int | None]:
+    """Which dim of each of the op's tensors a tensor-parallel split cuts (None: replicated).
+
+    Keys: ``weight``, ``scale``, ``zero_point``, ``bias``. ``"column"`` cuts N wherever the layout puts
+    it; ``"row"`` cuts K: the weight's K (or groups G) dim, the scales' G dim (a per-channel scale and the
+    bias stay whole). A row cut may not split a group or a packed byte (``layout.k_unit``).
+    """
+    if style not in SPLIT_STYLES:
+        raise ValueError(f"tensor-parallel style must be one of {SPLIT_STYLES}, got {style!r}")
+    cut = ("N",) if style == "column" else ("K", "G")
+
+    def dim(axes):
+        return next((i for i, axis in enumerate(axes) if axis in cut), None)
+
+    scale = dim(layout.scale_axes)
+    return {"weight": dim(layout.weight_axes), "scale": scale, "zero_point": scale,
+            "bias": 0 if style == "column" else None}
 
 
 @dataclass
@@ -85,8 +107,8 @@ def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, 
     """Partition specs of one linear's tensors for a split over ``axis_size`` devices, checked: the split
     dimension must divide evenly, and a row split may not cut a block or a packed byte."""
     if isinstance(module, XlaQuantizedLinear):
-        dims = tensor_parallel_dims(style, module.block_size, module.block_layout == "rows" and module.weight.dim() == 2)
-        unit = row_split_unit(module.block_size, module.packed) if style == "row" else 1
+        dims = tensor_parallel_dims(style, module.layout)
+        unit = module.layout.k_unit if style == "row" else 1
         attrs = QUANTIZED_LINEAR_TENSORS
     elif isinstance(module, nn.Linear):
         dims = {"weight": 0 if style == "column" else 1, "bias": 0 if style == "column" else None}
@@ -244,5 +266,6 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
     return report
 
 
-__all__ = ["ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
-           "local_shard_indices", "place_sharded", "require_spmd", "resolve_plan", "shard_model", "xla_device"]
+__all__ = ["SPLIT_STYLES", "ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
+           "local_shard_indices", "place_sharded", "require_spmd", "resolve_plan", "shard_model",
+           "tensor_parallel_dims", "xla_device"]

@@ -8,30 +8,42 @@ signal, so the error stays an error instead of a silent graph break.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, value_range
+from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, Layout, value_range
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT32_MAX = 2**31 - 1
 
 
-@dataclass(frozen=True)
-class MatmulSpec:
-    """What validation learned about a call: sizes of the contraction and the output."""
+class MatmulSpec(NamedTuple):
+    """What validation learned about a call: the sizes of the contraction and the output, and the layout."""
 
     in_features: int  # K
     out_features: int  # N
-    block_size: int  # -1 or B
-    num_blocks: int  # 1 for per-channel, K/B for blockwise
-    by_rows: bool = False  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
+    layout: Layout
+
+    @property
+    def block_size(self) -> int:
+        """-1 or B."""
+        return self.layout.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        """1 for per-channel, K/B for blockwise."""
+        return self.layout.num_groups(self.in_features)
+
+    @property
+    def by_rows(self) -> bool:
+        """Blockwise with the per-channel storage: w [N, K], scale [N, K/B]."""
+        return self.layout.by_rows
 
     @property
     def reduction_length(self) -> int:
         """Length of one integer dot: K per-channel, B blockwise (the int32 accumulation bound)."""
-        return self.in_features if self.block_size == PER_CHANNEL else self.block_size
+        return self.layout.group_size(self.in_features)
 
 
 def max_int32_reduction(w_dtype: torch.dtype, int4_weight: bool) -> int:
@@ -92,57 +104,31 @@ def check_inputs(
             raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {x.device}")
     if not isinstance(block_size, int) and not isinstance(block_size, torch.SymInt):
         raise TypeError(f"quantized_matmul: block_size must be an int, got {type(block_size).__name__}")
-    if block_size != PER_CHANNEL and block_size <= 0:
-        raise ValueError(f"quantized_matmul: block_size must be -1 (per-channel) or positive, got {block_size}")
     if packed and not int4_weight:
         raise ValueError("quantized_matmul: packed=True holds two 4-bit values a byte; it needs int4_weight=True")
 
+    try:
+        layout = Layout.recognise(w.shape, block_size, packed)
+    except ValueError as e:
+        raise ValueError(f"quantized_matmul: {e}") from None
     k = x.shape[-1]
-    pack = 2 if packed else 1
-    if block_size == PER_CHANNEL:
-        if w.dim() != 2:
+    if block_size != PER_CHANNEL and k % block_size:
+        raise ValueError(f"quantized_matmul: block_size={block_size} does not divide K={k}")
+    n, stored_k = layout.features(w.shape)
+    if stored_k != k or _shape(w) != layout.weight_shape(n, k):
+        if layout.weight_axes == ("N", "K"):
+            pack, stored = (2, "packs") if packed else (1, "holds")
             raise ValueError(
-                f"quantized_matmul: per-channel w must be 2-D [N, K{'/2' if packed else ''}], got shape {_shape(w)}"
-                + (" (a 3-D weight is blockwise: pass block_size)" if w.dim() == 3 else "")
-            )
-        n = w.shape[0]
-        if w.shape[1] * pack != k:
-            raise ValueError(
-                f"quantized_matmul: K mismatch: x has K={k} in its last dim, w {_shape(w)} "
-                f"{'packs' if packed else 'holds'} K={w.shape[1] * pack}"
+                f"quantized_matmul: K mismatch: x has K={k} in its last dim, {layout.name} w {_shape(w)} "
+                f"{stored} K={w.shape[1] * pack}"
                 + (" (int4 weights unpacked one a byte: pass packed=False)" if packed and w.shape[1] == k else "")
                 + (" (two 4-bit values a byte: pass packed=True)" if int4_weight and not packed and 2 * w.shape[1] == k else "")
             )
-        expected = (n,)
-        num_blocks = 1
-    else:
-        if w.dim() not in (2, 3):
-            raise ValueError(
-                f"quantized_matmul: blockwise w must be 3-D [K/B, B{'/2' if packed else ''}, N] or, by rows, "
-                f"2-D [N, K{'/2' if packed else ''}], got shape {_shape(w)}"
-            )
-        if k % block_size:
-            raise ValueError(f"quantized_matmul: block_size={block_size} does not divide K={k}")
-        if packed and block_size % 2:
-            raise ValueError(f"quantized_matmul: packed int4 needs an even block_size, got {block_size}")
-        num_blocks = k // block_size
-        if w.dim() == 2:  # blockwise by rows: w [N, K], scale [N, K/B]
-            n = w.shape[0]
-            if w.shape[1] * pack != k:
-                raise ValueError(
-                    f"quantized_matmul: K mismatch: x has K={k} in its last dim, blockwise-by-rows w {_shape(w)} "
-                    f"{'packs' if packed else 'holds'} K={w.shape[1] * pack}"
-                )
-            expected = (n, num_blocks)
-        else:
-            n = w.shape[2]
-            want = (num_blocks, block_size // pack, n)
-            if _shape(w) != want:
-                raise ValueError(
-                    f"quantized_matmul: blockwise w for K={k}, block_size={block_size}"
-                    f"{', packed' if packed else ''} must be {want} [K/B, B{'/2' if packed else ''}, N], got {_shape(w)}"
-                )
-            expected = (num_blocks, n)
+        raise ValueError(
+            f"quantized_matmul: blockwise w for K={k}, block_size={block_size}{', packed' if packed else ''} must be "
+            f"{layout.weight_shape(n, k)} [K/B, B{'/2' if packed else ''}, N], got {_shape(w)}"
+        )
+    expected = layout.scale_shape(n, k)
     if _shape(scale) != expected:
         raise ValueError(f"quantized_matmul: scale must have shape {expected}, got {_shape(scale)}")
     if zero_point is not None and _shape(zero_point) != expected:
@@ -150,8 +136,7 @@ def check_inputs(
 
     if bias is not None and _shape(bias) != (n,):
         raise ValueError(f"quantized_matmul: bias must have shape ({n},), got {_shape(bias)}")
-    spec = MatmulSpec(in_features=k, out_features=n, block_size=block_size, num_blocks=num_blocks,
-                      by_rows=block_size != PER_CHANNEL and w.dim() == 2)
+    spec = MatmulSpec(k, n, layout)
     if quantize_activation:
         bound = max_int32_reduction(w.dtype, int4_weight)
         if spec.reduction_length > bound:

@@ -9,10 +9,10 @@ where ``x_q, x_scale = quantize_per_token(x)`` (int8 per row, the seed's scheme)
 applied after the dot, as the seed does, so the integer part of a W8A8 / W4A8 dot accumulates exactly
 in int32 (over K per-channel, over B blockwise; inputs that could overflow are rejected):
 
-    per-channel:  out[.., n] = (sum_k x[.., k] w[n, k]) * scale[n] - (sum_k x[.., k]) * zero_point[n]
-    blockwise:    out[.., n] = sum_s [ (sum_b x[.., s, b] w[s, b, n]) * scale[s, n]
-                                       - (sum_b x[.., s, b]) * zero_point[s, n] ]
-    (by rows, ``w[n, s*B + b]``, ``scale[n, s]``, ``zero_point[n, s]``: the same sums)
+    out[.., n] = sum_s [ (sum_b x[.., s, b] w[n, s, b]) * scale[n, s] - (sum_b x[.., s, b]) * zero_point[n, s] ]
+
+with every layout seen as groups (:meth:`~xqpass.quant.layouts.Layout.grouped_weight`): ``w[n, s, b]``
+the weight ``[N, K/B, B]``, ``scale[n, s]`` ``[N, K/B]``; per-channel one group of K.
 
 (times ``x_scale`` with ``x`` replaced by ``x_q`` when activations are quantized), plus ``bias`` when
 given (added before the single rounding to ``x.dtype``). Float work runs in
@@ -39,33 +39,18 @@ def quantized_matmul_reference(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
-    cdt = compute_dtype(x.dtype)
-    w = unpacked_weight(w, packed)  # one value an element, per-channel [N, K] or blockwise [K/B, B, N]
+    layout, cdt = spec.layout, compute_dtype(x.dtype)
+    w = layout.grouped_weight(unpacked_weight(w, packed))  # [N, S, B]
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x.to(cdt))
-        lhs, wv = x_q.to(torch.int32), w.to(torch.int32)  # exact integer dot, int32 accumulation
+        lhs, w = x_q.to(torch.int32), w.to(torch.int32)  # exact integer dot, int32 accumulation
     else:
-        lhs, wv = x.to(cdt), w.to(cdt)
-    scale, zp = scale.to(cdt), None if zero_point is None else zero_point.to(cdt)
-
-    if block_size == PER_CHANNEL:
-        acc = torch.matmul(lhs, wv.t()).to(cdt)  # [..., N]
-        out = acc * scale
-        if zp is not None:
-            out = out - lhs.sum(dim=-1, keepdim=True).to(cdt) * zp
-    elif spec.by_rows:  # w [N, K] seen as [N, K/B, B], scale [N, K/B]
-        blocks = lhs.reshape(*lhs.shape[:-1], spec.num_blocks, block_size)  # [..., K/B, B]
-        wb = wv.reshape(spec.out_features, spec.num_blocks, block_size)
-        acc = torch.einsum("...sb,nsb->...ns", blocks, wb).to(cdt)  # [..., N, K/B]
-        out = (acc * scale).sum(dim=-1)
-        if zp is not None:
-            out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), zp.t())
-    else:
-        blocks = lhs.reshape(*lhs.shape[:-1], spec.num_blocks, block_size)  # [..., K/B, B]
-        acc = torch.einsum("...sb,sbn->...sn", blocks, wv).to(cdt)  # [..., K/B, N]
-        out = (acc * scale).sum(dim=-2)
-        if zp is not None:
-            out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), zp)
+        lhs, w = x.to(cdt), w.to(cdt)
+    blocks = lhs.reshape(*lhs.shape[:-1], spec.num_blocks, w.shape[-1])  # [..., S, B]
+    acc = torch.einsum("...sb,nsb->...ns", blocks, w).to(cdt)  # [..., N, S]
+    out = (acc * layout.grouped_scale(scale).to(cdt)).sum(dim=-1)
+    if zero_point is not None:
+        out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), layout.grouped_scale(zero_point).to(cdt).t())
     if quantize_activation:
         out = out * x_scale
     if bias is not None:

@@ -1,13 +1,11 @@
 """Layouts and quantize/pack helpers (pure torch; the one place that defines each layout)."""
 from .layouts import (
     PER_CHANNEL,
-    SPLIT_STYLES,
+    Layout,
     blockwise_to_per_channel,
     dequantize,
     pack_int4,
     per_channel_to_blockwise,
-    row_split_unit,
-    tensor_parallel_dims,
     unpack_int4,
     unpacked_weight,
     value_range,
@@ -16,7 +14,7 @@ from .quantize import QuantizedWeight, quantize_per_token, quantize_weight
 
 __all__ = [
     "PER_CHANNEL",
-    "SPLIT_STYLES",
+    "Layout",
     "QuantizedWeight",
     "blockwise_to_per_channel",
     "dequantize",
@@ -24,8 +22,6 @@ __all__ = [
     "per_channel_to_blockwise",
     "quantize_per_token",
     "quantize_weight",
-    "row_split_unit",
-    "tensor_parallel_dims",
     "unpack_int4",
     "unpacked_weight",
     "value_range",

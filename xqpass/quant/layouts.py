@@ -2,14 +2,21 @@
 
 Pure torch (no torch_xla): every function here runs on CPU tensors, XLA tensors and fake tensors.
 
-Layouts (N = out_features, K = in_features, B = block_size):
+Layouts (N = out_features, K = in_features, B = block_size, G = K/B groups): one :class:`Layout` each,
+which knows the shapes and where N and K sit (axis tags; ``g``: the B values of one group):
 
-* **per-channel** (``block_size == -1``): ``w [N, K]``, ``scale [N]``, ``zero_point [N]``.
-* **blockwise** (``block_size == B``, ``B`` divides ``K``): ``w [K/B, B, N]``, ``scale [K/B, N]``,
-  ``zero_point [K/B, N]``. Block ``s`` holds input features ``s*B ... s*B + B - 1``.
-* **blockwise by rows** (ours; ``block_size == B`` with a 2-D ``w``): ``w [N, K]``, ``scale [N, K/B]``,
-  ``zero_point [N, K/B]``: the per-channel storage with one scale a group of B input features, as GPTQ,
-  AWQ, compressed-tensors and hand-written groupwise code keep it (no transpose to the seed's layout).
+=======================  ================  ================  ===============  =============
+layout                   weight            scale, zero       weight axes      scale axes
+=======================  ================  ================  ===============  =============
+per-channel (B = -1)     ``[N, K]``        ``[N]``           ``(N, K)``       ``(N,)``
+blockwise (the seed's)   ``[K/B, B, N]``   ``[K/B, N]``      ``(G, g, N)``    ``(G, N)``
+blockwise by rows        ``[N, K]``        ``[N, K/B]``      ``(N, K)``       ``(N, G)``
+=======================  ================  ================  ===============  =============
+
+Block ``s`` holds input features ``s*B ... s*B + B - 1``. Blockwise by rows (ours) is the per-channel
+storage with one scale a group of B input features, as GPTQ, AWQ, compressed-tensors and hand-written
+groupwise code keep it (no transpose to the seed's layout). The op tells the two blockwise layouts apart
+by ``w.dim()`` (:meth:`Layout.recognise`); the module and ``quantize_weight`` by ``block_layout``.
 
 Dequantization (the seed's convention: a *float* zero point subtracted after scaling)::
 
@@ -42,6 +49,9 @@ nibbles, a ``uint8`` byte two unsigned ones. Packing needs an even K (per-channe
 (blockwise); a device that holds part of K (row-parallel sharding) holds whole bytes.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -123,6 +133,146 @@ def unpacked_weight(w: torch.Tensor, packed: bool) -> torch.Tensor:
     return unpack_int4(w, axis=1) if packed else w
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One layout of the table above, packed int4 or not: its shapes, and where N and K sit.
+
+    ``block_size``: -1 (per-channel) or B; ``by_rows``: blockwise stored ``[N, K]`` with ``[N, K/B]``
+    scales (always False per-channel); ``packed``: two 4-bit values a byte along dim 1 of the weight.
+    Build one from the module's and ``quantize_weight``'s arguments with :meth:`of`, from an op call's
+    with :meth:`recognise`.
+    """
+
+    block_size: int = PER_CHANNEL
+    by_rows: bool = False
+    packed: bool = False
+
+    def __post_init__(self):
+        if self.block_size != PER_CHANNEL and self.block_size <= 0:
+            raise ValueError(f"block_size must be -1 (per-channel) or positive, got {self.block_size}")
+        if self.by_rows and self.block_size == PER_CHANNEL:
+            raise ValueError("blockwise by rows needs a block_size (per-channel is stored by rows already)")
+        if self.packed and self.block_size != PER_CHANNEL and self.block_size % 2:
+            raise ValueError(f"packed int4 needs an even block_size, got {self.block_size}")
+
+    @classmethod
+    def of(cls, block_size: int = PER_CHANNEL, packed: bool = False, block_layout: str = "seed") -> Layout:
+        """The layout for ``block_size``, ``packed`` and ``block_layout`` ("seed" or "rows"; it only
+        matters blockwise)."""
+        return cls(block_size, block_layout == "rows" and block_size != PER_CHANNEL, packed)
+
+    @classmethod
+    def recognise(cls, weight_shape, block_size: int, packed: bool) -> Layout:
+        """The layout of an op call: ``block_size`` and ``packed`` as given, and blockwise, the weight's
+        rank (3-D: the seed's, 2-D: by rows). A ``ValueError`` says which ranks the arguments allow."""
+        dims = len(weight_shape)
+        args = (block_size, block_size != PER_CHANNEL and dims == 2, packed)
+        layout = _interned(*args) if isinstance(block_size, int) else cls(*args)  # a SymInt is not hashable
+        if dims != len(layout.weight_axes):
+            half, got = "/2" if packed else "", tuple(weight_shape)
+            if block_size == PER_CHANNEL:
+                raise ValueError(f"per-channel w must be 2-D [N, K{half}], got shape {got}"
+                                 + (" (a 3-D weight is blockwise: pass block_size)" if dims == 3 else ""))
+            raise ValueError(f"blockwise w must be 3-D [K/B, B{half}, N] or, by rows, 2-D [N, K{half}], "
+                             f"got shape {got}")
+        return layout
+
+    @property
+    def name(self) -> str:
+        """``"per-channel"``, ``"blockwise"`` (the seed's) or ``"blockwise by rows"`` (packing aside)."""
+        if self.block_size == PER_CHANNEL:
+            return "per-channel"
+        return "blockwise by rows" if self.by_rows else "blockwise"
+
+    @property
+    def weight_axes(self) -> tuple[str, ...]:
+        """What each dim of the weight holds: ``N``, ``K``, ``G`` (the groups) or ``g`` (one group)."""
+        return ("G", "g", "N") if self.block_size != PER_CHANNEL and not self.by_rows else ("N", "K")
+
+    @property
+    def scale_axes(self) -> tuple[str, ...]:
+        """What each dim of the scale (and of the zero point) holds."""
+        if self.block_size == PER_CHANNEL:
+            return ("N",)
+        return ("N", "G") if self.by_rows else ("G", "N")
+
+    @property
+    def k_unit(self) -> int:
+        """The input features a slice of K must hold a multiple of so that it cuts no group and no
+        packed byte: B blockwise, 2 packed per-channel, else 1."""
+        if self.block_size != PER_CHANNEL:
+            return self.block_size
+        return 2 if self.packed else 1
+
+    def group_size(self, k: int) -> int:
+        """Input features one scale covers: K per-channel, B blockwise (the length of one integer dot)."""
+        return k if self.block_size == PER_CHANNEL else self.block_size
+
+    def num_groups(self, k: int) -> int:
+        """Scales along K: 1 per-channel, K/B blockwise."""
+        return 1 if self.block_size == PER_CHANNEL else k // self.block_size
+
+    def weight_shape(self, n: int, k: int) -> tuple[int, ...]:
+        """The stored weight's shape for N out and K in features (K or B halved when packed)."""
+        pack = 2 if self.packed else 1
+        if self.weight_axes == ("G", "g", "N"):
+            return (k // self.block_size, self.block_size // pack, n)
+        return (n, k // pack)
+
+    def scale_shape(self, n: int, k: int) -> tuple[int, ...]:
+        """The scale's (and the zero point's) shape for N out and K in features."""
+        sizes = {"N": n, "G": self.num_groups(k)}
+        return tuple(sizes[axis] for axis in self.scale_axes)
+
+    def features(self, weight_shape) -> tuple[int, int]:
+        """``(N, K)`` of a stored weight of this layout (the inverse of :meth:`weight_shape`)."""
+        pack = 2 if self.packed else 1
+        if self.weight_axes == ("G", "g", "N"):
+            groups, group, n = weight_shape
+            return n, groups * group * pack
+        n, k = weight_shape
+        return n, k * pack
+
+    def arrange(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None):
+        """``(weight, scale, zero_point)`` in this layout from integers ``q [N, K]`` (one value an element)
+        and ``[N, G]`` scales and zero points (G = 1 per-channel): the inverse of :meth:`grouped_weight`
+        and :meth:`grouped_scale`, packed when packed."""
+        if self.block_size == PER_CHANNEL:
+            scale, zero_point = scale[:, 0], None if zero_point is None else zero_point[:, 0]
+        elif not self.by_rows:
+            q = per_channel_to_blockwise(q, self.block_size)
+            scale, zero_point = scale.t(), None if zero_point is None else zero_point.t()
+        if self.packed:
+            q = pack_int4(q, axis=1)
+        return q.contiguous(), scale.contiguous(), None if zero_point is None else zero_point.contiguous()
+
+    def grouped_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """An unpacked stored weight seen as ``[N, G, B]`` (per-channel ``[N, 1, K]``), a view."""
+        if self.weight_axes == ("G", "g", "N"):
+            return w.permute(2, 0, 1)
+        n, k = w.shape
+        return w.reshape(n, self.num_groups(k), self.group_size(k))
+
+    def grouped_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """A scale or zero point seen as ``[N, G]`` (per-channel ``[N, 1]``), a view."""
+        if self.block_size == PER_CHANNEL:
+            return scale[:, None]
+        return scale if self.by_rows else scale.t()
+
+    def dequantize(self, w, scale, zero_point=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``[N, K]`` in ``dtype``: ``w * scale - zero_point``."""
+        deq = self.grouped_weight(unpacked_weight(w, self.packed)).to(dtype)  # [N, G, B]
+        deq = deq * self.grouped_scale(scale).to(dtype)[:, :, None]
+        if zero_point is not None:
+            deq = deq - self.grouped_scale(zero_point).to(dtype)[:, :, None]
+        n, groups, group = deq.shape
+        return deq.reshape(n, groups * group)
+
+
+#: one object a layout, for the op's every call (a lookup costs less than building a frozen dataclass)
+_interned = functools.lru_cache(maxsize=None)(Layout)
+
+
 def dequantize(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -132,54 +282,4 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dequantized weight as ``[N, K]`` in ``dtype`` for any layout (``w * scale - zero_point``)."""
-    w = unpacked_weight(w, packed).to(dtype)
-    if block_size != PER_CHANNEL and w.dim() == 2:  # blockwise by rows
-        n, k = w.shape
-        deq = w.reshape(n, k // block_size, block_size) * scale.to(dtype)[:, :, None]
-        if zero_point is not None:
-            deq = deq - zero_point.to(dtype)[:, :, None]
-        return deq.reshape(n, k)
-    if block_size == PER_CHANNEL:
-        deq = w * scale.to(dtype)[:, None]
-        if zero_point is not None:
-            deq = deq - zero_point.to(dtype)[:, None]
-        return deq
-    deq = w * scale.to(dtype)[:, None, :]
-    if zero_point is not None:
-        deq = deq - zero_point.to(dtype)[:, None, :]
-    return blockwise_to_per_channel(deq)
-
-
-#: Megatron tensor parallelism: "column" splits the output features N, "row" the input features K
-SPLIT_STYLES = ("column", "row")
-
-
-def tensor_parallel_dims(style: str, block_size: int, by_rows: bool) -> dict[str, int | None]:
-    """Which dim of each of the op's tensors a tensor-parallel split cuts (None: replicated).
-
-    Keys: ``weight``, ``scale``, ``zero_point``, ``bias``. ``"column"`` cuts N wherever it is (dim 0 of
-    ``[N, K]`` and ``[N]``, dim 2 of the seed's ``[K/B, B, N]``, dim 1 of its ``[K/B, N]`` scales).
-    ``"row"`` cuts K: dim 1 of ``[N, K]`` (packed: of ``[N, K/2]``), whole blocks of the seed's layout
-    (dim 0 of ``[K/B, B, N]`` and ``[K/B, N]``), whole groups by rows (dim 1 of ``[N, K/B]``); a
-    per-channel scale and the bias stay whole. See :func:`row_split_unit` for what a cut may not split.
-    """
-    if style not in SPLIT_STYLES:
-        raise ValueError(f"tensor-parallel style must be one of {SPLIT_STYLES}, got {style!r}")
-    per_channel = block_size == PER_CHANNEL
-    if style == "column":
-        if per_channel or by_rows:
-            return {"weight": 0, "scale": 0, "zero_point": 0, "bias": 0}
-        return {"weight": 2, "scale": 1, "zero_point": 1, "bias": 0}
-    if per_channel:
-        return {"weight": 1, "scale": None, "zero_point": None, "bias": None}
-    if by_rows:
-        return {"weight": 1, "scale": 1, "zero_point": 1, "bias": None}
-    return {"weight": 0, "scale": 0, "zero_point": 0, "bias": None}
-
-
-def row_split_unit(block_size: int, packed: bool) -> int:
-    """The input features a row-parallel shard must hold a multiple of: a whole block (blockwise), a
-    whole byte (packed int4: 2), else 1."""
-    if block_size != PER_CHANNEL:
-        return block_size
-    return 2 if packed else 1
+    return Layout.recognise(w.shape, block_size, packed).dequantize(w, scale, zero_point, dtype)

@@ -8,18 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import PER_CHANNEL, dequantize, pack_int4, per_channel_to_blockwise
+from .layouts import PER_CHANNEL, Layout
 
 ACTIVATION_QMAX = 127  # per-token int8 activations use the symmetric range [-127, 127]
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A weight in the op's layout: the arguments of ``torch.ops.xq.quantized_matmul`` after ``x``.
-
-    ``weight``: int8/uint8, per-channel ``[N, K]`` or blockwise ``[K/B, B, N]`` (K or B halved when
-    ``packed``); ``scale`` ``[N]`` / ``[K/B, N]``; ``zero_point`` same shape as ``scale`` or ``None``.
-    """
+    """A weight in one of the op's layouts (:attr:`layout`): the arguments of
+    ``torch.ops.xq.quantized_matmul`` after ``x``. ``weight``: int8/uint8; ``zero_point``: shaped like
+    ``scale``, or ``None``."""
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -33,17 +31,20 @@ class QuantizedWeight:
         return 4 if self.int4_weight else 8
 
     @property
+    def layout(self) -> Layout:
+        return Layout.recognise(self.weight.shape, self.block_size, self.packed)
+
+    @property
     def out_features(self) -> int:
-        return self.weight.shape[0] if self.weight.dim() == 2 else self.weight.shape[-1]
+        return self.layout.features(self.weight.shape)[0]
 
     @property
     def in_features(self) -> int:
-        k = self.weight.shape[1] * (2 if self.packed else 1)
-        return k if self.weight.dim() == 2 else k * self.weight.shape[0]
+        return self.layout.features(self.weight.shape)[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight ``[N, K]`` (``w * scale - zero_point``)."""
-        return dequantize(self.weight, self.scale, self.zero_point, self.block_size, self.packed, dtype)
+        return self.layout.dequantize(self.weight, self.scale, self.zero_point, dtype)
 
     def op_kwargs(self) -> dict:
         """Keyword arguments of the op for this weight (everything but ``x``)."""
@@ -89,7 +90,7 @@ def quantize_weight(
     packed = check_format(bits, block_size, symmetric, packed, scale_dtype, block_layout)
     check_weight(weight, block_size, packed)
     n, k = weight.shape
-    group = k if block_size == PER_CHANNEL else block_size
+    layout = Layout.of(block_size, packed, block_layout)
     # an infinity makes its group's scale infinite and its other values NaN: refuse it here
     finite = torch.isfinite(weight.detach())
     if not bool(finite.all()):
@@ -98,7 +99,7 @@ def quantize_weight(
                          f"{weight[first].item()}); round-to-nearest needs finite values")
 
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    grouped = w.reshape(n, k // group, group)  # [N, G, group]
+    grouped = w.reshape(n, layout.num_groups(k), layout.group_size(k))  # [N, G, group]
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax - 1
@@ -120,18 +121,7 @@ def quantize_weight(
         q = torch.round(grouped / safe) + zero
     q = q.clamp(qmin, qmax).to(dtype).reshape(n, k)
     zero_point = None if zero is None else (zero[..., 0] * s).to(scale_dtype)  # float convention
-
-    if block_size == PER_CHANNEL:
-        q_layout, scale, zero_point = q, scale[:, 0], None if zero_point is None else zero_point[:, 0]
-    elif block_layout == "rows":  # scale, zero point already [N, K/B]
-        q_layout = q
-    else:
-        q_layout = per_channel_to_blockwise(q, block_size)
-        scale = scale.t().contiguous()
-        zero_point = None if zero_point is None else zero_point.t().contiguous()
-    if packed:
-        q_layout = pack_int4(q_layout, axis=1)
-    return QuantizedWeight(q_layout.contiguous(), scale.contiguous(), zero_point, block_size, bits == 4, packed)
+    return QuantizedWeight(*layout.arrange(q, scale, zero_point), block_size, bits == 4, packed)
 
 
 def check_format(

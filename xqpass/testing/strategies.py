@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from ..quant.layouts import PER_CHANNEL, pack_int4, value_range
+from ..quant.layouts import PER_CHANNEL, Layout, value_range
 from ..quant.quantize import QuantizedWeight
 
 
@@ -37,10 +37,13 @@ class WeightFormat:
     by_rows: bool = False  # blockwise with the per-channel storage [N, K] and scales [N, K/B]
 
     @property
+    def layout(self) -> Layout:
+        return Layout.of(self.block_size, self.packed, "rows" if self.by_rows else "seed")
+
+    @property
     def name(self) -> str:
         act = "A8" if self.quantize_activation else "A16"
-        gran = "per-channel" if self.block_size == PER_CHANNEL else \
-            f"blockwise{' by rows' if self.by_rows else ''}(B={self.block_size})"
+        gran = self.layout.name + ("" if self.block_size == PER_CHANNEL else f"(B={self.block_size})")
         packing = " packed" if self.packed else (" unpacked" if self.bits == 4 else "")
         return f"W{self.bits}{act} {gran} {'sym' if self.symmetric else 'asym'}{packing}"
 
@@ -74,22 +77,15 @@ def random_quantized_weight(
     """Random integers over the storage's full range, in ``fmt``'s layout (K or B halved if packed)."""
     gen = torch.Generator().manual_seed(seed)
     lo, hi = value_range(fmt.weight_dtype, fmt.bits == 4)
-    n, k = out_features, in_features
-    if fmt.block_size == PER_CHANNEL:
-        w_shape, s_shape = (n, k), (n,)
-    elif fmt.by_rows:
-        w_shape, s_shape = (n, k), (n, k // fmt.block_size)
-    else:
-        w_shape, s_shape = (k // fmt.block_size, fmt.block_size, n), (k // fmt.block_size, n)
-    w = _random_ints(gen, w_shape, lo, hi, fmt.weight_dtype)
-    if fmt.packed:
-        w = pack_int4(w, axis=1)
+    groups = fmt.layout.num_groups(in_features)
+    w = _random_ints(gen, (out_features, in_features), lo, hi, fmt.weight_dtype)
     # scales spread over two decades, as real checkpoints' are; kept small so outputs stay O(1)
-    scale = (torch.rand(s_shape, generator=gen) * 0.099 + 0.001).to(scale_dtype) / max(hi, 1)
+    scale = (torch.rand((out_features, groups), generator=gen) * 0.099 + 0.001).to(scale_dtype) / max(hi, 1)
     zero_point = None
     if not fmt.symmetric:  # a real-valued zero z in the storage range, in the float convention z * scale
-        z = torch.rand(s_shape, generator=gen) * (hi - lo) + lo
+        z = torch.rand((out_features, groups), generator=gen) * (hi - lo) + lo
         zero_point = (z * scale.float()).to(scale_dtype)
+    w, scale, zero_point = fmt.layout.arrange(w, scale, zero_point)
     return QuantizedWeight(w, scale, zero_point, fmt.block_size, fmt.bits == 4, fmt.packed)
 
 
