@@ -429,9 +429,11 @@ def test_unpack_words_reads_what_the_published_packing_wrote(bits, shape, axis):
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "ct", "ct-w8a8"])
-def test_each_format_declares_its_tensors(tmp_path, fmt):
-    """A format class (xqpass/checkpoints/format.py): built from its checkpoint's config, it declares the
-    tensors a layer stores, and reads a device's slice only of tensors it declares."""
+def test_each_format_declares_the_tensors_its_writer_stores(tmp_path, fmt):
+    """A format class (xqpass/checkpoints/format.py), built from its checkpoint's config, declares each
+    tensor a layer stores with the shape the independent writer gave it."""
+    from safetensors.torch import load_file
+
     from xqpass.checkpoints import FORMATS
 
     WRITE[fmt](str(tmp_path), Toy())
@@ -440,6 +442,9 @@ def test_each_format_declares_its_tensors(tmp_path, fmt):
     cls = FORMATS[config["quant_method"]]
     assert cls.quant_method == config["quant_method"]
     layout = cls(config)
-    specs = layout.specs(64, 48, layout.group("proj", 64))
-    assert set(specs) - {"bias"} <= set(cls.TENSORS) and specs["bias"].shape == (48,)
-    assert set(layout.stored_axes(16)) <= set(specs)
+    specs = layout.specs(layout.group("proj", 64))
+    assert set(specs) - {"bias"} <= set(cls.TENSORS)
+    stored = {key.partition(".")[2]: t for key, t in load_file(os.path.join(tmp_path, "model.safetensors")).items()
+              if key.startswith("proj.")}
+    assert set(stored) <= set(specs) and "bias" in stored
+    assert all(tuple(t.shape) == specs[s].shape(64, 48) and t.dtype in specs[s].dtypes for s, t in stored.items())

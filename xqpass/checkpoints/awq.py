@@ -21,7 +21,7 @@ import torch
 from ..quant.layouts import pack_int4
 from . import tensors as shared
 from .format import CheckpointFormat, ConvertedLayer
-from .tensors import FLOAT, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
+from .tensors import BIAS, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column ORDER[j] of its 8
 INVERSE_ORDER = [ORDER.index(c) for c in range(8)]
@@ -68,14 +68,9 @@ class AWQ(CheckpointFormat):
         check_config("AWQ", "backend", config.get("backend", "autoawq"), ("autoawq",))
         self.group_size = config.get("group_size", config.get("q_group_size", 128))
 
-    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
-        k, n = in_features, out_features
-        return {"qweight": Spec((k, n // 8), PACKED), "qzeros": Spec((k // group, n // 8), PACKED),
-                "scales": Spec((k // group, n), SCALE), "bias": Spec((n,), FLOAT)}
-
-    def stored_axes(self, group: int) -> dict:
-        return {"qweight": (("K", 1), ("N", 8)), "qzeros": (("K", group), ("N", 8)),
-                "scales": (("K", group), ("N", 1)), "bias": (("N", 1),)}
+    def specs(self, group: int) -> dict[str, Spec]:
+        return {"qweight": Spec(PACKED, (("K", 1), ("N", 8))), "qzeros": Spec(PACKED, (("K", group), ("N", 8))),
+                "scales": Spec(SCALE, (("K", group), ("N", 1))), "bias": BIAS}
 
     def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
                 k_offset: int = 0) -> ConvertedLayer:
@@ -83,7 +78,7 @@ class AWQ(CheckpointFormat):
         group = self.group(name, k)
         if n % 8:
             raise ValueError(f"{name}: out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)")
-        check_tensors(name, tensors, self.specs(k, n, group), "AWQ", f"in={k}, out={n}, group_size={group}",
+        check_tensors(name, tensors, self.specs(group), k, n, "AWQ", f"in={k}, out={n}, group_size={group}",
                       optional=("bias",))
         zeros = unpack_columns(tensors["qzeros"])  # [K/g, N]
         scale = tensors["scales"].t().contiguous()  # [N, K/g]

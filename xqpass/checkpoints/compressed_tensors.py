@@ -27,14 +27,12 @@ by rows ``[N, K/g]`` scales, ``zero_point = zero * scale`` in float32.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
 from .format import CheckpointFormat, ConvertedLayer
-from .tensors import FLOAT, INDEX, INT8, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
+from .tensors import BIAS, INDEX, INT8, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
 FORMATS = ("pack-quantized", "int-quantized")
 ACTORDERS = (None, "weight", "static")  # "group" / "dynamic" store a weight_g_idx, not read here
@@ -82,33 +80,24 @@ class CompressedTensors(CheckpointFormat):
         """All of K for ``channel``; ``group_size`` for ``group``."""
         return in_features if self.channel else super().group(name, in_features)
 
-    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
-        k, n, per = in_features, out_features, 32 // self.bits
-        if self.w8a8:
-            specs = {"weight": Spec((n, k), INT8), "weight_scale": Spec((n, k // group), SCALE),
-                     "weight_zero_point": Spec((n, k // group), INT8)}
+    def specs(self, group: int) -> dict[str, Spec]:
+        word = 32 // self.bits
+        if self.w8a8:  # int8, one a byte, nothing packed
+            specs = {"weight": Spec(INT8, (("N", 1), ("K", 1))), "weight_scale": Spec(SCALE, (("N", 1), ("K", group))),
+                     "weight_zero_point": Spec(INT8, (("N", 1), ("K", group)))}
         else:
-            specs = {"weight_packed": Spec((n, math.ceil(k / per)), PACKED),
-                     "weight_scale": Spec((n, k // group), SCALE), "weight_shape": Spec((2,), INDEX),
-                     "weight_zero_point": Spec((math.ceil(n / per), k // group), PACKED)}
+            specs = {"weight_packed": Spec(PACKED, (("N", 1), ("K", word))),
+                     "weight_scale": Spec(SCALE, (("N", 1), ("K", group))), "weight_shape": Spec(INDEX, None),
+                     "weight_zero_point": Spec(PACKED, (("N", word), ("K", group)))}
         if self.symmetric:  # the library stores no zero point
             del specs["weight_zero_point"]
-        return dict(specs, bias=Spec((n,), FLOAT))
-
-    def stored_axes(self, group: int) -> dict:
-        """"shape": a tensor holding the layer's shape (a slice gets its own)."""
-        if self.w8a8:  # int8, one a byte, nothing packed
-            return {"weight": (("N", 1), ("K", 1)), "weight_scale": (("N", 1), ("K", group)),
-                    "weight_zero_point": (("N", 1), ("K", group)), "bias": (("N", 1),)}
-        per = 32 // self.bits
-        return {"weight_packed": (("N", 1), ("K", per)), "weight_scale": (("N", 1), ("K", group)),
-                "weight_zero_point": (("N", per), ("K", group)), "weight_shape": "shape", "bias": (("N", 1),)}
+        return dict(specs, bias=BIAS)
 
     def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
                 k_offset: int = 0) -> ConvertedLayer:
         bits, symmetric, k, n = self.bits, self.symmetric, in_features, out_features
         group = self.group(name, k)
-        check_tensors(name, tensors, self.specs(k, n, group), f"compressed-tensors {self.format}",
+        check_tensors(name, tensors, self.specs(group), k, n, f"compressed-tensors {self.format}",
                       f"in={k}, out={n}, bits={bits}, group_size={group}, symmetric={symmetric}", optional=("bias",))
         if self.w8a8:
             w = tensors["weight"]

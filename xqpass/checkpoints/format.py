@@ -36,18 +36,14 @@ class CheckpointFormat(ABC):
     group_size: int | None  # as configured (-1: all of K); set by the constructor from the config
 
     @abstractmethod
-    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
-        """name -> :class:`~.tensors.Spec` (shape, dtypes) of one layer's tensors, bias included."""
+    def specs(self, group: int) -> dict[str, Spec]:
+        """name -> :class:`~.tensors.Spec` of each tensor a layer stores, bias included: its dtypes and,
+        per dim, the layer axis and the features one element spans (its shape, and how it is sliced)."""
 
     @abstractmethod
     def convert(self, name: str, tensors: dict, in_features: int, out_features: int,
                 k_offset: int = 0) -> ConvertedLayer:
         """One layer, or its slice of K from input feature ``k_offset``, checked against :meth:`specs`."""
-
-    @abstractmethod
-    def stored_axes(self, group: int) -> dict:
-        """Per stored tensor and dim: the layer axis it runs along ("K" / "N") and the features one
-        element spans (a packed word, a group), to read one device's slice (:mod:`.split`)."""
 
     def group(self, name: str, in_features: int) -> int:
         """The group size along K of a layer (or slice) of ``in_features`` (``group_size`` -1: all of

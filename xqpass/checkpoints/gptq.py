@@ -26,7 +26,7 @@ import torch
 from ..quant.layouts import pack_int4
 from . import tensors as shared
 from .format import CheckpointFormat, ConvertedLayer
-from .tensors import FLOAT, INDEX, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
+from .tensors import BIAS, INDEX, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
 
 class GPTQ(CheckpointFormat):
@@ -41,15 +41,10 @@ class GPTQ(CheckpointFormat):
         self.act_order = check_config("GPTQ", "desc_act", config.get("desc_act", False), (True, False))
         self.group_size = config.get("group_size", -1)
 
-    def specs(self, in_features: int, out_features: int, group: int) -> dict[str, Spec]:
-        k, n, bits = in_features, out_features, self.bits
-        return {"qweight": Spec((k * bits // 32, n), PACKED), "qzeros": Spec((k // group, n * bits // 32), PACKED),
-                "scales": Spec((k // group, n), SCALE), "g_idx": Spec((k,), INDEX), "bias": Spec((n,), FLOAT)}
-
-    def stored_axes(self, group: int) -> dict:
-        per = 32 // self.bits
-        return {"qweight": (("K", per), ("N", 1)), "qzeros": (("K", group), ("N", per)),
-                "scales": (("K", group), ("N", 1)), "g_idx": (("K", 1),), "bias": (("N", 1),)}
+    def specs(self, group: int) -> dict[str, Spec]:
+        word = 32 // self.bits
+        return {"qweight": Spec(PACKED, (("K", word), ("N", 1))), "qzeros": Spec(PACKED, (("K", group), ("N", word))),
+                "scales": Spec(SCALE, (("K", group), ("N", 1))), "g_idx": Spec(INDEX, (("K", 1),)), "bias": BIAS}
 
     def row_slices_exact(self, read, in_features: int, group: int) -> bool:
         """Not with act-order, whose groups span all of K."""
@@ -61,7 +56,7 @@ class GPTQ(CheckpointFormat):
         bits, k, n = self.bits, in_features, out_features
         group = self.group(name, k)
         optional = ("bias",) if self.act_order else ("g_idx", "bias")  # act-order: k // g is wrong
-        check_tensors(name, tensors, self.specs(k, n, group), "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
+        check_tensors(name, tensors, self.specs(group), k, n, "GPTQ", f"in={k}, out={n}, bits={bits}, group_size={group}",
                       optional=optional)
         zeros = unpack_words(tensors["qzeros"], bits, 1) + (1 if self.v1 else 0)  # [K/g, N]
         symmetric = bool((zeros == 1 << (bits - 1)).all())

@@ -2,8 +2,8 @@
 converted on its own, then placed as that device's shard (torch_xla SPMD, :mod:`xqpass.sharding`).
 
 A slice of K (row-parallel) or N (column-parallel) of a layer is a slice of each stored tensor, found
-from the format's ``stored_axes``: which layer axis each stored dim runs along and how many features
-one stored element spans (a packed word, a group). Converting the slice gives exactly the slice of the
+from the format's ``specs``: which layer axis each stored dim runs along and how many features one
+stored element spans (a packed word, a group). Converting the slice gives exactly the slice of the
 converted layer, because every format packs and groups locally. Where a slice would cut a packed word
 or a group, or the format's groups span all of K (GPTQ act-order, row-parallel), the layer is read and
 converted whole on the host and then split.
@@ -22,11 +22,11 @@ from ..sharding import (QUANTIZED_LINEAR_TENSORS, linear_partition_specs, load_l
 from .format import CheckpointFormat, ConvertedLayer
 
 
-def stored_slice(axes, ranges: dict, full: dict) -> tuple | None:
+def stored_slice(dims, ranges: dict, full: dict) -> tuple | None:
     """The index into one stored tensor for the logical ``ranges`` (``{"K": (k0, k1)}`` or ``{"N": ...}``),
     or None when a range boundary falls inside a stored element (a packed word, a group)."""
     index = []
-    for axis, unit in axes:
+    for axis, unit in dims:
         if axis not in ranges or unit >= full[axis]:  # not split here, or one element spans the axis
             index.append(slice(None))
             continue
@@ -71,23 +71,23 @@ def load_split_layer(name: str, linear: nn.Linear, fmt: CheckpointFormat, reader
     linear_partition_specs(name, linear, style, axis, axis_size)  # divisibility, before reading anything
     full = {"K": k, "N": n}
     group = fmt.group(name, k)
-    axes = fmt.stored_axes(group)
+    stored = fmt.specs(group)
     split_axis = "N" if style == "column" else "K"
     ranges = local_ranges(full[split_axis], mesh, axis)
     exact = style == "column" or fmt.row_slices_exact(lambda s: reader(f"{name}.{s}") if s in suffixes else None,
                                                       k, group)
-    indices = [{s: stored_slice(axes[s], {split_axis: r}, full) for s in suffixes if axes.get(s) != "shape"}
-               for r in ranges]
+    shape_names = [s for s in suffixes if s in stored and stored[s].dims is None]  # hold [N, K]: no slice
+    # a tensor the format does not declare: read whole, and convert names it
+    indices = [{s: stored_slice(stored[s].dims, {split_axis: r}, full) if s in stored else None
+                for s in suffixes if s not in shape_names} for r in ranges]
     exact = exact and all(index is not None for per_device in indices for index in per_device.values())
 
     local = []
     if exact:  # each device's slice, read and converted on its own
-        shape_tensors = {}  # tensors holding the layer's shape: checked whole once, each slice gets its own
-        for s in suffixes:
-            if axes.get(s) == "shape":
-                shape_tensors[s] = reader(f"{name}.{s}")
-                if shape_tensors[s].tolist() != [n, k]:
-                    raise ValueError(f"{name}.{s}: expected [{n}, {k}], got {shape_tensors[s].tolist()}")
+        shape_tensors = {s: reader(f"{name}.{s}") for s in shape_names}  # checked whole, each slice its own
+        for s, t in shape_tensors.items():
+            if t.tolist() != [n, k]:
+                raise ValueError(f"{name}.{s}: expected [{n}, {k}], got {t.tolist()}")
         for (start, stop), index in zip(ranges, indices):
             tensors = {s: reader(f"{name}.{s}", index[s]) for s in index}
             shape = {"K": k, "N": n, split_axis: stop - start}

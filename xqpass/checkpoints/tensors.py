@@ -3,6 +3,7 @@ values a format knows and of the tensors a quantized linear must have, each decl
 as data (:class:`Spec`: a shape and the dtypes the format's published layout allows)."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import NamedTuple
 
@@ -21,9 +22,20 @@ FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a bias,
 
 
 class Spec(NamedTuple):
-    """One stored tensor of a quantized linear: its shape and the dtypes its format allows."""
-    shape: tuple
+    """One stored tensor of a quantized linear: the dtypes its format allows and, per dim, the layer
+    axis it runs along ("K" / "N") and how many features one element spans (1, a packed word, a
+    group): its shape, and the slice of it a slice of the layer reads (:mod:`.split`). ``dims`` None:
+    the tensor holds the layer's shape ``[N, K]``."""
     dtypes: tuple
+    dims: tuple | None
+
+    def shape(self, in_features: int, out_features: int) -> tuple:
+        full = {"K": in_features, "N": out_features}
+        return (2,) if self.dims is None else tuple(math.ceil(full[axis] / unit) for axis, unit in self.dims)
+
+
+#: a linear's optional bias, any float dtype (cast to the model's)
+BIAS = Spec(FLOAT, (("N", 1),))
 
 
 def word_bytes(words: torch.Tensor) -> torch.Tensor:
@@ -58,7 +70,8 @@ def _names(dtypes) -> str:
     return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def check_tensors(name: str, tensors: dict, expected: dict, fmt: str, context: str, optional=()) -> None:
+def check_tensors(name: str, tensors: dict, expected: dict, in_features: int, out_features: int, fmt: str,
+                  context: str, optional=()) -> None:
     """Each ``name.suffix`` of ``expected`` (suffix -> :class:`Spec`) is present (unless ``optional``)
     with an allowed dtype (else ``TypeError``) and its shape (else ``ValueError``); a tensor the format
     does not hold is an error. ``context`` (e.g. "in=64, out=48, bits=4, group_size=16") goes into
@@ -67,8 +80,8 @@ def check_tensors(name: str, tensors: dict, expected: dict, fmt: str, context: s
         if suffix not in expected:
             raise ValueError(f"unexpected tensor {name}.{suffix} ({fmt} for {context} holds "
                              f"{', '.join(sorted(expected))})")
-    for suffix, (shape, dtypes) in expected.items():
-        t = tensors.get(suffix)
+    for suffix, spec in expected.items():
+        t, shape, dtypes = tensors.get(suffix), spec.shape(in_features, out_features), spec.dtypes
         if t is None:
             if suffix in optional:
                 continue
