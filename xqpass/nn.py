@@ -18,15 +18,11 @@ log = logging.getLogger("xqpass")
 class XlaQuantizedLinear(nn.Module):
     """A linear layer whose weight stays quantized and runs through ``torch.ops.xq.quantized_matmul``.
 
-    Buffers (the quantized bytes only; no float copy of the weight), in the op's layouts
-    (:mod:`xqpass.quant.layouts`; N = output_dim, K = input_dim, B = block_size):
-
-    * ``weight``: int8 / uint8, per-channel ``[N, K]``, blockwise ``[K/B, B, N]`` (the seed's) or
-      blockwise by rows ``[N, K]`` (``block_layout="rows"``); with ``packed`` two 4-bit values a byte
-      along K (``[N, K/2]``, ``[K/B, B/2, N]``).
-    * ``weight_scaler``: ``[N]``, ``[K/B, N]`` or by rows ``[N, K/B]``; ``zero_point`` (asymmetric only): same shape, float,
-      the seed's convention ``w_deq = weight * weight_scaler - zero_point``.
-    * ``bias`` (optional ``[N]`` float parameter).
+    Buffers (the quantized bytes only; no float copy of the weight): ``weight`` (int8 / uint8),
+    ``weight_scaler`` and, asymmetric only, ``zero_point`` (float, the seed's convention ``w_deq = weight *
+    weight_scaler - zero_point``), shaped by :attr:`layout` (:mod:`xqpass.quant.layouts`: per-channel,
+    blockwise in the seed's layout, or by rows with ``block_layout="rows"``; packed or not); ``bias``
+    (optional ``[N]`` float parameter).
 
     The constructor's first six parameters are the seed's (``torch_xla``'s ``XlaQuantizedLinear``),
     including its default ``is_symmetric=False``; ``device`` places the (zero) buffers, as ``nn.Linear``'s

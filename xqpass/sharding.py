@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .nn import XlaQuantizedLinear
-from .quant.layouts import Layout
+from .quant.layouts import PER_CHANNEL, Layout
 
 #: an XlaQuantizedLinear's tensors: module attribute -> the op's name for it (the keys of
 #: :func:`tensor_parallel_dims` and of the checkpoint converters' output)
@@ -40,22 +40,16 @@ SPLIT_STYLES = ("column", "row")
 
 
 def tensor_parallel_dims(style: str, layout: Layout) -> dict[str, int | None]:
-    """Which dim of each of the op's tensors a tensor-parallel split cuts (None: replicated).
-
-    Keys: ``weight``, ``scale``, ``zero_point``, ``bias``. ``"column"`` cuts N wherever the layout puts
-    it; ``"row"`` cuts K: the weight's K (or groups G) dim, the scales' G dim (a per-channel scale and the
-    bias stay whole). A row cut may not split a group or a packed byte (``layout.k_unit``).
-    """
+    """Which dim of each of the op's tensors (``weight``, ``scale``, ``zero_point``, ``bias``) a
+    tensor-parallel split cuts (None: replicated): ``"column"`` cuts N wherever the layout puts it,
+    ``"row"`` K (the weight's K or groups dim, the scales' groups dim; a per-channel scale and the bias
+    stay whole). A row cut may not split a group or a packed byte (``layout.k_unit``)."""
     if style not in SPLIT_STYLES:
         raise ValueError(f"tensor-parallel style must be one of {SPLIT_STYLES}, got {style!r}")
     cut = ("N",) if style == "column" else ("K", "G")
-
-    def dim(axes):
-        return next((i for i, axis in enumerate(axes) if axis in cut), None)
-
-    scale = dim(layout.scale_axes)
-    return {"weight": dim(layout.weight_axes), "scale": scale, "zero_point": scale,
-            "bias": 0 if style == "column" else None}
+    weight, scale = (next((i for i, axis in enumerate(axes) if axis in cut), None)
+                     for axes in (layout.weight_axes, layout.scale_axes))
+    return {"weight": weight, "scale": scale, "zero_point": scale, "bias": 0 if style == "column" else None}
 
 
 @dataclass
@@ -106,22 +100,19 @@ def resolve_plan(modules: Mapping[str, nn.Module], plan: Mapping[str, str]) -> d
 def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, axis_size: int) -> dict[str, tuple]:
     """Partition specs of one linear's tensors for a split over ``axis_size`` devices, checked: the split
     dimension must divide evenly, and a row split may not cut a block or a packed byte."""
-    if isinstance(module, XlaQuantizedLinear):
-        dims = tensor_parallel_dims(style, module.layout)
-        unit = module.layout.k_unit if style == "row" else 1
-        attrs = QUANTIZED_LINEAR_TENSORS
-    elif isinstance(module, nn.Linear):
-        dims = {"weight": 0 if style == "column" else 1, "bias": 0 if style == "column" else None}
-        unit, attrs = 1, {"weight": "weight", "bias": "bias"}
-    else:
+    if not isinstance(module, (nn.Linear, XlaQuantizedLinear)):
         raise TypeError(f"{name}: expected an nn.Linear or XlaQuantizedLinear, got {type(module).__name__}")
+    quantized = isinstance(module, XlaQuantizedLinear)
+    layout = module.layout if quantized else Layout()  # an nn.Linear's weight [N, K] sits as per-channel's
+    dims, unit = tensor_parallel_dims(style, layout), layout.k_unit if style == "row" else 1
+    attrs = QUANTIZED_LINEAR_TENSORS if quantized else {"weight": "weight", "bias": "bias"}
     features = module.out_features if style == "column" else module.in_features
     what = "output features" if style == "column" else "input features"
     if features % axis_size:
         raise ValueError(f"{name}: {style}-parallel over {axis_size} devices needs {what} divisible by "
                          f"{axis_size}, got {features}")
     if (features // axis_size) % unit:
-        piece = "a packed int4 byte" if unit == 2 and module.block_size == -1 else f"a block of {unit}"
+        piece = "a packed int4 byte" if layout.block_size == PER_CHANNEL else f"a block of {unit}"
         raise ValueError(f"{name}: row-parallel over {axis_size} devices would split {piece}: "
                          f"{features // axis_size} input features a device is not a multiple of {unit}")
     specs = {}

@@ -23,27 +23,10 @@ class MatmulSpec(NamedTuple):
 
     in_features: int  # K
     out_features: int  # N
+    block_size: int  # -1 or B
+    num_blocks: int  # 1 for per-channel, K/B for blockwise
+    by_rows: bool  # blockwise with the per-channel storage: w [N, K], scale [N, K/B]
     layout: Layout
-
-    @property
-    def block_size(self) -> int:
-        """-1 or B."""
-        return self.layout.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        """1 for per-channel, K/B for blockwise."""
-        return self.layout.num_groups(self.in_features)
-
-    @property
-    def by_rows(self) -> bool:
-        """Blockwise with the per-channel storage: w [N, K], scale [N, K/B]."""
-        return self.layout.by_rows
-
-    @property
-    def reduction_length(self) -> int:
-        """Length of one integer dot: K per-channel, B blockwise (the int32 accumulation bound)."""
-        return self.layout.group_size(self.in_features)
 
 
 def max_int32_reduction(w_dtype: torch.dtype, int4_weight: bool) -> int:
@@ -99,9 +82,10 @@ def check_inputs(
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise TypeError(f"quantized_matmul: bias must be a floating tensor or None, got {got}")
+    device = x.device
     for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {x.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {device}")
     if not isinstance(block_size, int) and not isinstance(block_size, torch.SymInt):
         raise TypeError(f"quantized_matmul: block_size must be an int, got {type(block_size).__name__}")
     if packed and not int4_weight:
@@ -136,13 +120,12 @@ def check_inputs(
 
     if bias is not None and _shape(bias) != (n,):
         raise ValueError(f"quantized_matmul: bias must have shape ({n},), got {_shape(bias)}")
-    spec = MatmulSpec(k, n, layout)
     if quantize_activation:
-        bound = max_int32_reduction(w.dtype, int4_weight)
-        if spec.reduction_length > bound:
+        bound, length = max_int32_reduction(w.dtype, int4_weight), layout.group_size(k)
+        if length > bound:
             raise ValueError(
                 f"quantized_matmul: quantize_activation accumulates in int32, which can overflow for "
-                f"{'K' if block_size == PER_CHANNEL else 'block_size'}={spec.reduction_length} with "
+                f"{'K' if block_size == PER_CHANNEL else 'block_size'}={length} with "
                 f"{'4-bit ' if int4_weight else ''}{w.dtype} weights; the bound is {bound}"
             )
-    return spec
+    return MatmulSpec(k, n, block_size, layout.num_groups(k), layout.by_rows, layout)

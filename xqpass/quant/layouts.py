@@ -18,11 +18,10 @@ storage with one scale a group of B input features, as GPTQ, AWQ, compressed-ten
 groupwise code keep it (no transpose to the seed's layout). The op tells the two blockwise layouts apart
 by ``w.dim()`` (:meth:`Layout.recognise`); the module and ``quantize_weight`` by ``block_layout``.
 
-Dequantization (the seed's convention: a *float* zero point subtracted after scaling)::
+Dequantization (the seed's convention: a *float* zero point subtracted after scaling), in every
+layout seen as groups (:meth:`Layout.grouped_weight`: ``[N, G, B]``, scales ``[N, G]``, per-channel G = 1)::
 
-    per-channel:  w_deq[n, k]    = w[n, k]    * scale[n]    - zero_point[n]
-    blockwise:    w_deq[s, b, n] = w[s, b, n] * scale[s, n] - zero_point[s, n]
-    by rows:      w_deq[n, k]    = w[n, k]    * scale[n, k // B] - zero_point[n, k // B]
+    w_deq[n, s, b] = w[n, s, b] * scale[n, s] - zero_point[n, s]
 
 An integer zero point ``z`` (``w_deq = (w - z) * scale``) maps to ``zero_point = z * scale``.
 
@@ -39,14 +38,11 @@ True         True         int8    two int4 values, each a two's-complement nibbl
 True         True         uint8   two uint4 values, each an unsigned nibble in [0, 15]
 ===========  ===========  ======  =========================================================
 
-**Packed int4** halves the storage again: two 4-bit values a byte, packed along **K, the input
-(contraction) axis** of the layout — dim 1 of a per-channel ``[N, K]`` weight (stored ``[N, K/2]``),
-dim 1 of a blockwise ``[K/B, B, N]`` weight (stored ``[K/B, B/2, N]``), dim 1 of a blockwise-by-rows
-``[N, K]`` weight (stored ``[N, K/2]``). Nibble order: the element at
-even index ``2j`` sits in the **low** nibble (bits 0-3) of byte ``j``, the element at ``2j + 1`` in
-the **high** nibble (bits 4-7). Signedness follows the dtype: an ``int8`` byte holds two signed
-nibbles, a ``uint8`` byte two unsigned ones. Packing needs an even K (per-channel) or even B
-(blockwise); a device that holds part of K (row-parallel sharding) holds whole bytes.
+**Packed int4** halves the storage again: two 4-bit values a byte along **dim 1 of the weight** in
+every layout, which holds K or B (``[N, K/2]``, ``[K/B, B/2, N]``). The element at even index ``2j``
+sits in the **low** nibble (bits 0-3) of byte ``j``, the element at ``2j + 1`` in the **high** nibble
+(bits 4-7). Signedness follows the dtype (an ``int8`` byte holds two signed nibbles, a ``uint8`` byte two
+unsigned ones). Packing needs an even K (per-channel) or even B (blockwise).
 """
 from __future__ import annotations
 
@@ -184,12 +180,12 @@ class Layout:
             return "per-channel"
         return "blockwise by rows" if self.by_rows else "blockwise"
 
-    @property
+    @functools.cached_property
     def weight_axes(self) -> tuple[str, ...]:
         """What each dim of the weight holds: ``N``, ``K``, ``G`` (the groups) or ``g`` (one group)."""
         return ("G", "g", "N") if self.block_size != PER_CHANNEL and not self.by_rows else ("N", "K")
 
-    @property
+    @functools.cached_property
     def scale_axes(self) -> tuple[str, ...]:
         """What each dim of the scale (and of the zero point) holds."""
         if self.block_size == PER_CHANNEL:
@@ -215,19 +211,20 @@ class Layout:
     def weight_shape(self, n: int, k: int) -> tuple[int, ...]:
         """The stored weight's shape for N out and K in features (K or B halved when packed)."""
         pack = 2 if self.packed else 1
-        if self.weight_axes == ("G", "g", "N"):
+        if len(self.weight_axes) == 3:  # (G, g, N)
             return (k // self.block_size, self.block_size // pack, n)
         return (n, k // pack)
 
     def scale_shape(self, n: int, k: int) -> tuple[int, ...]:
         """The scale's (and the zero point's) shape for N out and K in features."""
-        sizes = {"N": n, "G": self.num_groups(k)}
-        return tuple(sizes[axis] for axis in self.scale_axes)
+        if self.block_size == PER_CHANNEL:
+            return (n,)
+        return (n, k // self.block_size) if self.by_rows else (k // self.block_size, n)
 
     def features(self, weight_shape) -> tuple[int, int]:
         """``(N, K)`` of a stored weight of this layout (the inverse of :meth:`weight_shape`)."""
         pack = 2 if self.packed else 1
-        if self.weight_axes == ("G", "g", "N"):
+        if len(self.weight_axes) == 3:  # (G, g, N)
             groups, group, n = weight_shape
             return n, groups * group * pack
         n, k = weight_shape
@@ -248,7 +245,7 @@ class Layout:
 
     def grouped_weight(self, w: torch.Tensor) -> torch.Tensor:
         """An unpacked stored weight seen as ``[N, G, B]`` (per-channel ``[N, 1, K]``), a view."""
-        if self.weight_axes == ("G", "g", "N"):
+        if len(self.weight_axes) == 3:  # (G, g, N)
             return w.permute(2, 0, 1)
         n, k = w.shape
         return w.reshape(n, self.num_groups(k), self.group_size(k))
@@ -273,13 +270,7 @@ class Layout:
 _interned = functools.lru_cache(maxsize=None)(Layout)
 
 
-def dequantize(
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None = None,
-    block_size: int = PER_CHANNEL,
-    packed: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def dequantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+               block_size: int = PER_CHANNEL, packed: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantized weight as ``[N, K]`` in ``dtype`` for any layout (``w * scale - zero_point``)."""
     return Layout.recognise(w.shape, block_size, packed).dequantize(w, scale, zero_point, dtype)
