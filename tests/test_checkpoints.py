@@ -448,3 +448,17 @@ def test_each_format_declares_the_tensors_its_writer_stores(tmp_path, fmt):
               if key.startswith("proj.")}
     assert set(stored) <= set(specs) and "bias" in stored
     assert all(tuple(t.shape) == specs[s].shape(64, 48) and t.dtype in specs[s].dtypes for s, t in stored.items())
+
+
+def test_the_config_is_checked_once_before_any_tensor_is_read(tmp_path, monkeypatch):
+    """The format is built from the config once, first: a value it does not know is refused before a
+    shard is opened or a layer read."""
+    import xqpass.checkpoints as checkpoints
+
+    path = str(tmp_path)
+    write_checkpoint(path, Toy(), 4, 16)
+    _edit_config(path, bits=3)
+    opened = []
+    monkeypatch.setattr(checkpoints._Tensors, "__init__", lambda self, path: opened.append(path))
+    _load_refused(Toy().eval(), path, ValueError, r"GPTQ bits=3 is not supported \(known: 4, 8\)")
+    assert opened == []
