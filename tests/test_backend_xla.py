@@ -9,7 +9,7 @@ from hypothesis import given, settings
 
 import xqpass
 from oracle import assert_as_accurate_as_original
-from xqpass.backend import _openxla, make_backend
+from xqpass.backend import make_backend
 from xqpass.testing import strategies as xst
 from xqpass.testing.models import INT4_GROUPED, INT8, DecoderConfig, TinyDecoder, with_dequant_linears
 from xqpass.testing.modules import DequantLinear, DequantSpec
@@ -17,7 +17,7 @@ from xqpass.testing.modules import DequantLinear, DequantSpec
 
 def _compile_xla(module, xla_device, reports):
     torch._dynamo.reset()
-    return torch.compile(module.to(xla_device), backend=make_backend(_openxla, boxed=True, reports=reports))
+    return torch.compile(module.to(xla_device), backend=make_backend("openxla", reports=reports))
 
 
 def _compiles():

@@ -10,7 +10,7 @@ from hypothesis import given
 from torch import nn
 
 import xqpass
-from xqpass.backend import _eager, make_backend
+from xqpass.backend import make_backend
 from xqpass.patterns.spellings import canonical
 from xqpass.testing import strategies as xst
 from oracle import assert_as_accurate_as_original
@@ -24,7 +24,7 @@ def compile_eager(module, x):
     reports = []
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(module, backend=make_backend(_eager, boxed=False, reports=reports), fullgraph=True)(x)
+        out = torch.compile(module, backend=make_backend("eager", reports=reports), fullgraph=True)(x)
     return out, reports
 
 
@@ -186,6 +186,64 @@ def test_rewrite_rejects_other_objects():
         xqpass.rewrite(nn.Linear(2, 2))
 
 
+class _BiasThenPostScale(nn.Module):
+    """``F.linear(x, w.to(dt), b) * s``: the product's own bias is scaled with it."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w", torch.randint(-127, 128, (8, 16), dtype=torch.int8, generator=g))
+        self.register_buffer("s", torch.rand(8, generator=g) + 0.5)
+        self.b = nn.Parameter(torch.randn(8, generator=g))
+
+    def forward(self, x):
+        return F.linear(x, self.w.to(x.dtype), self.b) * self.s
+
+
+def test_a_bias_inside_the_product_is_scaled_by_a_scale_after_it():
+    module, x = _BiasThenPostScale(), torch.randn(3, 16)
+    out, reports = compile_eager(module, x)
+    assert _count(reports, "torch") == (1, 0), "\n".join(map(str, reports))
+    with torch.no_grad():
+        expected = module(x)  # float32 either way; an unscaled bias is off by |b| (1 - s), ~0.5
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        ep = torch.export.export(module, (x,))
+        assert len(xqpass.rewrite(ep).rewrites) == 1
+        torch.testing.assert_close(ep.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_make_backend_takes_a_compiler_name_or_callable():
+    with pytest.raises(ValueError, match="unknown compiler 'inductr'"):
+        make_backend("inductr")
+    seen = []
+
+    def compiler(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    m = DequantLinear(DequantSpec(), 16, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(m, backend=make_backend(compiler), fullgraph=True)(torch.randn(2, 16))
+    assert any(n.target is OP for gm in seen for n in gm.graph.nodes)
+    assert out.shape == (2, 8)
+
+
+def test_imports_run_one_way_and_name_no_private_names():
+    """Patterns <- rewrite <- backend <- explain: no module imports one to its right, nor a private name."""
+    import pathlib
+
+    root = pathlib.Path(xqpass.__file__).parent
+    later = {"patterns": ("rewrite", "backend", "explain"), "rewrite": ("backend", "explain"), "backend": ("explain",)}
+    files = {"patterns": sorted((root / "patterns").glob("*.py")), "rewrite": [root / "rewrite.py"],
+             "backend": [root / "backend.py"], "explain": [root / "explain.py"]}
+    for room, paths in files.items():
+        for path in paths:
+            for module, names in re.findall(r"^\s*from (\.+[\w.]*) import \(?([^)\n]*)", path.read_text(), re.M):
+                assert not any(module.lstrip(".").startswith(r) for r in later.get(room, ())), (path, module)
+                assert not any(n.strip().startswith("_") for n in names.split(",")), (path, module, names)
+
+
 def test_backend_registered_for_a_fresh_process():
     """`torch.compile(..., backend="xq_eager")` without importing xqpass: the entry point loads it."""
     import subprocess
@@ -220,7 +278,7 @@ def test_dynamic_batch_dims_still_rewrite():
                                  lambda name: INT4_GROUPED if name.endswith("up_proj") else INT8).eval()
     reports = []
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=make_backend(_eager, boxed=False, reports=reports), dynamic=True)
+    compiled = torch.compile(model, backend=make_backend("eager", reports=reports), dynamic=True)
     with torch.no_grad():
         for batch, seq in ((2, 8), (3, 5), (4, 11)):  # (1 would specialize: Dynamo treats 0 and 1 apart)
             x = torch.randn(batch, seq, 64)

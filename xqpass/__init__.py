@@ -6,8 +6,9 @@ lowering). torch_xla is imported only when an XLA tensor reaches the op.
 from . import ops  # noqa: F401  (registers torch.ops.xq.quantized_matmul)
 from .nn import QuantizeReport, XlaQuantizedLinear, quantize_model
 from .quant import QuantizedWeight, dequantize, pack_int4, quantize_per_token, quantize_weight, unpack_int4
-from .rewrite import ExplainReport, Missed, RewriteReport, Rewritten, explain, rewrite
+from .rewrite import Missed, RewriteReport, Rewritten, rewrite
 from . import backend  # noqa: E402,F401  (registers the xq_openxla and xq_eager backends)
+from .explain import ExplainReport, explain  # noqa: E402
 from .checkpoints import CheckpointReport, load_quantized_checkpoint  # noqa: E402
 from .sharding import ShardingReport, shard_model  # noqa: E402
 

@@ -9,8 +9,9 @@ inside AOT autograd, on the aten-level graph (where tensor subclasses such as to
 flattened into plain ops). Registered on ``import xqpass`` and through the ``torch_dynamo_backends``
 entry point, so ``torch.compile(model, backend="xq_openxla")`` works in a fresh process.
 
-The compiler after the pass is a parameter (:func:`make_backend`): another lowering (Inductor, a
-TorchTPU backend) plugs in here without touching the patterns.
+The compiler after the pass is a parameter of the public factory :func:`make_backend`: a name from
+:data:`COMPILERS` ("eager", "openxla") or any ``compiler(gm, example_inputs)``; another lowering
+(Inductor, a TorchTPU backend) plugs in here without touching the patterns.
 """
 from __future__ import annotations
 
@@ -28,10 +29,34 @@ log = logging.getLogger("xqpass")
 Compiler = Callable[[torch.fx.GraphModule, list], Callable]
 
 
-def make_backend(compiler: Compiler, *, boxed: bool, reports: list | None = None, name: str = "xq"):
+def eager_compiler(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """No compiler: the rewritten graph runs as Python, op by op (CPU, debugging, ``explain``)."""
+    return gm.forward
+
+
+def openxla_compiler(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """torch_xla's ``openxla`` compiler (boxed: AOT's calling convention)."""
+    from torch._dynamo.backends.torchxla import openxla_eval_boxed
+
+    return openxla_eval_boxed(gm, example_inputs)
+
+
+#: the compilers :func:`make_backend` knows by name: (compiler, whether it returns a boxed function)
+COMPILERS = {"eager": (eager_compiler, False), "openxla": (openxla_compiler, True)}
+
+
+def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, reports: list | None = None,
+                 name: str = "xq"):
     """A Dynamo backend: the pass on the torch-level graph, AOT autograd, the pass on the aten-level
-    forward graph, then ``compiler(gm, example_inputs)``. ``boxed``: whether ``compiler`` returns a
-    boxed function (AOT's calling convention). Reports are appended to ``reports`` when given."""
+    forward graph, then the compiler. ``compiler``: "eager" or "openxla" (:data:`COMPILERS`), or any
+    ``compiler(gm, example_inputs)``, with ``boxed`` saying whether it returns a boxed function (AOT's
+    calling convention). Each graph's :class:`~xqpass.rewrite.RewriteReport` is appended to ``reports``
+    when given; ``name`` prefixes the reports' graph names."""
+    if isinstance(compiler, str):
+        if compiler not in COMPILERS:
+            raise ValueError(f"make_backend: unknown compiler {compiler!r}; expected one of {sorted(COMPILERS)} "
+                             f"or a callable compiler(gm, example_inputs)")
+        compiler, boxed = COMPILERS[compiler]
     counter = {"graphs": 0}
 
     def after_aot(gm: torch.fx.GraphModule, example_inputs):
@@ -74,19 +99,12 @@ def _record(report: RewriteReport, reports: list | None) -> None:
         reports.append(report)
 
 
-def _eager(gm, example_inputs):
-    return gm.forward
+xq_eager = make_backend("eager", name="xq_eager")
+xq_openxla = make_backend("openxla", name="xq_openxla")
 
-
-def _openxla(gm, example_inputs):
-    from torch._dynamo.backends.torchxla import openxla_eval_boxed
-
-    return openxla_eval_boxed(gm, example_inputs)
-
-
-xq_eager = make_backend(_eager, boxed=False, name="xq_eager")
-xq_openxla = make_backend(_openxla, boxed=True, name="xq_openxla")
-
+# old private spellings, still imported by xqpass/demo.py and tests/spmd/test_spmd.py (owned elsewhere);
+# new code passes "eager" / "openxla" to make_backend
+_eager, _openxla = eager_compiler, openxla_compiler
 
 
 def _register(name: str, fn) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .patterns.catalogue import PRODUCT_FORMS, ROOT_KINDS
-from .patterns.dsl import Context, State
+from .patterns.dsl import Context, Match
 from .patterns.replacement import Rejected, build_call
 from .patterns.spellings import canonical
 
@@ -143,8 +143,8 @@ def _recorded_as_state(placeholder: Node) -> bool:
 
 
 def _erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for n in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
+    """Erase the nodes nothing uses any more, users before their inputs (nodes compare in graph order)."""
+    for n in sorted(nodes, reverse=True):
         if not n.users and n.op not in ("placeholder", "get_attr", "output"):
             gm.graph.erase_node(n)
 
@@ -187,19 +187,19 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
         done = False
         ctx.failures = []
         for product in PRODUCT_FORMS:
-            for st in product.pattern.match(ctx, node, None, State()):
+            for match in product.pattern.match(ctx, node, None, Match()):
                 try:
-                    result, desc = build_call(ctx, node, st)
+                    result, desc = build_call(ctx, node, match)
                 except Rejected as e:
                     ctx.fail(str(e))
                     continue
                 result.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
                                     if k in node.meta})
                 layer = _layer_name(node)
-                record = Rewritten(result.name, layer, f"{product.name} / {st.get('form', '?')}", desc)
+                record = Rewritten(result.name, layer, f"{product.name} / {match.form}", desc)
                 node.replace_all_uses_with(result)
-                consumed.update(st.nodes | {node})
-                _erase_unused(gm, st.nodes | {node})
+                consumed.update(match.nodes | {node})
+                _erase_unused(gm, match.nodes | {node})
                 report.rewrites.append(record)
                 log.info("xqpass: rewrote %s", record)
                 done = True
@@ -235,71 +235,3 @@ def _sync_exported_outputs(ep) -> None:
     for spec, value in zip(ep.graph_signature.output_specs, output.args[0]):
         if isinstance(value, Node) and hasattr(spec.arg, "name"):
             spec.arg.name = value.name
-
-
-@dataclass
-class ExplainReport:
-    """The pass's reports for every graph Dynamo captured (torch level, then aten level)."""
-
-    graphs: list[RewriteReport]
-
-    @property
-    def rewrites(self) -> list[Rewritten]:
-        return [r for g in self.graphs for r in g.rewrites]
-
-    @property
-    def misses(self) -> list[Missed]:
-        """Near misses left after both levels (a torch-level miss that the aten level rewrote is not one)."""
-        final = [g for g in self.graphs if g.graph.endswith("(aten)")] or self.graphs
-        return [m for g in final for m in g.misses]
-
-    def __str__(self) -> str:
-        return "\n".join(str(g) for g in self.graphs if g.rewrites or g.misses) or "xqpass: no dequantize -> matmul found"
-
-
-def explain(model, *args, **kwargs) -> ExplainReport:
-    """Capture ``model(*args, **kwargs)`` with Dynamo, run the pass on every graph and report, per graph,
-    which layer was rewritten with which pattern, and why the others were not.
-
-    The rewritten graphs run once, eagerly, on the arguments' device (nothing is compiled for XLA).
-    The report is also logged on ``logging.getLogger("xqpass")``; ``print(report)`` shows it.
-    Raises ValueError, before capturing anything, when the model's parameters and buffers and the
-    tensor arguments share no device (``model.to(torch_xla.device())`` with a CPU ``x``).
-    """
-    from .backend import _eager, make_backend
-
-    _check_one_device(model, args, kwargs)
-    reports: list[RewriteReport] = []
-    backend = make_backend(_eager, boxed=False, reports=reports, name="explain")
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    return ExplainReport(reports)
-
-
-def _check_one_device(model, args: tuple, kwargs: dict) -> None:
-    """A model whose state and inputs share no device fails deep inside Dynamo's fake tensors; say so
-    first, naming one tensor of each side."""
-    if not isinstance(model, torch.nn.Module):
-        return
-    state = [*model.named_parameters(), *model.named_buffers()]
-    leaves, _ = torch.utils._pytree.tree_flatten_with_path((args, kwargs))
-    inputs = [(("args", "kwargs")[path[0].idx] + torch.utils._pytree.keystr(path[1:]), t)
-              for path, t in leaves if isinstance(t, torch.Tensor)]
-    if not state or not inputs:
-        return
-    state_devices = {t.device for _, t in state}
-    input_devices = {t.device for _, t in inputs}
-    if state_devices & input_devices:
-        return
-    name, tensor = state[0]
-    where, value = inputs[0]
-    raise ValueError(
-        f"explain: the model's parameters and buffers are on {_devices(state_devices)} (e.g. {name!r} on "
-        f"{tensor.device}), the inputs on {_devices(input_devices)} (e.g. {where} on {value.device}); "
-        f"expected one device for both: move the inputs with .to({str(tensor.device)!r}) or the model with "
-        f"model.to({str(value.device)!r})")
-
-
-def _devices(devices: set) -> str:
-    return ", ".join(sorted(str(d) for d in devices))

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from .dsl import (
     AnyOf,
     Cast,
-    DequantizePerChannel,
-    DequantizePerTensor,
+    DequantizePT2E,
     IntWeight,
     Matmul,
     Mul,
@@ -29,7 +28,7 @@ from .dsl import (
 )
 
 #: the integer storage, preferring packed int4 in the op's nibble order
-QUANTIZED = AnyOf((PackedNibbles("w"), IntWeight("w")))
+QUANTIZED = AnyOf((PackedNibbles(), IntWeight()))
 #: the storage cast to float, not yet scaled
 CAST = Cast(QUANTIZED)
 #: the storage as an integer matmul operand (``torch._int_mm`` takes int8; ``@`` on int32 casts)
@@ -53,23 +52,23 @@ WEIGHT_FORMS = (
     WeightForm(
         "zero point, then scale",
         "(w.to(dt) - zp[:, None]) * s[:, None]",
-        Named("zero point, then scale", Mul(Sub(CAST, Operand("zero", "zero")), Operand("scale")), zero_kind="int"),
+        Named("zero point, then scale", Mul(Sub(CAST, Operand("zero")), Operand("scale")), zero_kind="int"),
     ),
     WeightForm(
         "scale, then float zero point",
         "w.to(dt) * s[:, None] - zp[:, None]",
-        Named("scale, then float zero point", Sub(Mul(CAST, Operand("scale")), Operand("zero", "zero")),
+        Named("scale, then float zero point", Sub(Mul(CAST, Operand("scale")), Operand("zero")),
               zero_kind="float"),
     ),
     WeightForm(
         "PT2E dequantize_per_channel",
         "quantized_decomposed.dequantize_per_channel(w, s, zp, 0, qmin, qmax, torch.int8)",
-        Named("PT2E dequantize_per_channel", DequantizePerChannel()),
+        Named("PT2E dequantize_per_channel", DequantizePT2E("dequantize_per_channel")),
     ),
     WeightForm(
         "PT2E dequantize_per_tensor",
         "quantized_decomposed.dequantize_per_tensor(w, s, zp, qmin, qmax, torch.int8)",
-        Named("PT2E dequantize_per_tensor", DequantizePerTensor()),
+        Named("PT2E dequantize_per_tensor", DequantizePT2E("dequantize_per_tensor")),
     ),
     WeightForm(
         "cast only (unit scale)",

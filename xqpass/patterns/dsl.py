@@ -16,7 +16,7 @@ group). Anything the rules cannot prove equivalent fails with a reason, which th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
 import sympy
@@ -82,28 +82,58 @@ def static(size: Any) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# match state and context
+# the match and its context
 
 
 @dataclass(frozen=True)
-class State:
-    """Bindings made so far (name -> node / value) and the nodes the match covers."""
+class Factor:
+    """A scale or zero point as the match saw it, broadcast against the weight.
 
-    bind: tuple = ()
-    nodes: frozenset = frozenset()
+    ``value``: the node (or a Python number); ``granularity``: "tensor" (one value), "channel" (varies
+    along N only) or "group" (along G, and maybe N); ``padded``: its shape padded with leading 1s to the
+    weight's rank; ``layout``: the weight's axis tags where it was met.
+    """
 
-    def get(self, name: str, default: Any = None) -> Any:
-        for k, v in reversed(self.bind):  # the latest binding of a name wins
-            if k == name:
-                return v
-        return default
+    value: Any
+    granularity: str
+    padded: tuple
+    layout: Layout
 
-    def as_dict(self) -> dict:
-        return dict(self.bind)
 
-    def with_(self, node: Node | None = None, **binds: Any) -> "State":
-        nodes = self.nodes | {node} if isinstance(node, Node) else self.nodes
-        return State(self.bind + tuple(binds.items()), nodes)
+@dataclass(frozen=True)
+class Match:
+    """What a pattern found: built by the combinators, one field at a time, and read by
+    :func:`xqpass.patterns.replacement.build_call`. Immutable: a backtracking search shares prefixes."""
+
+    activation: Node | None = None  # x [..., K] (the quantized x_q until PerTokenQuantized walks back)
+    weight: Node | None = None  # the integer storage
+    weight_layout: Layout = ()  # its axis tags
+    packed: bool = False  # two 4-bit values a byte, low nibble first
+    scale: Factor | None = None  # broadcast against the weight
+    zero: Factor | None = None
+    zero_kind: str | None = None  # "int": (q - z) * s; "float": q * s - z
+    post_scale: Any = None  # a scale along the output's last dim, applied after the product
+    bias: Any = None  # along the output's last dim: the product's own or added after it
+    bias_before_scale: bool = False  # the bias is added before ``post_scale`` (the op gets b * s)
+    quantize_activation: bool = False  # per-token int8 activations (W8A8)
+    form: str = "?"  # the weight form's name, for reports
+    broadcast_shape: tuple | None = None  # the weight-side shape the next scale / zero point must fit
+    nodes: frozenset = frozenset()  # the nodes the rewrite replaces
+
+    def with_(self, *nodes: Any, **fields: Any) -> "Match":
+        """This match covering ``nodes`` too, with ``fields`` set. A plain copy of the fields (every step
+        of the search makes one; ``dataclasses.replace`` re-runs ``__init__`` and costs 4x more)."""
+        unknown = fields.keys() - _MATCH_FIELDS
+        if unknown:
+            raise TypeError(f"Match has no field {', '.join(sorted(unknown))}")
+        new = object.__new__(Match)
+        vars(new).update(vars(self), **fields)
+        if nodes:
+            vars(new)["nodes"] = self.nodes.union(n for n in nodes if isinstance(n, Node))
+        return new
+
+
+_MATCH_FIELDS = frozenset(f.name for f in fields(Match))
 
 
 @dataclass
@@ -138,7 +168,8 @@ class Context:
         self.failures.append((self.depth, reason))
 
     def inputs_of(self, node: Node) -> frozenset:
-        """The graph inputs (placeholders) a node's value is computed from (memoized)."""
+        """The data inputs (placeholders that are not model state) a node's value is computed from. Memoized;
+        a node whose inputs share one set shares it, so the memo grows with the graph, not its square."""
         memo = self.__dict__.setdefault("_inputs_memo", {})
         todo = [node]
         while todo:
@@ -151,8 +182,12 @@ class Context:
                 todo.extend(pending)
                 continue
             todo.pop()
-            own = frozenset((n,)) if n.op == "placeholder" else frozenset()
-            memo[n] = own.union(*(memo[a] for a in n.all_input_nodes))
+            if n.op == "placeholder":
+                memo[n] = frozenset() if n in self.model_state else frozenset((n,))
+                continue
+            distinct = {id(s): s for s in (memo[a] for a in n.all_input_nodes) if s}
+            memo[n] = frozenset().union(*distinct.values()) if len(distinct) > 1 else \
+                next(iter(distinct.values()), frozenset())
         return memo[node]
 
     def activation_source(self, node: Any, activation: Node) -> Node | None:
@@ -162,9 +197,9 @@ class Context:
         same dequantized weight feeding an earlier layer) does not make a scale the activation's."""
         if not isinstance(node, Node):
             return None
-        if activation in _ancestors(node):
+        if _descends_from(node, activation):
             return activation
-        shared = (self.inputs_of(node) & self.inputs_of(activation)) - self.model_state
+        shared = self.inputs_of(node) & self.inputs_of(activation)
         return min(shared, key=lambda n: n.name) if shared else None
 
     def from_activation(self, node: Any, activation: Node, what: str) -> str | None:
@@ -178,14 +213,18 @@ class Context:
                f"parameter or buffer)"
 
 
-def _ancestors(node: Node) -> set:
+def _descends_from(node: Node, ancestor: Node) -> bool:
+    """Whether ``ancestor`` is ``node`` or one of its inputs' ancestors. Graph order is topological, so
+    the walk never goes above ``ancestor``."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n not in seen:
+        if n is ancestor:
+            return True
+        if n not in seen and n > ancestor:
             seen.add(n)
             stack.extend(n.all_input_nodes)
-    return seen
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +283,7 @@ LAYOUT_KINDS = ("noop", "transpose", "permute", "reshape")
 
 
 class Pattern:
-    """Base: ``match`` yields one State per way ``node`` matches with value layout ``layout``."""
+    """Base: ``match`` yields one :class:`Match` per way ``node`` matches with value layout ``layout``."""
 
     #: whether layout ops (views, transposes) above this pattern are looked through
     through_layout = True
@@ -253,7 +292,7 @@ class Pattern:
     #: try the input of a layout op before the layout op itself (find the storage, not a view of it)
     prefer_below = False
 
-    def match(self, ctx: Context, node: Any, layout: Layout, st: State) -> Iterator[State]:
+    def match(self, ctx: Context, node: Any, layout: Layout, st: Match) -> Iterator[Match]:
         ctx.depth += 1
         try:
             if not self.prefer_below:
@@ -272,7 +311,7 @@ class Pattern:
         finally:
             ctx.depth -= 1
 
-    def here(self, ctx: Context, node: Any, layout: Layout, st: State) -> Iterator[State]:
+    def here(self, ctx: Context, node: Any, layout: Layout, st: Match) -> Iterator[Match]:
         raise NotImplementedError
 
 
@@ -293,13 +332,12 @@ class AnyOf(Pattern):
 class IntWeight(Pattern):
     """The quantized storage: an int8 / uint8 tensor (a graph input, a buffer, or computed)."""
 
-    bind: str = "w"
     prefer_below = True
 
     def here(self, ctx, node, layout, st):
         dtype = ctx.dtype(node)
         if dtype in WEIGHT_DTYPES:
-            yield st.with_(**{self.bind: node, f"{self.bind}_layout": layout, "packed": False})
+            yield st.with_(weight=node, weight_layout=layout, packed=False)
         elif dtype is not None:
             ctx.fail(f"weight {getattr(node, 'name', node)} is {dtype}, not int8/uint8")
 
@@ -313,8 +351,6 @@ class PackedNibbles(Pattern):
     ``lo = (p << 4) >> 4`` and ``hi = p >> 4``: sign-extended nibbles. Other unpackings still match
     :class:`IntWeight` on their result (the unpacking then stays in the graph).
     """
-
-    bind: str = "w"
 
     def here(self, ctx, node, layout, st):
         if layout != NK:
@@ -333,8 +369,7 @@ class PackedNibbles(Pattern):
         if packed is None:
             ctx.fail(f"{node.name}: nibble unpacking not in the op's order/signedness; kept as an unpacked weight")
             return
-        yield st.with_(node, **{self.bind: packed, f"{self.bind}_layout": NK, "packed": True}).with_(
-            canon.inputs[0]).with_(lo).with_(hi)
+        yield st.with_(node, canon.inputs[0], lo, hi, weight=packed, weight_layout=NK, packed=True)
 
     @staticmethod
     def _is(node, kind, const=None):
@@ -425,21 +460,21 @@ def classify_operand(ctx: Context, operand: Any, layout: Layout, weight_shape: t
 class Operand(Pattern):
     """A scale or zero point broadcast against the weight (a tensor or a Python number).
 
-    ``role``: "scale" (floating), "zero" (any dtype: integer zero points are converted).
+    ``role``: "scale" (floating) or "zero" (any dtype: integer zero points are converted); the match's
+    field of that name gets the :class:`Factor`.
     """
 
-    bind: str
     role: str = "scale"
     through_layout = False
 
     def here(self, ctx, node, layout, st):
-        x = st.get("x")
+        x = st.activation
         reason = ctx.from_activation(node, x, f"{self.role} {getattr(node, 'name', node)}") if x is not None else None
         if reason:
             ctx.fail(reason)
             return
         if isinstance(node, (int, float)) and not isinstance(node, bool):
-            yield st.with_(**{self.bind: node, f"{self.bind}_gran": ("tensor", ()), f"{self.bind}_layout": layout})
+            yield self._bind(st, Factor(node, "tensor", (), layout))
             return
         if not isinstance(node, Node):
             return
@@ -447,12 +482,14 @@ class Operand(Pattern):
         if self.role == "scale" and (dtype is None or not dtype.is_floating_point):
             ctx.fail(f"scale {node.name} is {dtype}, not floating")
             return
-        weight_shape = st.get("_weight_shape")
-        gran = classify_operand(ctx, node, layout, weight_shape)
+        gran = classify_operand(ctx, node, layout, st.broadcast_shape)
         if isinstance(gran, str):
             ctx.fail(gran)
             return
-        yield st.with_(**{self.bind: node, f"{self.bind}_gran": gran, f"{self.bind}_layout": layout})
+        yield self._bind(st, Factor(node, *gran, layout))
+
+    def _bind(self, st: Match, factor: Factor) -> Match:
+        return st.with_(scale=factor) if self.role == "scale" else st.with_(zero=factor)
 
 
 def _binary_operands(ctx, node, kind):
@@ -479,8 +516,8 @@ class _WeightOp(Pattern):
         shape = ctx.shape(node)
         for a, b in ((ops, ops[::-1]) if self.commutative else (ops,)):
             if isinstance(a, Node) and ctx.shape(a) is not None and same_shape(ctx.shape(a), shape):
-                for s in self.value.match(ctx, a, layout, st.with_(node, _weight_shape=shape)):
-                    yield from self.operand.match(ctx, b, layout, s.with_(_weight_shape=shape))
+                for s in self.value.match(ctx, a, layout, st.with_(node, broadcast_shape=shape)):
+                    yield from self.operand.match(ctx, b, layout, s.with_(broadcast_shape=shape))
 
 
 class Mul(_WeightOp):
@@ -495,49 +532,31 @@ class Sub(_WeightOp):
     kind = "sub"
 
 
-def _pt2e_dequantize_inputs(ctx, node, layout, kind: str):
-    """The inputs of a PT2E ``quantized_decomposed`` dequantize of ``kind`` at ``node`` whose weight is a
-    2-D int8/uint8 tensor, or None (a reason is recorded when the weight is not)."""
-    canon = canonical(node)
-    if canon is None or canon.kind != kind:
-        return None
-    w = canon.inputs[0]
-    if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
-        ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
-        return None
-    return canon.inputs
-
-
 @dataclass
-class DequantizePerChannel(Pattern):
-    """PT2E ``quantized_decomposed.dequantize_per_channel(w, scales, zero_points, axis, ...)`` along N."""
+class DequantizePT2E(Pattern):
+    """PT2E ``quantized_decomposed.dequantize_per_channel(w, scales, zero_points, axis, ...)`` along N, or
+    ``dequantize_per_tensor(w, scale, zero_point, ...)``, of a 2-D int8 / uint8 ``w``."""
+
+    kind: str  # "dequantize_per_channel" or "dequantize_per_tensor"
 
     def here(self, ctx, node, layout, st):
-        inputs = _pt2e_dequantize_inputs(ctx, node, layout, "dequantize_per_channel")
-        if inputs is None:
+        canon = canonical(node)
+        if canon is None or canon.kind != self.kind:
             return
-        w, scales, zps, axis = inputs
-        if layout[_axis(layout, axis)] != "N":
-            ctx.fail(f"{node.name}: PT2E channel axis {axis} is not the output axis of the weight")
+        w, scale, zero = canon.inputs[:3]
+        if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
+            ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
             return
-        n = ctx.shape(w)[axis % 2]
-        gran = ("channel", tuple(n if i == axis % 2 else 1 for i in range(2)))
-        yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scales, scale_gran=gran, scale_layout=layout,
-                       zero=zps, zero_gran=gran, zero_layout=layout, zero_kind="int")
-
-
-@dataclass
-class DequantizePerTensor(Pattern):
-    """PT2E ``quantized_decomposed.dequantize_per_tensor(w, scale, zero_point, ...)``."""
-
-    def here(self, ctx, node, layout, st):
-        inputs = _pt2e_dequantize_inputs(ctx, node, layout, "dequantize_per_tensor")
-        if inputs is None:
-            return
-        w, scale, zp = inputs
-        gran = ("tensor", ())
-        yield st.with_(node, w=w, w_layout=layout, packed=False, scale=scale, scale_gran=gran, scale_layout=layout,
-                       zero=zp, zero_gran=gran, zero_layout=layout, zero_kind="int")
+        factor = Factor(scale, "tensor", (), layout)
+        if self.kind == "dequantize_per_channel":
+            axis = canon.inputs[3] % 2
+            if layout[axis] != "N":
+                ctx.fail(f"{node.name}: PT2E channel axis {canon.inputs[3]} is not the output axis of the weight")
+                return
+            n = ctx.shape(w)[axis]
+            factor = Factor(scale, "channel", tuple(n if i == axis else 1 for i in range(2)), layout)
+        yield st.with_(node, weight=w, weight_layout=layout, packed=False, scale=factor,
+                       zero=replace(factor, value=zero), zero_kind="int")
 
 
 @dataclass
@@ -550,10 +569,8 @@ class Named(Pattern):
     through_layout = False
 
     def here(self, ctx, node, layout, st):
-        extra = {"form": self.form}
-        if self.zero_kind is not None:
-            extra["zero_kind"] = self.zero_kind
-        yield from self.inner.match(ctx, node, layout, st.with_(**extra))
+        named = st.with_(form=self.form) if self.zero_kind is None else st.with_(form=self.form, zero_kind=self.zero_kind)
+        yield from self.inner.match(ctx, node, layout, named)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,8 +579,8 @@ class Named(Pattern):
 
 @dataclass
 class Matmul(Pattern):
-    """A product of an activation ``x [..., K]`` with a weight, in every spelling, binding ``x``,
-    the weight through ``weight``, and ``bias`` where the op carries one.
+    """A product of an activation ``x [..., K]`` with a weight, in every spelling, binding the activation
+    ``x``, the weight through ``weight``, and ``bias`` where the op carries one.
 
     ``linear(x, W, b)`` asks ``W`` in layout N x K; ``matmul / mm / @ (x, W)`` and ``addmm(b, x, W)``
     ask ``W`` in K x N; ``bmm(x, W.expand(B, K, N))`` too; an aten-level ``view(mm(view(x)), ...)``
@@ -588,7 +605,7 @@ class Matmul(Pattern):
                     xs, out = ctx.shape(x), ctx.shape(node)
                     if xs is not None and out is not None and len(xs) == len(out) and \
                             same_shape(xs[:-1], out[:-1]):
-                        yield from self._product(ctx, canon.inputs[0], inner, x, st.with_(node).with_(a))
+                        yield from self._product(ctx, canon.inputs[0], inner, x, st.with_(node, a))
             return
         if canon.kind in ("linear", "matmul", "addmm"):
             x = canon.inputs[1] if canon.kind == "addmm" else canon.inputs[0]
@@ -598,13 +615,13 @@ class Matmul(Pattern):
         xs, xdt = ctx.shape(x), ctx.dtype(x)
         if xs is None or len(xs) < 1 or xdt is None or xdt.is_floating_point == self.int_activation:
             return
-        st = st.with_(node, x=x)
+        st = st.with_(node, activation=x)
         if canon.kind == "linear":
             w, bias = canon.inputs[1], canon.inputs[2]
             ws = ctx.shape(w)
             if ws is None or len(ws) != 2 or not same_size(ws[1], xs[-1]):
                 return
-            for s in self.weight.match(ctx, w, NK, st.with_(_weight_shape=ws)):
+            for s in self.weight.match(ctx, w, NK, st.with_(broadcast_shape=ws)):
                 yield s.with_(bias=bias)
             return
         if canon.kind == "addmm":
@@ -625,7 +642,7 @@ class Matmul(Pattern):
                 return
         if len(ws) != 2 or not same_size(ws[0], xs[-1]):
             return
-        for s in self.weight.match(ctx, w, KN, st.with_(_weight_shape=ws)):
+        for s in self.weight.match(ctx, w, KN, st.with_(broadcast_shape=ws)):
             yield s.with_(bias=bias)
 
 
@@ -640,7 +657,7 @@ def _post_op(ctx, node, layout, st, kind: str, product: Pattern, role: str):
         if not isinstance(a, Node) or ctx.shape(a) is None or not same_shape(ctx.shape(a), out):
             continue
         for m in product.match(ctx, a, layout, st.with_(node)):
-            reason = _vector_along_last(ctx, v, out, m.get("x"), role)
+            reason = _vector_along_last(ctx, v, out, m.activation, role)
             if reason:
                 ctx.fail(reason)
                 continue
@@ -658,8 +675,9 @@ class PostScale(Pattern):
 
     def here(self, ctx, node, layout, st):
         for m, s in _post_op(ctx, node, layout, st, "mul", self.product, "scale"):
-            # a bias added before this scale is scaled with the product: the op gets b * s
-            yield m.with_(post_scale=s, bias_before_scale=m.get("post_bias") is not None)
+            # a bias added before this scale (the product's own or added to it) is scaled with the
+            # product: the op gets b * s
+            yield m.with_(post_scale=s, bias_before_scale=m.bias is not None)
 
 
 @dataclass
@@ -672,10 +690,10 @@ class PostBias(Pattern):
 
     def here(self, ctx, node, layout, st):
         for m, b in _post_op(ctx, node, layout, st, "add", self.product, "bias"):
-            if m.get("bias") is not None:
+            if m.bias is not None:
                 ctx.fail(f"{node.name}: a second bias")
                 continue
-            yield m.with_(post_bias=b)
+            yield m.with_(bias=b)
 
 
 def _vector_along_last(ctx: Context, v: Any, out_shape: tuple, x: Node | None, role: str) -> str | None:
@@ -711,17 +729,15 @@ class PerTokenQuantized(Pattern):
 
     def here(self, ctx, node, layout, st):
         out = ctx.shape(node)
-        for factors, inner in _three_factors(node):
-            yield from self._with_factors(ctx, node, layout, st, factors, inner, out)
-
-    def _with_factors(self, ctx, node, layout, st, factors, inner, out):
-        for i, cast in enumerate(factors):
+        for (factors, inner), (i, cast) in ((f, c) for f in _three_factors(node) for c in enumerate(f[0])):
             canon = canonical(cast)
             if canon is None or canon.kind != "convert" or not (ctx.dtype(cast) or torch.int8).is_floating_point:
                 continue
             for m in self.product.match(ctx, canon.inputs[0], layout, st.with_(cast)):
-                x_q = m.get("x")
-                found = self._activation(ctx, x_q)
+                if m.bias is not None:  # scaled per token: not the op's bias
+                    ctx.fail(f"{node.name}: a bias inside the integer product")
+                    continue
+                found = self._activation(ctx, m.activation)
                 if isinstance(found, str):
                     ctx.fail(found)
                     continue
@@ -735,35 +751,21 @@ class PerTokenQuantized(Pattern):
                 if reason:
                     ctx.fail(reason)
                     continue
-                st2 = m.with_(x=x, post_scale=w_scale, quantize_activation=True)
-                for n in (*inner, *chain):
-                    st2 = st2.with_(n)
-                yield st2
+                yield m.with_(*inner, *chain, activation=x, post_scale=w_scale, quantize_activation=True)
 
     @staticmethod
     def _activation(ctx, x_q):
         """``x_q`` back to ``(x, x_scale, nodes)`` through the per-token quantization, or a reason."""
-        chain = []
-        node = x_q
+        chain, node = [], x_q
         c = canonical(node)
         if c is not None and c.kind == "convert" and ctx.dtype(node) in (torch.int32, torch.int64):
+            chain, node = [node], c.inputs[0]
+        for kind, holds, reason in _PER_TOKEN_STEPS:
+            c = canonical(node)
+            if c is None or c.kind != kind or not holds(ctx, node, c):
+                return reason
             chain.append(node)
-            node, c = c.inputs[0], canonical(c.inputs[0])
-        if c is None or c.kind != "convert" or ctx.dtype(node) != torch.int8:
-            return "the integer matmul's activation is not cast to int8 from a per-token quantization"
-        chain.append(node)
-        node, c = c.inputs[0], canonical(c.inputs[0])
-        if c is None or c.kind != "clamp" or c.params["max"] != 127 or c.params["min"] not in (-127, -128):
-            return "activation quantization is not clamp(-128 or -127, 127)"
-        chain.append(node)
-        node, c = c.inputs[0], canonical(c.inputs[0])
-        if c is None or c.kind != "round":
-            return "activation quantization does not round to nearest"
-        chain.append(node)
-        node, c = c.inputs[0], canonical(c.inputs[0])
-        if c is None or c.kind != "div":
-            return "activation quantization is not x / x_scale"
-        chain.append(node)
+            node = c.inputs[0]
         x, x_scale = c.inputs
         sc = canonical(x_scale)
         amax = None
@@ -779,6 +781,17 @@ class PerTokenQuantized(Pattern):
         if absc is None or absc.kind != "abs" or absc.inputs[0] is not x:
             return "the activation scale is not computed from |x| of the quantized x"
         return x, x_scale, chain + [x_scale, amax, ac.inputs[0]]
+
+
+#: ``x_q`` back to ``x / x_scale``, one op a step: (kind, what must hold of it, the reason when it does not)
+_PER_TOKEN_STEPS = (
+    ("convert", lambda ctx, n, c: ctx.dtype(n) == torch.int8,
+     "the integer matmul's activation is not cast to int8 from a per-token quantization"),
+    ("clamp", lambda ctx, n, c: c.params["max"] == 127 and c.params["min"] in (-127, -128),
+     "activation quantization is not clamp(-128 or -127, 127)"),
+    ("round", lambda ctx, n, c: True, "activation quantization does not round to nearest"),
+    ("div", lambda ctx, n, c: True, "activation quantization is not x / x_scale"),
+)
 
 
 def _three_factors(node):

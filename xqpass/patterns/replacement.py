@@ -1,6 +1,6 @@
-"""From a match's bindings to one ``torch.ops.xq.quantized_matmul`` node.
+"""From a :class:`~.dsl.Match` to one ``torch.ops.xq.quantized_matmul`` node.
 
-The bindings say where the integer weight, its scale and zero point live and in which layout they were
+The match says where the integer weight, its scale and zero point live and in which layout they were
 seen (:mod:`.dsl`); this module brings each to the op's layout (:mod:`xqpass.quant.layouts`) with
 metadata-only views where it can (``reshape``, ``permute``, ``expand``) and elementwise work only where
 the conventions differ (an integer zero point ``z`` becomes the op's ``z * scale``; a bias added before
@@ -15,7 +15,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
-from .dsl import Context, State, same_shape, static
+from .dsl import Context, Factor, Match, same_shape, static
 
 aten = torch.ops.aten
 OP = torch.ops.xq.quantized_matmul.default
@@ -32,6 +32,39 @@ def _fake_mode_for(values):
     return detect_fake_mode(values) or FakeTensorMode(allow_non_fake_inputs=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# the op's layouts: every shape the replacement asks for is decided here
+
+
+def op_scale_shape(n: int, groups: int | None, by_rows: bool) -> list[int]:
+    """The op's scale / zero point: ``[N]`` per channel, ``[G, N]`` blockwise, ``[N, G]`` blockwise by rows."""
+    return [n] if groups is None else ([n, groups] if by_rows else [groups, n])
+
+
+def _weight_to_op_layout(b: "Builder", w: Node, layout: tuple, n: int, k: int, group: int | None,
+                         packed: bool) -> tuple[Node, bool]:
+    """The storage ``w`` (with axis tags ``layout``) in an op layout reachable by reshapes alone:
+    per-channel ``[N, K]``, blockwise by rows ``[N, K]`` (storage with N first) or the seed's blockwise
+    ``[K/B, B, N]`` (storage with K first). Returns ``(weight, by_rows)``; never a per-call transpose
+    of the weight, except for a per-channel weight stored ``[K, N]``."""
+    pack = 2 if packed else 1
+    if layout in (("N", "K"), ("N", "G", "g")):
+        nk = w if layout == ("N", "K") else b.call(aten.reshape.default, w, [n, k // pack])
+        return nk, group is not None
+    if layout in (("K", "N"), ("G", "g", "N")) and not packed:
+        if group is None:
+            kn = w if layout == ("K", "N") else b.call(aten.reshape.default, w, [k, n])
+            return b.call(aten.t.default, kn), False
+        if layout == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (group,)):
+            return w, False
+        return b.call(aten.reshape.default, w, [k // group, group, n]), False
+    raise Rejected(f"weight storage layout {'x'.join(layout)} has no exact mapping to the op's layout")
+
+
+# ----------------------------------------------------------------------------------------------
+# emitting nodes
+
+
 class Builder:
     """Emits nodes before ``anchor`` and computes their metadata."""
 
@@ -45,10 +78,15 @@ class Builder:
     def val(self, a: Any) -> Any:
         return self.ctx.val(a) if isinstance(a, Node) else a
 
-    def call(self, target, *args, **kwargs) -> Node:
+    def call(self, target, *args, val: Any = None, **kwargs) -> Node:
+        """``target(*args, **kwargs)`` as a node; its metadata is ``val`` when the caller knows it, else
+        computed under the inputs' fake mode."""
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args, kwargs)
         self.created.append(node)
+        if val is not None:
+            node.meta["val"] = val
+            return node
         vals = [self.val(a) for a in args]
         kvals = {k: self.val(v) for k, v in kwargs.items()}
         tensors = [v for v in (*vals, *kvals.values()) if isinstance(v, torch.Tensor)]
@@ -70,7 +108,7 @@ class Builder:
                by_rows: bool = False) -> Node:
         """A scale / zero point tensor seen with ``padded`` shape against a weight of axis tags ``layout``,
         as the op's ``[N]`` (``groups is None``), ``[G, N]`` or, blockwise by rows, ``[N, G]``."""
-        want = [n] if groups is None else ([n, groups] if by_rows else [groups, n])
+        want = op_scale_shape(n, groups, by_rows)
         if tuple(self.ctx.shape(node)) != tuple(padded):
             node = self.call(aten.reshape.default, node, [static(s) for s in padded])
         g_axis = [layout.index("G")] if groups is not None and "G" in layout else []
@@ -100,30 +138,9 @@ class Builder:
         return node
 
 
-def _weight_to_op_layout(b: Builder, w: Node, layout: tuple, n: int, k: int, group: int | None,
-                         packed: bool) -> tuple[Node, bool]:
-    """The storage ``w`` (with axis tags ``layout``) in an op layout reachable by reshapes alone:
-    per-channel ``[N, K]``, blockwise by rows ``[N, K]`` (storage with N first) or the seed's blockwise
-    ``[K/B, B, N]`` (storage with K first). Returns ``(weight, by_rows)``; never a per-call transpose
-    of the weight, except for a per-channel weight stored ``[K, N]``."""
-    pack = 2 if packed else 1
-    if layout in (("N", "K"), ("N", "G", "g")):
-        nk = w if layout == ("N", "K") else b.call(aten.reshape.default, w, [n, k // pack])
-        return nk, group is not None
-    if layout in (("K", "N"), ("G", "g", "N")) and not packed:
-        if group is None:
-            kn = w if layout == ("K", "N") else b.call(aten.reshape.default, w, [k, n])
-            return b.call(aten.t.default, kn), False
-        if layout == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (group,)):
-            return w, False
-        return b.call(aten.reshape.default, w, [k // group, group, n]), False
-    raise Rejected(f"weight storage layout {'x'.join(layout)} has no exact mapping to the op's layout")
-
-
-def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
+def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     """Emit the op call equivalent to ``root``; returns the node and a description of the format."""
-    m = st.as_dict()
-    x, w, packed = m["x"], m["w"], m.get("packed", False)
+    x, w, packed = m.activation, m.weight, m.packed
     out_shape, x_shape = ctx.shape(root), ctx.shape(x)
     if out_shape is None or x_shape is None:
         raise Rejected("no shape metadata")
@@ -136,15 +153,10 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
     if reason:
         raise Rejected(reason)
 
-    scale_gran = m.get("scale_gran", ("tensor", ()))
-    zero_gran = m.get("zero_gran", ("tensor", ()))
-    kinds = {scale_gran[0], zero_gran[0] if "zero" in m else "tensor"}
-    group_layout = None
+    grouped = [f for f in (m.scale, m.zero) if f is not None and f.granularity == "group"]
     groups = None
-    if "group" in kinds:
-        group_layout = m["scale_layout"] if scale_gran[0] == "group" else m["zero_layout"]
-        padded = scale_gran[1] if scale_gran[0] == "group" else zero_gran[1]
-        groups = static(padded[group_layout.index("G")])
+    if grouped:
+        groups = static(grouped[0].padded[grouped[0].layout.index("G")])
         if groups is None or k % groups:
             raise Rejected("groups do not divide K")
     group = None if groups is None else k // groups
@@ -153,49 +165,49 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
 
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
-    weight, by_rows = _weight_to_op_layout(b, w, m["w_layout"], n, k, group, packed)
+    weight, by_rows = _weight_to_op_layout(b, w, m.weight_layout, n, k, group, packed)
+    want = op_scale_shape(n, groups, by_rows)
 
-    def vec(name):
-        operand, (gran, padded), layout = m[name], m[f"{name}_gran"], m[f"{name}_layout"]
-        if gran == "tensor":  # one value: broadcast it
-            want = [n] if groups is None else ([n, groups] if by_rows else [groups, n])
-            if not isinstance(operand, Node):
-                return b.full(want, float(operand))
-            return b.call(aten.expand.default, b.call(aten.reshape.default, operand, []), want)
-        return b.vector(operand, padded, layout, n, groups, by_rows)
+    def vec(factor: Factor) -> Node:
+        if factor.granularity == "tensor":  # one value: broadcast it
+            if not isinstance(factor.value, Node):
+                return b.full(want, float(factor.value))
+            return b.call(aten.expand.default, b.call(aten.reshape.default, factor.value, []), want)
+        return b.vector(factor.value, factor.padded, factor.layout, n, groups, by_rows)
 
-    if "post_scale" in m:
-        scale = b.last_dim_vector(m["post_scale"], n)
-    elif "scale" in m:
-        scale = vec("scale")
+    if m.post_scale is not None:
+        scale = b.last_dim_vector(m.post_scale, n)
+    elif m.scale is not None:
+        scale = vec(m.scale)
     else:
-        scale = b.full([n] if groups is None else ([n, groups] if by_rows else [groups, n]), 1.0)
+        scale = b.full(want, 1.0)
 
     zero = None
-    if "zero" in m and m["zero"] is not None:
-        zero = vec("zero")
-        if m.get("zero_kind") == "int":  # (q - z) * s  ==  q * s - z * s  (an integer z promotes to float)
+    if m.zero is not None and m.zero.value is not None:
+        zero = vec(m.zero)
+        if m.zero_kind == "int":  # (q - z) * s  ==  q * s - z * s  (an integer z promotes to float)
             zero = b.call(aten.mul.Tensor, zero, scale)
 
-    bias = m.get("bias")
-    if bias is None:
-        bias = m.get("post_bias")
-    if bias is not None:
-        bias = b.last_dim_vector(bias, n)
-        if m.get("bias_before_scale"):
+    bias = None
+    if m.bias is not None:
+        bias = b.last_dim_vector(m.bias, n)
+        if m.bias_before_scale:
             bias = b.call(aten.mul.Tensor, bias, scale)
 
-    quantize_activation = bool(m.get("quantize_activation", False))
-    if quantize_activation:
+    if m.quantize_activation:
         bound = max_int32_reduction(ctx.dtype(w), packed)
         if (k if group is None else group) > bound:
             raise Rejected(f"an int32 dot of length {k if group is None else group} could overflow (bound {bound})")
-    call = b.call(OP, x, weight, scale, zero, -1 if group is None else group, packed, quantize_activation, bias,
-                  packed=packed)
-    out_dtype, x_dtype = ctx.dtype(root), ctx.dtype(x)
+    # the op returns the activation's dtype in the root's shape: its metadata is the root's, recast
+    root_val, x_dtype, out_dtype = ctx.val(root), ctx.dtype(x), ctx.dtype(root)
+    op_val = None
+    if isinstance(root_val, torch.Tensor) and x_dtype is not None:
+        op_val = root_val if root_val.dtype == x_dtype else root_val.to(x_dtype)
+    call = b.call(OP, x, weight, scale, zero, -1 if group is None else group, packed, m.quantize_activation, bias,
+                  packed=packed, val=op_val)
     result = call
     if out_dtype is not None and out_dtype != x_dtype:
-        result = b.call(aten._to_copy.default, call, dtype=out_dtype)
+        result = b.call(aten._to_copy.default, call, dtype=out_dtype, val=root_val)
     wdt = ctx.dtype(w)
     desc = {
         "bits": 4 if packed else 8,
@@ -203,7 +215,7 @@ def build_call(ctx: Context, root: Node, st: State) -> tuple[Node, dict]:
         "block_size": -1 if group is None else group,
         "zero_point": zero is not None,
         "packed": packed,
-        "quantize_activation": quantize_activation,
+        "quantize_activation": m.quantize_activation,
         "by_rows": by_rows,
         "N": n,
         "K": k,
