@@ -2,6 +2,7 @@
 graph with no graph break, no recompilation and no host round trip, weights quantized on the device."""
 import contextlib
 import re
+import threading
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch_xla.debug.metrics as met
 from hypothesis import given, settings
 
 from oracle import assert_within, oracle
-from xqpass.ops.xla import xla_lowering
+from xqpass.ops.xla import XlaCpuTuning, lowering_for, xla_lowering
 from xqpass.testing import strategies as xst
 
 op = torch.ops.xq.quantized_matmul
@@ -20,26 +21,17 @@ def _to(kw, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
 
-@contextlib.contextmanager
 def without_split_k():
     """XLA:CPU takes split-K up to a few dozen rows; the dot forms below them (which GSPMD-split weights
     take) are tested by turning it off."""
-    import xqpass.ops.xla as lowering_module
-
-    previous = lowering_module.CPU_SPLIT_K_MAX_M, lowering_module.CPU_SPLIT_K_MAX_M_PACKED
-    lowering_module.CPU_SPLIT_K_MAX_M = lowering_module.CPU_SPLIT_K_MAX_M_PACKED = 0
-    try:
-        yield
-    finally:
-        lowering_module.CPU_SPLIT_K_MAX_M, lowering_module.CPU_SPLIT_K_MAX_M_PACKED = previous
+    return xla_lowering("cpu", XlaCpuTuning(split_k_max_m=0, split_k_max_m_packed=0))
 
 
 @pytest.mark.parametrize("lowering", ["cpu", "cpu dot", "canonical"])
 @settings(max_examples=25)
 @given(case=xst.op_cases())
 def test_xla_eager_matches_cpu_reference_and_oracle(lowering, case, xla_device):
-    split = without_split_k() if lowering == "cpu dot" else contextlib.nullcontext()
-    with xla_lowering(lowering.split()[0]), split:
+    with without_split_k() if lowering == "cpu dot" else xla_lowering(lowering):
         _check_xla_case(case, xla_device)
 
 
@@ -157,14 +149,38 @@ def test_dynamo_and_aot_graphs_hold_one_node():
 
 
 def test_auto_lowering_is_the_cpu_form_on_xla_cpu(xla_device):
-    from xqpass.ops.xla import _resolve_lowering
-
-    assert _resolve_lowering(torch.zeros(1, device=xla_device)) == "cpu"
+    assert lowering_for(torch.zeros(1, device=xla_device)) == "cpu"
     with xla_lowering("canonical"):
-        assert _resolve_lowering(torch.zeros(1, device=xla_device)) == "canonical"
+        assert lowering_for(torch.zeros(1, device=xla_device)) == "canonical"
     with pytest.raises(ValueError, match="expected one of"):
         with xla_lowering("gpu"):
             pass
+
+
+def test_a_forced_lowering_stays_in_its_thread(xla_device):
+    """xla_lowering sets a context variable: another thread tracing meanwhile keeps its own form."""
+    seen = []
+    with xla_lowering("canonical"):
+        worker = threading.Thread(target=lambda: seen.append(lowering_for(torch.zeros(1, device=xla_device))))
+        worker.start()
+        worker.join()
+        assert lowering_for(torch.zeros(1, device=xla_device)) == "canonical"
+    assert seen == ["cpu"]
+
+
+@pytest.mark.parametrize("large_m", [1, 4, 1000])
+def test_xla_cpu_tuning_is_passed_in(large_m, xla_device):
+    """The seed layout's switch to dequantize-then-dot follows the XlaCpuTuning given, same numerics."""
+    fmt = xst.WeightFormat(4, 16, False, True, False)
+    qw = xst.random_quantized_weight(fmt, 24, 64, seed=11)
+    x = torch.randn(4, 64)
+    with xla_lowering("cpu", XlaCpuTuning(large_m=large_m)):
+        out = op(x.to(xla_device), **_to(qw.op_kwargs(), xla_device))
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo([out])
+    dots = re.findall(r"\S+\[([\d,]+)\]\{[\d,]*\} dot\(", hlo)
+    assert dots == (["24,4"] if large_m <= 4 else ["4,24,4", "4,24,4"]), dots  # [N, M], or [S, N, M] per nibble
+    expected, allowance = oracle(x, **qw.op_kwargs(), roundings=2)
+    assert_within(out.cpu(), expected, allowance, fmt.name)
 
 
 @pytest.mark.parametrize("packed, w_type", [(False, "s8[48,64]"), (True, "u8[48,32]")])
@@ -205,13 +221,12 @@ LARGE_M_FORMATS = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("fmt", LARGE_M_FORMATS, ids=lambda f: f.name)
 def test_large_m_forms_match_the_oracle(fmt, dtype, rows, xla_device):
-    """XLA:CPU switches formulation at CPU_LARGE_M rows (dequantize-then-dot for blockwise weights) and
-    past split-K (float32 dots giving [N, M], the epilogue with the bias before the transpose): same
-    numerics, bias included."""
-    from xqpass.ops.xla import CPU_LARGE_M, CPU_SPLIT_K_MAX_M
-
+    """XLA:CPU switches formulation at XlaCpuTuning.large_m rows (dequantize-then-dot for blockwise
+    weights) and past split-K (float32 dots giving [N, M], the epilogue with the bias before the
+    transpose): same numerics, bias included."""
+    tuning = XlaCpuTuning()
     qw = xst.random_quantized_weight(fmt, 40, 96, seed=13)
-    m = CPU_LARGE_M if rows == "large" else CPU_SPLIT_K_MAX_M + 1
+    m = tuning.large_m if rows == "large" else tuning.split_k_max_m + 1
     x = torch.randn(2, m, 96).to(dtype)
     bias = torch.randn(40)
     kw = qw.op_kwargs()
@@ -237,14 +252,20 @@ def test_nan_propagates_on_xla_as_on_cpu(qa, xla_device):
 @pytest.mark.parametrize("fmt", [xst.WeightFormat(8, -1, True, False, False), xst.WeightFormat(4, 32, True, True, False,
                                                                                         by_rows=True)],
                          ids=lambda f: f.name)
-def test_infinite_activation_stays_in_its_row(fmt, xla_device):
-    """An infinite activation makes its row non-finite (XLA:CPU's split-K: NaN, docs/ops.md) and leaves
-    the other rows exact."""
+@pytest.mark.parametrize("lowering", ["cpu", "cpu dot", "canonical"])
+def test_infinite_activation_stays_in_its_row(fmt, lowering, xla_device):
+    """An infinite activation makes its row non-finite (XLA:CPU's split-K: NaN, docs/ops.md), the dot
+    forms the float64 product's pattern, and leaves the other rows exact."""
     qw = xst.random_quantized_weight(fmt, 6, 64, seed=15)
     x = torch.randn(3, 64)
     x[1, 5] = float("inf")
-    xla = op(x.to(xla_device), **_to(qw.op_kwargs(), xla_device)).cpu()
+    with without_split_k() if lowering == "cpu dot" else xla_lowering(lowering):
+        xla = op(x.to(xla_device), **_to(qw.op_kwargs(), xla_device)).cpu()
     assert not torch.isfinite(xla[1]).any()
+    if lowering != "cpu":
+        expected, _ = oracle(x, **qw.op_kwargs())
+        for pattern in (torch.isposinf, torch.isneginf, torch.isnan):
+            assert torch.equal(pattern(torch.from_numpy(expected)), pattern(xla)), pattern.__name__
     expected, allowance = oracle(x[[0, 2]], **qw.op_kwargs(), roundings=2)
     assert_within(xla[[0, 2]], expected, allowance, fmt.name)
 

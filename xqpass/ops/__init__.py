@@ -4,16 +4,18 @@ Importing this package registers the op and all its kernels. torch_xla itself is
 an XLA tensor reaches the XLA kernel.
 """
 from . import cpu as _cpu_kernel  # noqa: F401  (registers the "cpu" kernel)
-from . import xla as _xla_lowering  # noqa: F401  (registers the "xla" kernel)
+from .xla import XlaCpuTuning, xla_lowering  # importing .xla registers the "xla" kernel
 from .checks import MatmulSpec, check_inputs, compute_dtype, max_int32_reduction
 from .quantized_matmul import quantized_matmul
 from .reference import quantized_matmul_reference
 
 __all__ = [
     "MatmulSpec",
+    "XlaCpuTuning",
     "check_inputs",
     "compute_dtype",
     "max_int32_reduction",
     "quantized_matmul",
     "quantized_matmul_reference",
+    "xla_lowering",
 ]

@@ -1,0 +1,194 @@
+"""The XLA:CPU lowering: split-K for a few rows, float32 dots with the weight as the left operand
+otherwise (measured in docs/benchmarks.md; re-measure the tuning with benchmarks/bench_lowering.py).
+
+Weights stored by rows (per channel, blockwise by rows) skip the dot up to ``XlaCpuTuning.split_k_max_m``
+rows: :func:`split_k`. Otherwise XLA:CPU runs a 16-bit dot as a float32 dot and its integer dot is slow,
+so every form here is a float32 dot (W8A8 too: products of int8 values are exact in float32).
+``convert(w) . x -> [N, M]`` is ~5x faster at small M than ``x . w``; the epilogue runs on ``[N, M]``
+and transposes last (see :func:`.common.epilogue`). Packed int4 is never interleaved: low nibbles
+(even k) and high nibbles (odd k) meet ``x[..., 0::2]`` and ``x[..., 1::2]`` in two half-size dots,
+unless GSPMD splits the weight (each half-size dot would be an all-reduce of its own, and x's strided
+halves would be resharded).
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from ...quant.layouts import unpacked_weight
+from .common import Call, dot, epilogue, is_split, nibbles, sum_blocks, take
+
+
+@dataclass(frozen=True)
+class XlaCpuTuning:
+    """Thresholds of the XLA:CPU lowering, measured by benchmarks/bench_lowering.py (docs/benchmarks.md,
+    "choosing r" for the pieces; the same for 1 to 64 rows)."""
+
+    #: rows (M) from which seed-layout blockwise weights are dequantized before one dot instead of
+    #: taking dots batched over the blocks
+    large_m: int = 16
+    #: rows up to which weights stored by rows take split-K (packed int4: ``split_k_max_m_packed``)
+    split_k_max_m: int = 32
+    split_k_max_m_packed: int = 16
+    #: a per-channel row is cut into virtual groups of this many values (packed: bytes), cut into pieces
+    #: as a real group is and summed after by a dot with ones
+    row_group: int = 128
+    row_group_packed: int = 64
+    #: an int8 group: at most this many pieces, each a multiple of ``piece_multiple`` values (a row that
+    #: no virtual group divides: ``row_max_pieces``; more than 128 terms are 4-10x slower)
+    group_max_pieces: int = 16
+    row_max_pieces: int = 128
+    piece_multiple: int = 8
+    #: packed int4: pieces of ``packed_min_piece`` to ``packed_max_piece`` bytes, ``packed_pieces`` where that
+    #: allows, at most ``packed_max_pieces`` (each piece is two terms, low and high nibbles)
+    packed_pieces: int = 2
+    packed_min_piece: int = 16
+    packed_max_piece: int = 32
+    packed_max_pieces: int = 8
+
+    def pieces(self, length: int, packed: bool, grouped: bool) -> int:
+        """How many equal pieces to cut a reduction of ``length`` stored elements (bytes when packed) into."""
+        if packed:
+            piece = length // self.packed_pieces
+            if length % self.packed_pieces == 0 and self.packed_min_piece <= piece <= self.packed_max_piece:
+                return self.packed_pieces
+            if length <= self.packed_max_piece:
+                return 1
+            for r in range(self.packed_pieces + 1, self.packed_max_pieces + 1):
+                if length % r == 0 and length // r <= self.packed_max_piece:
+                    return r
+            return self.packed_pieces if length % self.packed_pieces == 0 else 1
+        most = self.group_max_pieces if grouped else self.row_max_pieces
+        for r in range(min(most, length // self.piece_multiple), 1, -1):
+            if length % r == 0 and (length // r) % self.piece_multiple == 0:
+                return r
+        return 1
+
+
+def _computed_once(x: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """``x [M, K]`` (K even) through a dot with a 2 x 2 identity: the same values, computed once.
+
+    XLA:CPU fuses cheap producers of x (a norm's scaling, the multiply after an activation function, the
+    bfloat16 roundings between them) into their consumer, and split-K reads every x element once per
+    output feature: the producers would run N times. A dot is never fused into its consumer (an
+    optimization barrier is dropped before fusion). ``pairs``: ``[2, M, K/2]``, even k then odd k; else
+    ``[M, K]``. Exact for finite x; an infinite x turns its neighbour NaN (``inf * 0``), so its whole
+    output row is NaN (docs/ops.md, NaN / Inf)."""
+    m, k = x.shape
+    eye = torch.eye(2, dtype=x.dtype, device=x.device)
+    x3 = x.reshape(m, k // 2, 2)
+    if pairs:
+        return dot(eye, x3, ([1], [2]), out=x.dtype)
+    return dot(x3, eye, ([2], [0]), out=x.dtype).reshape(m, k)
+
+
+def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
+    """Per-group products ``acc[m, n, g] = sum_b values(w)[n, g*B + b] * x[m, g*B + b]`` of a weight stored
+    by rows (``groups`` of B values a row), ``[M, N, groups]``, without a dot: each group is cut into ``r``
+    equal pieces summed as ``r`` terms of one fused multiply-and-reduce, which XLA:CPU then iterates B/r
+    times a group instead of B (its reduction over the minor dimension is one serial chain). Exact
+    float32 products, float32 accumulation in another order than a dot."""
+    w, cdt = call.w, call.compute_dtype
+    (n, width), (m, k) = w.shape, call.x_values.shape
+    per_group = width // groups  # bytes a group
+    r = tuning.pieces(per_group, call.packed, grouped=groups > 1)
+    piece = per_group // r
+    if not call.packed:
+        x = _computed_once(call.x_values, pairs=False) if k % 2 == 0 else call.x_values
+        x, w = x.reshape(m, 1, groups, per_group), w.reshape(1, n, groups, per_group)
+        terms = (take(w, 3, j * piece, (j + 1) * piece).to(cdt) * take(x, 3, j * piece, (j + 1) * piece)
+                 for j in range(r))
+        return functools.reduce(operator.add, terms).sum(dim=-1)
+    offset = w.dtype == torch.int8  # signed nibbles v read as unsigned v + 8 (w ^ 0x88: two ops fewer a
+    if offset:  # byte, 10-30% faster); 8 * sum(x) comes off each group's sum
+        w = w.to(torch.uint8) ^ 0x88
+    w = w.reshape(1, n, groups, per_group)
+    pairs = _computed_once(call.x_values, pairs=True)
+    x_even, x_odd = (take(pairs, 0, i, i + 1).reshape(m, 1, groups, per_group) for i in (0, 1))
+
+    def term(j):  # nibbles in 32-bit lanes: XLA:CPU's vector code has no 8-bit shift (10-20% faster)
+        byte = take(w, 3, j * piece, (j + 1) * piece).to(torch.int32)
+        return ((byte & 15).to(cdt) * take(x_even, 3, j * piece, (j + 1) * piece)
+                + (byte >> 4).to(cdt) * take(x_odd, 3, j * piece, (j + 1) * piece))
+
+    acc = functools.reduce(operator.add, (term(j) for j in range(r))).sum(dim=-1)
+    return acc - 8 * (x_even.sum(dim=-1) + x_odd.sum(dim=-1)) if offset else acc
+
+
+def _split_k_rows(call: Call, tuning: XlaCpuTuning) -> bool:
+    limit = tuning.split_k_max_m_packed if call.packed else tuning.split_k_max_m
+    return call.rows is not None and call.rows <= limit
+
+
+def _halves(call: Call):
+    """(weight part, activation columns it meets): both nibble halves of packed bytes, or the whole."""
+    k = call.spec.in_features
+    if call.packed and not is_split(call.w):
+        low, high = nibbles(call.w)
+        return ((low, take(call.x_values, 1, 0, k, 2)), (high, take(call.x_values, 1, 1, k, 2)))
+    return ((unpacked_weight(call.w, call.packed), call.x_values),)
+
+
+def per_channel(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
+    """Split-K over virtual groups, unless GSPMD splits the weight (it would move int8 pieces between
+    devices); else ``sum over halves of convert(w) [N, K'] . x [M, K'] -> [N, M]``; the scales after."""
+    cdt = call.compute_dtype
+    if _split_k_rows(call, tuning) and not is_split(call.w):
+        group = tuning.row_group_packed if call.packed else tuning.row_group
+        virtual = call.w.shape[1] // group if call.w.shape[1] % group == 0 else 1
+        acc = split_k(call, tuning, virtual)  # [M, N, virtual]
+        # the groups are summed by a dot with ones: a sum would merge with the pieces' reduce into one
+        # long reduce, 4x slower
+        acc = dot(acc, torch.ones(virtual, dtype=cdt, device=acc.device), ([2], [0]), out=cdt)
+        return epilogue(call, acc, False, call.scale, call.zero_point)
+    acc = functools.reduce(operator.add, (dot(w.to(cdt), x, ([1], [1]), out=cdt) for w, x in _halves(call)))
+    return epilogue(call, acc, True, call.scale, call.zero_point)
+
+
+def blockwise_by_rows(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
+    """Split-K, the block scales after; past it ``w [N, K]`` dequantized (each half on its own when
+    packed), then the dot -> ``[N, M]``."""
+    n, s, cdt = call.spec.out_features, call.spec.num_blocks, call.compute_dtype
+    if _split_k_rows(call, tuning):
+        acc = split_k(call, tuning, s) * call.scale  # [M, N, S]
+        if call.zero_point is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
+            acc = acc - call.x_values.reshape(-1, 1, s, call.spec.block_size).sum(dim=-1) * call.zero_point
+        return epilogue(call, acc.sum(dim=-1), False)
+
+    def dequantized(w):
+        w_deq = w.to(cdt).reshape(n, s, -1) * call.scale[:, :, None]
+        return w_deq if call.zero_point is None else w_deq - call.zero_point[:, :, None]
+
+    dots = (dot(dequantized(w).reshape(n, -1), x, ([1], [1]), out=cdt) for w, x in _halves(call))
+    return epilogue(call, functools.reduce(operator.add, dots), True)
+
+
+def blockwise(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
+    """Seed layout ``w [S, B, N]`` (N contiguous). From ``tuning.large_m`` rows: dequantized, then one dot
+    -> ``[N, M]``; below: dots batched over the blocks, ``[S, B, N] . [M, S, B] -> [S, N, M]``, each
+    block's scale after its dot."""
+    spec, cdt, x = call.spec, call.compute_dtype, call.x_values
+    if call.rows is not None and call.rows >= tuning.large_m:
+        w_deq = unpacked_weight(call.w, call.packed).to(cdt) * call.scale[:, None, :]
+        if call.zero_point is not None:
+            w_deq = w_deq - call.zero_point[:, None, :]
+        return epilogue(call, dot(w_deq.reshape(spec.in_features, -1), x, ([0], [1]), out=cdt), True)
+    blocks = x.reshape(-1, spec.num_blocks, spec.block_size)  # [M, S, B]
+    if call.packed:
+        low, high = nibbles(call.w)  # [S, B/2, N]
+        acc = (dot(low.to(cdt), take(blocks, 2, 0, spec.block_size, 2), ([1], [2]), ([0], [1]), out=cdt)
+               + dot(high.to(cdt), take(blocks, 2, 1, spec.block_size, 2), ([1], [2]), ([0], [1]), out=cdt))
+    else:
+        acc = dot(call.w.to(cdt), blocks, ([1], [2]), ([0], [1]), out=cdt)
+    return epilogue(call, sum_blocks(call, acc.permute(0, 2, 1), call.scale, call.zero_point), False)
+
+
+#: (layout, packed) -> lowering
+LAYOUTS = {
+    ("per-channel", False): per_channel, ("per-channel", True): per_channel,
+    ("blockwise", False): blockwise, ("blockwise", True): blockwise,
+    ("blockwise by rows", False): blockwise_by_rows, ("blockwise by rows", True): blockwise_by_rows,
+}
