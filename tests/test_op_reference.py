@@ -42,6 +42,31 @@ def test_cpu_kernel_uses_torch_int8_kernel_for_symmetric_int8():
     assert int8pack_applies(torch.zeros(64, 16, dtype=torch.bfloat16), w, None, -1, False, False, False)
 
 
+def test_cpu_fast_path_sees_every_change_of_the_scale():
+    """The fast path keeps the scale converted to x's dtype while the scale's data stays the same: a
+    change in place, a new tensor under the same module attribute and `.data` replaced all show."""
+    op, gen = torch.ops.xq.quantized_matmul, torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (8, 32), generator=gen, dtype=torch.int8)
+    x = torch.randn(2, 32, generator=gen).to(torch.bfloat16)
+    scale = torch.rand(8, generator=gen) / 64
+
+    def expected():  # a stale scale is off by 2x or more; 2**-6 covers the kernel's bfloat16 roundings
+        return (x.double() @ (w.double() * scale.double()[:, None]).t()).to(torch.bfloat16)
+
+    def close(out, want):
+        return torch.allclose(out.float(), want.float(), rtol=2**-6, atol=1e-3)
+
+    assert close(op(x, w, scale), expected())
+    scale.mul_(2)
+    assert close(op(x, w, scale), expected())
+    scale.data = torch.rand(8, generator=gen) / 64
+    assert close(op(x, w, scale), expected())
+    scale = scale.clone() * 3
+    assert close(op(x, w, scale), expected())
+    with torch.inference_mode():
+        assert close(op(x, w, torch.ones(8) / 64), (x.double() @ w.double().t() / 64).to(torch.bfloat16))
+
+
 @given(xst.op_cases(x_dtypes=(torch.float64,), formats=xst.weight_formats(quantize_activation=(False,))))
 def test_reference_float64_is_float64_accurate(case):
     kw = case.op_kwargs()

@@ -56,9 +56,9 @@ def check_inputs(
     bias=None,
 ) -> MatmulSpec:
     """Validate one call of the op; see :mod:`xqpass.quant.layouts` for the layouts."""
-    for name, t in (("x", x), ("w", w), ("scale", scale)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"quantized_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and isinstance(scale, torch.Tensor)):
+        name, t = next((name, t) for name, t in (("x", x), ("w", w), ("scale", scale)) if not isinstance(t, torch.Tensor))
+        raise TypeError(f"quantized_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
         hint = " (integer activations: pass float x and quantize_activation=True)" if not x.is_floating_point() else ""
         raise TypeError(
@@ -70,6 +70,7 @@ def check_inputs(
         raise TypeError(f"quantized_matmul: w must be torch.int8 or torch.uint8 (quantized), got {w.dtype}")
     if not scale.is_floating_point():
         raise TypeError(f"quantized_matmul: scale must be a floating tensor, got {scale.dtype}")
+    device = x.device
     if zero_point is not None:
         if not isinstance(zero_point, torch.Tensor):
             raise TypeError(f"quantized_matmul: zero_point must be a torch.Tensor or None, got {type(zero_point).__name__}")
@@ -82,10 +83,11 @@ def check_inputs(
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise TypeError(f"quantized_matmul: bias must be a floating tensor or None, got {got}")
-    device = x.device
-    for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point), ("bias", bias)):
-        if t is not None and t.device != device:
-            raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {device}")
+    if w.device != device or scale.device != device or (zero_point is not None and zero_point.device != device) \
+            or (bias is not None and bias.device != device):
+        for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point), ("bias", bias)):
+            if t is not None and t.device != device:
+                raise ValueError(f"quantized_matmul: {name} is on {t.device}, expected x's device {device}")
     if not isinstance(block_size, int) and not isinstance(block_size, torch.SymInt):
         raise TypeError(f"quantized_matmul: block_size must be an int, got {type(block_size).__name__}")
     if packed and not int4_weight:
@@ -98,8 +100,9 @@ def check_inputs(
     k = x.shape[-1]
     if block_size != PER_CHANNEL and k % block_size:
         raise ValueError(f"quantized_matmul: block_size={block_size} does not divide K={k}")
-    n, stored_k = layout.features(w.shape)
-    if stored_k != k or _shape(w) != layout.weight_shape(n, k):
+    w_shape = _shape(w)
+    n, stored_k = layout.features(w_shape)
+    if stored_k != k or w_shape != layout.weight_shape(n, k):
         if layout.weight_axes == ("N", "K"):
             pack, stored = (2, "packs") if packed else (1, "holds")
             raise ValueError(

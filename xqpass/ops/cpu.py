@@ -17,6 +17,7 @@ and fails if a shape the rule admits is wrong or crashes on any of them.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,25 @@ def int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activat
     return x.numel() > 0 and (rule.max_rows is None or x.numel() // x.shape[-1] <= rule.max_rows)
 
 
+#: id(scale), dtype -> (the scale, its version and address when converted, the converted scale)
+_converted: dict[tuple, tuple] = {}
+
+
+def scale_as(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``dtype``, contiguous, as the kernel takes it: converted once while the scale's data
+    stays the same (its version and address), not on every call. The conversion costs as much as the
+    rest of the call after the kernel has streamed the weight through the caches (docs/benchmarks.md)."""
+    if scale.dtype == dtype or scale.is_inference():  # an inference tensor has no version to check
+        return scale.to(dtype).contiguous()
+    key, now = (id(scale), dtype), (scale._version, scale.data_ptr())
+    hit = _converted.get(key)
+    if hit is None or hit[0]() is not scale or hit[1] != now:
+        if len(_converted) >= 4096:  # layers come and go; entries of freed scales are dropped in bulk
+            _converted.clear()
+        hit = _converted[key] = (weakref.ref(scale), now, scale.to(dtype).contiguous())
+    return hit[2]
+
+
 @quantized_matmul.register_kernel("cpu")
 def quantized_matmul_cpu(
     x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, bias=None, *,
@@ -66,7 +86,7 @@ def quantized_matmul_cpu(
     spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
     # torch._weight_int8pack_mm, not torch.ops.aten's: the same kernel, without the Python op packet
     x2 = x if x.dim() == 2 else x.reshape(-1, spec.in_features)
-    out = torch._weight_int8pack_mm(x2.contiguous(), w.contiguous(), scale.to(x.dtype).contiguous())
+    out = torch._weight_int8pack_mm(x2.contiguous(), w.contiguous(), scale_as(scale, x.dtype))
     if bias is not None:
         out = (out.float() + bias.float()).to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], spec.out_features)
