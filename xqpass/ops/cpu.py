@@ -61,9 +61,9 @@ _converted: dict[tuple, tuple] = {}
 
 
 def scale_as(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale`` in ``dtype``, contiguous, as the kernel takes it: converted once while the scale's data
-    stays the same (its version and address), not on every call. The conversion costs as much as the
-    rest of the call after the kernel has streamed the weight through the caches (docs/benchmarks.md)."""
+    """``scale`` in ``dtype``, contiguous, converted once while its data stays the same (version and
+    address): after the kernel streams the weight through the caches, converting on every call costs
+    as much as the checks (docs/benchmarks.md)."""
     if scale.dtype == dtype or scale.is_inference():  # an inference tensor has no version to check
         return scale.to(dtype).contiguous()
     key, now = (id(scale), dtype), (scale._version, scale.data_ptr())

@@ -131,13 +131,8 @@ def unpacked_weight(w: torch.Tensor, packed: bool) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Layout:
-    """One layout of the table above, packed int4 or not: its shapes, and where N and K sit.
-
-    ``block_size``: -1 (per-channel) or B; ``by_rows``: blockwise stored ``[N, K]`` with ``[N, K/B]``
-    scales (always False per-channel); ``packed``: two 4-bit values a byte along dim 1 of the weight.
-    Build one from the module's and ``quantize_weight``'s arguments with :meth:`of`, from an op call's
-    with :meth:`recognise`.
-    """
+    """One layout of the table above (``by_rows`` False per-channel), packed int4 or not: its shapes,
+    and where N and K sit. :meth:`of` builds one from ``block_layout``, :meth:`recognise` from an op call."""
 
     block_size: int = PER_CHANNEL
     by_rows: bool = False
@@ -153,8 +148,7 @@ class Layout:
 
     @classmethod
     def of(cls, block_size: int = PER_CHANNEL, packed: bool = False, block_layout: str = "seed") -> Layout:
-        """The layout for ``block_size``, ``packed`` and ``block_layout`` ("seed" or "rows"; it only
-        matters blockwise)."""
+        """The layout for ``block_size``, ``packed`` and ``block_layout`` ("seed" or "rows")."""
         return cls(block_size, block_layout == "rows" and block_size != PER_CHANNEL, packed)
 
     @classmethod
@@ -194,8 +188,7 @@ class Layout:
 
     @property
     def k_unit(self) -> int:
-        """The input features a slice of K must hold a multiple of so that it cuts no group and no
-        packed byte: B blockwise, 2 packed per-channel, else 1."""
+        """The multiple of input features a slice of K must hold to cut no group and no packed byte."""
         if self.block_size != PER_CHANNEL:
             return self.block_size
         return 2 if self.packed else 1

@@ -16,6 +16,7 @@ real checkpoint could hold is reachable. Requires ``hypothesis`` (the ``test`` e
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +125,7 @@ def op_cases(
             k = 2 * ((k + 1) // 2)
     else:
         if fmt.packed and fmt.block_size % 2:
-            fmt = WeightFormat(fmt.bits, fmt.block_size * 2, fmt.symmetric, fmt.packed, fmt.quantize_activation,
-                               fmt.by_rows)
+            fmt = dataclasses.replace(fmt, block_size=fmt.block_size * 2)
         k = fmt.block_size * draw(st.integers(1, max_blocks))
     rank = draw(st.sampled_from(x_ranks))
     lead = draw(st.lists(st.integers(min_rows, 5), min_size=rank - 1, max_size=rank - 1))
