@@ -162,7 +162,7 @@ class XlaQuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)
-        return torch.ops.xq.quantized_matmul(
+        return torch.ops.xq.quantized_matmul.default(  # the overload itself: no Python packet call
             x,
             self.weight,
             self.weight_scaler,
