@@ -30,6 +30,7 @@ bench: setup
 	$(PY) benchmarks/bench_matmul.py --m 1 4 16 32 64 256 --shapes 4096x4096 4096x11008 --json benchmarks/results/matmul.json
 	$(PY) benchmarks/bench_decoder.py --json benchmarks/results/decoder.json
 	$(PY) benchmarks/bench_load.py --runs 5 --json benchmarks/results/load.json
+	$(PY) benchmarks/bench_pass.py --runs 7 --json benchmarks/results/pass.json
 	$(PY) benchmarks/plot.py benchmarks/results/matmul.json docs/benchmarks.png
 
 clean:
