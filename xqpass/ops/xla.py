@@ -31,7 +31,7 @@ from .quantized_matmul import quantized_matmul
 
 __all__ = ["LOWERINGS", "XlaCpuTuning", "lowering_for", "xla_lowering"]
 
-#: form -> (layout, packed) -> lowering; the "cpu" functions also take an XlaCpuTuning
+#: form -> layout -> lowering; the "cpu" functions also take an XlaCpuTuning
 TABLE = {"canonical": canonical.LAYOUTS, "cpu": xla_cpu.LAYOUTS}
 LOWERINGS = ("auto", *TABLE)
 
@@ -96,5 +96,5 @@ def quantized_matmul_xla(
                 scale=scale.to(cdt), zero_point=None if zero_point is None else zero_point.to(cdt), bias=bias,
                 packed=packed, compute_dtype=cdt, out_shape=(*x.shape[:-1], spec.out_features))
     form, tuning = lowering_for(x), _choice.get()[1]
-    lower = TABLE[form][_layout(spec), packed]
+    lower = TABLE[form][_layout(spec)]
     return lower(call, tuning) if form == "cpu" else lower(call)

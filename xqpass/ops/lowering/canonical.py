@@ -45,9 +45,5 @@ def blockwise_by_rows(call: Call) -> torch.Tensor:
     return epilogue(call, sum_blocks(call, acc, call.scale.t(), zero_point), False)
 
 
-#: (layout, packed) -> lowering; packed int4 is unpacked into the same forms
-LAYOUTS = {
-    ("per-channel", False): per_channel, ("per-channel", True): per_channel,
-    ("blockwise", False): blockwise, ("blockwise", True): blockwise,
-    ("blockwise by rows", False): blockwise_by_rows, ("blockwise by rows", True): blockwise_by_rows,
-}
+#: layout -> lowering (packed int4 is unpacked into the same forms)
+LAYOUTS = {"per-channel": per_channel, "blockwise": blockwise, "blockwise by rows": blockwise_by_rows}

@@ -186,9 +186,5 @@ def blockwise(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     return epilogue(call, sum_blocks(call, acc.permute(0, 2, 1), call.scale, call.zero_point), False)
 
 
-#: (layout, packed) -> lowering
-LAYOUTS = {
-    ("per-channel", False): per_channel, ("per-channel", True): per_channel,
-    ("blockwise", False): blockwise, ("blockwise", True): blockwise,
-    ("blockwise by rows", False): blockwise_by_rows, ("blockwise by rows", True): blockwise_by_rows,
-}
+#: layout -> lowering
+LAYOUTS = {"per-channel": per_channel, "blockwise": blockwise, "blockwise by rows": blockwise_by_rows}
