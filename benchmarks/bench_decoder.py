@@ -10,6 +10,10 @@ calls in each of two passes over all paths (``bench_matmul.bench_paths``):
   eager CPU dense bf16   the float model in bfloat16, eager on the CPU
   eager CPU xq int8      the int8 model through xq_eager (torch's int8 CPU kernel)
 
+With ``--without-split-k`` the two xq models are also timed with XLA:CPU's split-K off
+(``XlaCpuTuning(split_k_max_m=0, split_k_max_m_packed=0)``: the weight-as-LHS dot at every M), each
+variant traced in its own compiled function.
+
 Weight bytes are those of the linears' tensors on the device (quantized bytes + scales + zero points).
 
     python benchmarks/bench_decoder.py --layers 8 --dim 1024 --json out.json
@@ -28,6 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import xqpass  # noqa: E402,F401
+from xqpass.ops import XlaCpuTuning, xla_lowering  # noqa: E402
 from xqpass.testing.models import INT4_GROUPED, INT8, DecoderConfig, TinyDecoder, with_dequant_linears  # noqa: E402
 from xqpass.testing.modules import DequantLinear  # noqa: E402
 
@@ -35,6 +40,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_matmul import bench_paths  # noqa: E402
 
 MLP = ("gate_proj", "up_proj", "down_proj")
+WITHOUT_SPLIT_K = XlaCpuTuning(split_k_max_m=0, split_k_max_m_packed=0)
+
+
+def own_step(model: nn.Module, tag: str):
+    """``model`` compiled for xq_openxla through a function of its own: two compiled copies of one model
+    class share Dynamo's cache (one forward code object), so the second would run the first's graph."""
+    namespace = {"model": model}
+    exec(f"def step_{tag}(x):\n    return model(x)", namespace)
+    return torch.compile(namespace[f"step_{tag}"], backend="xq_openxla", dynamic=False)
 
 
 def linear_bytes(model: nn.Module) -> int:
@@ -54,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=2816)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--without-split-k", action="store_true", help="also time the xq models without split-K")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import torch_xla
@@ -75,6 +90,12 @@ def main(argv=None) -> None:
         "eager CPU dense bf16": (dense, "cpu", dense),
         "eager CPU xq int8": (torch.compile(int8, backend="xq_eager", dynamic=False), "cpu", int8),
     }
+    if args.without_split_k:
+        for name, model in (("int8", int8), ("int4", int4)):
+            step = own_step(copy.deepcopy(model).to(dev), f"{name}_without_split_k")
+            with xla_lowering("cpu", WITHOUT_SPLIT_K), torch.no_grad():  # traced now, with this tuning
+                step(x.to(dev)).cpu()
+            paths[f"xq_openxla {name}, split-K off"] = (step, dev, model)
     medians, fastest = bench_paths({name: (fn, (x.to(device),)) for name, (fn, device, _) in paths.items()},
                                    runs=args.runs)
     rows = []
