@@ -12,6 +12,7 @@ from torch import nn
 import xqpass
 from xqpass.backend import make_backend
 from xqpass.patterns.spellings import canonical
+from xqpass.quant import Layout
 from xqpass.testing import strategies as xst
 from oracle import assert_as_accurate_as_original
 from xqpass.testing.modules import DequantLinear, DequantMLP, DequantSpec
@@ -312,6 +313,20 @@ def test_cat_unpacking_is_rewritten_unpacked():
     rewrites = [r for rep in reports for r in rep.rewrites]
     assert len(rewrites) == 1 and not rewrites[0].format["packed"]
     assert torch.allclose(out, m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, k, layout", [
+    (DequantSpec(bits=4, group=4), 16, Layout(4, by_rows=True, packed=True)),
+    (DequantSpec(group=4), 16, Layout(4, by_rows=True)),
+    (DequantSpec(), 16, Layout()),
+    # packed int4 cannot have an odd group: the packed match is refused, the unpacking stays in the graph
+    (DequantSpec(bits=4, group=3), 12, Layout(3, by_rows=True)),
+])
+def test_the_report_names_the_ops_layout(spec, k, layout):
+    report = xqpass.explain(DequantLinear(spec, k, 8), torch.randn(3, k))
+    (rewrite,) = report.rewrites
+    assert rewrite.format["layout"] == layout, report
+    assert rewrite.format["block_size"] == layout.block_size and rewrite.format["by_rows"] == layout.by_rows
 
 
 class SharedDequant(nn.Module):

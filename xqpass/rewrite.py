@@ -19,6 +19,7 @@ from .patterns.catalogue import PRODUCT_FORMS, ROOT_KINDS
 from .patterns.dsl import Context, Match
 from .patterns.replacement import Rejected, build_call
 from .patterns.spellings import canonical
+from .quant.layouts import PER_CHANNEL
 
 log = logging.getLogger("xqpass")
 
@@ -33,12 +34,12 @@ class Rewritten:
     node: str  # the node that now holds the op's result
     layer: str  # the module path, where the graph records it
     pattern: str  # product form / weight form
-    format: dict  # bits, weight dtype, block_size, zero point, packed, N, K
+    format: dict  # bits, weight dtype, layout (block_size, by_rows), zero point, packed, N, K
 
     def __str__(self) -> str:
         f = self.format
-        gran = "per-channel" if f["block_size"] == -1 else \
-            f"blockwise{' by rows' if f.get('by_rows') else ''}(B={f['block_size']})"
+        layout = f["layout"]
+        gran = layout.name if layout.block_size == PER_CHANNEL else f"{layout.name}(B={layout.block_size})"
         act = "A8" if f.get("quantize_activation") else "A16"
         fmt = (f"W{f['bits']}{act}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
                f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]")

@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
+from ..quant.layouts import PER_CHANNEL, Layout
 from .dsl import Context, Factor, Match, same_shape, static
 
 aten = torch.ops.aten
@@ -33,32 +34,24 @@ def _fake_mode_for(values):
 
 
 # ----------------------------------------------------------------------------------------------
-# the op's layouts: every shape the replacement asks for is decided here
+# the op's layouts: their shapes are the Layout's (xqpass.quant.layouts)
 
 
-def op_scale_shape(n: int, groups: int | None, by_rows: bool) -> list[int]:
-    """The op's scale / zero point: ``[N]`` per channel, ``[G, N]`` blockwise, ``[N, G]`` blockwise by rows."""
-    return [n] if groups is None else ([n, groups] if by_rows else [groups, n])
-
-
-def _weight_to_op_layout(b: "Builder", w: Node, layout: tuple, n: int, k: int, group: int | None,
-                         packed: bool) -> tuple[Node, bool]:
-    """The storage ``w`` (with axis tags ``layout``) in an op layout reachable by reshapes alone:
-    per-channel ``[N, K]``, blockwise by rows ``[N, K]`` (storage with N first) or the seed's blockwise
-    ``[K/B, B, N]`` (storage with K first). Returns ``(weight, by_rows)``; never a per-call transpose
-    of the weight, except for a per-channel weight stored ``[K, N]``."""
-    pack = 2 if packed else 1
-    if layout in (("N", "K"), ("N", "G", "g")):
-        nk = w if layout == ("N", "K") else b.call(aten.reshape.default, w, [n, k // pack])
-        return nk, group is not None
-    if layout in (("K", "N"), ("G", "g", "N")) and not packed:
-        if group is None:
-            kn = w if layout == ("K", "N") else b.call(aten.reshape.default, w, [k, n])
-            return b.call(aten.t.default, kn), False
-        if layout == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (group,)):
-            return w, False
-        return b.call(aten.reshape.default, w, [k // group, group, n]), False
-    raise Rejected(f"weight storage layout {'x'.join(layout)} has no exact mapping to the op's layout")
+def _weight_to_op_layout(b: "Builder", w: Node, tags: tuple, n: int, k: int, layout: Layout) -> Node:
+    """The storage ``w`` (with axis tags ``tags``) in ``layout`` by reshapes alone: per-channel and
+    blockwise by rows ``[N, K]`` from storage with N first, the seed's blockwise ``[K/B, B, N]`` from
+    storage with K first; never a per-call transpose of the weight, except for a per-channel weight
+    stored ``[K, N]``."""
+    if tags in (("N", "K"), ("N", "G", "g")):
+        return w if tags == ("N", "K") else b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
+    if tags in (("K", "N"), ("G", "g", "N")) and not layout.packed:
+        if layout.block_size == PER_CHANNEL:
+            kn = w if tags == ("K", "N") else b.call(aten.reshape.default, w, [k, n])
+            return b.call(aten.t.default, kn)
+        if tags == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (layout.block_size,)):
+            return w
+        return b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
+    raise Rejected(f"weight storage layout {'x'.join(tags)} has no exact mapping to the op's layout")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,24 +97,21 @@ class Builder:
         """A constant made on the activation's device (a CPU constant would not mix with XLA tensors)."""
         return self.call(aten.full.default, shape, value, dtype=torch.float32, device=self.device)
 
-    def vector(self, node: Node, padded: tuple, layout: tuple, n: int, groups: int | None,
-               by_rows: bool = False) -> Node:
-        """A scale / zero point tensor seen with ``padded`` shape against a weight of axis tags ``layout``,
-        as the op's ``[N]`` (``groups is None``), ``[G, N]`` or, blockwise by rows, ``[N, G]``."""
-        want = op_scale_shape(n, groups, by_rows)
+    def vector(self, node: Node, padded: tuple, tags: tuple, n: int, k: int, layout: Layout) -> Node:
+        """A scale / zero point tensor seen with ``padded`` shape against a weight of axis tags ``tags``,
+        as the op's ``layout.scale_shape(n, k)``."""
+        want = list(layout.scale_shape(n, k))
         if tuple(self.ctx.shape(node)) != tuple(padded):
             node = self.call(aten.reshape.default, node, [static(s) for s in padded])
-        g_axis = [layout.index("G")] if groups is not None and "G" in layout else []
-        axes = [layout.index("N")] + g_axis if by_rows else g_axis + [layout.index("N")]
-        perm = axes + [i for i in range(len(layout)) if i not in axes]
-        if perm != list(range(len(layout))):
+        axes = [tags.index(t) for t in layout.scale_axes if t in tags]
+        perm = axes + [i for i in range(len(tags)) if i not in axes]
+        if perm != list(range(len(tags))):
             node = self.call(aten.permute.default, node, perm)
-        keep = [static(padded[i]) for i in axes]
-        if len(keep) != len(padded):
+        # the op's axes, a 1 where the factor was seen without one (broadcast below)
+        keep = [static(padded[tags.index(t)]) if t in tags else 1 for t in layout.scale_axes]
+        if keep != [static(padded[i]) for i in perm]:
             node = self.call(aten.reshape.default, node, keep)
         if keep != want:  # broadcast along what does not vary
-            if by_rows and groups is not None and not g_axis:  # [N] -> [N, 1] -> [N, G]
-                node = self.call(aten.reshape.default, node, [n, 1])
             node = self.call(aten.expand.default, node, want)
         return node
 
@@ -159,21 +149,25 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         groups = static(grouped[0].padded[grouped[0].layout.index("G")])
         if groups is None or k % groups:
             raise Rejected("groups do not divide K")
-    group = None if groups is None else k // groups
-    if packed and (k % 2 or (group is not None and group % 2)):
-        raise Rejected("packed int4 with an odd K or group")
+    by_rows = groups is not None and m.weight_layout[0] == "N"  # storage with N first keeps its order
+    try:
+        layout = Layout(PER_CHANNEL if groups is None else k // groups, by_rows, packed)
+    except ValueError as e:  # packed int4 with an odd group
+        raise Rejected(str(e)) from None
+    if k % layout.k_unit:
+        raise Rejected(f"K={k} is not a multiple of {layout.k_unit} (packed int4 holds two values a byte)")
 
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
-    weight, by_rows = _weight_to_op_layout(b, w, m.weight_layout, n, k, group, packed)
-    want = op_scale_shape(n, groups, by_rows)
+    weight = _weight_to_op_layout(b, w, m.weight_layout, n, k, layout)
+    want = list(layout.scale_shape(n, k))
 
     def vec(factor: Factor) -> Node:
         if factor.granularity == "tensor":  # one value: broadcast it
             if not isinstance(factor.value, Node):
                 return b.full(want, float(factor.value))
             return b.call(aten.expand.default, b.call(aten.reshape.default, factor.value, []), want)
-        return b.vector(factor.value, factor.padded, factor.layout, n, groups, by_rows)
+        return b.vector(factor.value, factor.padded, factor.layout, n, k, layout)
 
     if m.post_scale is not None:
         scale = b.last_dim_vector(m.post_scale, n)
@@ -196,14 +190,14 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
 
     if m.quantize_activation:
         bound = max_int32_reduction(ctx.dtype(w), packed)
-        if (k if group is None else group) > bound:
-            raise Rejected(f"an int32 dot of length {k if group is None else group} could overflow (bound {bound})")
+        if layout.group_size(k) > bound:
+            raise Rejected(f"an int32 dot of length {layout.group_size(k)} could overflow (bound {bound})")
     # the op returns the activation's dtype in the root's shape: its metadata is the root's, recast
     root_val, x_dtype, out_dtype = ctx.val(root), ctx.dtype(x), ctx.dtype(root)
     op_val = None
     if isinstance(root_val, torch.Tensor) and x_dtype is not None:
         op_val = root_val if root_val.dtype == x_dtype else root_val.to(x_dtype)
-    call = b.call(OP, x, weight, scale, zero, -1 if group is None else group, packed, m.quantize_activation, bias,
+    call = b.call(OP, x, weight, scale, zero, layout.block_size, packed, m.quantize_activation, bias,
                   packed=packed, val=op_val)
     result = call
     if out_dtype is not None and out_dtype != x_dtype:
@@ -212,11 +206,12 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     desc = {
         "bits": 4 if packed else 8,
         "weight_dtype": str(wdt).replace("torch.", "") if wdt else "?",
-        "block_size": -1 if group is None else group,
+        "layout": layout,
+        "block_size": layout.block_size,
         "zero_point": zero is not None,
         "packed": packed,
         "quantize_activation": m.quantize_activation,
-        "by_rows": by_rows,
+        "by_rows": layout.by_rows,
         "N": n,
         "K": k,
     }
