@@ -102,10 +102,6 @@ def _record(report: RewriteReport, reports: list | None) -> None:
 xq_eager = make_backend("eager", name="xq_eager")
 xq_openxla = make_backend("openxla", name="xq_openxla")
 
-# old private spellings, still imported by xqpass/demo.py and tests/spmd/test_spmd.py (owned elsewhere);
-# new code passes "eager" / "openxla" to make_backend
-_eager, _openxla = eager_compiler, openxla_compiler
-
 
 def _register(name: str, fn) -> None:
     """Register once. When Dynamo found our ``torch_dynamo_backends`` entry point first, it is loading

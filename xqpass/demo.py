@@ -76,7 +76,7 @@ def _median_ms(fn, x, runs: int = 7) -> float:
 
 def pass_demo(device) -> None:
     from . import explain
-    from .backend import _openxla, make_backend
+    from .backend import make_backend
     from .testing.models import INT4_GROUPED, INT8, DecoderConfig, TinyDecoder, with_dequant_linears
 
     cfg = DecoderConfig(layers=2, dim=512, heads=8, hidden=1024)
@@ -91,7 +91,7 @@ def pass_demo(device) -> None:
     reports = []
     with torch.no_grad():
         float_out = float_model(x)
-        xq = torch.compile(copy.deepcopy(model).to(device), backend=make_backend(_openxla, boxed=True, reports=reports))
+        xq = torch.compile(copy.deepcopy(model).to(device), backend=make_backend("openxla", reports=reports))
         xq_out = xq(x.to(device)).cpu()
         plain = torch.compile(copy.deepcopy(model).to(device), backend="openxla")
         plain_out = plain(x.to(device)).cpu()

@@ -142,7 +142,7 @@ def test_megatron_plan_on_a_quantized_decoder(placement, mesh, compiled_hlo):
 
 def test_user_sharded_dequant_model_keeps_its_shardings_through_the_rewrite(mesh, compiled_hlo):
     import torch_xla.distributed.spmd as xs
-    from xqpass.backend import _openxla, make_backend
+    from xqpass.backend import make_backend
     from xqpass.testing.models import INT4_GROUPED, INT8, with_dequant_linears
 
     mlp = ("gate_proj", "up_proj", "down_proj")
@@ -162,7 +162,7 @@ def test_user_sharded_dequant_model_keeps_its_shardings_through_the_rewrite(mesh
             elif t is not None and not row:
                 xs.mark_sharding(t, mesh, ("model",))
     reports = []
-    compiled = torch.compile(model, backend=make_backend(_openxla, boxed=True, reports=reports))
+    compiled = torch.compile(model, backend=make_backend("openxla", reports=reports))
     out = compiled(x.to(torch_xla.device())).cpu()
     assert sum(len(r.rewrites) for r in reports) == 14  # every dequant -> matmul became the op
     assert relative_error(out, expected) < 1e-4
