@@ -25,9 +25,9 @@ from torch.fx import Node
 
 from .spellings import Canon, canonical
 
-Layout = tuple  # of "N", "K", "G", "g"
-NK: Layout = ("N", "K")
-KN: Layout = ("K", "N")
+Axes = tuple  # axis tags, each "N", "K", "G" or "g" (not xqpass.quant.Layout, the op's layout)
+NK: Axes = ("N", "K")
+KN: Axes = ("K", "N")
 WEIGHT_DTYPES = (torch.int8, torch.uint8)
 
 
@@ -97,7 +97,7 @@ class Factor:
     value: Any
     granularity: str
     padded: tuple
-    layout: Layout
+    layout: Axes
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Match:
 
     activation: Node | None = None  # x [..., K] (the quantized x_q until PerTokenQuantized walks back)
     weight: Node | None = None  # the integer storage
-    weight_layout: Layout = ()  # its axis tags
+    weight_layout: Axes = ()  # its axis tags
     packed: bool = False  # two 4-bit values a byte, low nibble first
     scale: Factor | None = None  # broadcast against the weight
     zero: Factor | None = None
@@ -231,11 +231,11 @@ def _descends_from(node: Node, ancestor: Node) -> bool:
 # layouts
 
 
-def _axis(layout: Layout, dim: int) -> int:
+def _axis(layout: Axes, dim: int) -> int:
     return dim % len(layout)
 
 
-def child_layout(ctx: Context, node: Node, canon: Canon, layout: Layout) -> Layout | None:
+def child_layout(ctx: Context, node: Node, canon: Canon, layout: Axes) -> Axes | None:
     """The layout a layout op's input must have for its output to have ``layout`` (None: not provable)."""
     kind = canon.kind
     if kind == "noop":
@@ -292,7 +292,7 @@ class Pattern:
     #: try the input of a layout op before the layout op itself (find the storage, not a view of it)
     prefer_below = False
 
-    def match(self, ctx: Context, node: Any, layout: Layout, st: Match) -> Iterator[Match]:
+    def match(self, ctx: Context, node: Any, layout: Axes, st: Match) -> Iterator[Match]:
         ctx.depth += 1
         try:
             if not self.prefer_below:
@@ -311,7 +311,7 @@ class Pattern:
         finally:
             ctx.depth -= 1
 
-    def here(self, ctx: Context, node: Any, layout: Layout, st: Match) -> Iterator[Match]:
+    def here(self, ctx: Context, node: Any, layout: Axes, st: Match) -> Iterator[Match]:
         raise NotImplementedError
 
 
@@ -426,7 +426,7 @@ class Cast(Pattern):
         yield from self.inner.match(ctx, canon.inputs[0], layout, st.with_(node))
 
 
-def classify_operand(ctx: Context, operand: Any, layout: Layout, weight_shape: tuple) -> tuple | str:
+def classify_operand(ctx: Context, operand: Any, layout: Axes, weight_shape: tuple) -> tuple | str:
     """How a tensor broadcast against the weight varies: ``(granularity, sizes)`` or a failure reason.
 
     Granularity: "tensor" (one value), "channel" (along N only), "group" (along G, and maybe N).

@@ -16,7 +16,7 @@ from torch.fx import Graph, Node
 
 from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
 from ..quant.layouts import PER_CHANNEL, Layout
-from .dsl import Context, Factor, Match, same_shape, static
+from .dsl import KN, NK, Axes, Context, Factor, Match, same_shape, static
 
 aten = torch.ops.aten
 OP = torch.ops.xq.quantized_matmul.default
@@ -37,16 +37,16 @@ def _fake_mode_for(values):
 # the op's layouts: their shapes are the Layout's (xqpass.quant.layouts)
 
 
-def _weight_to_op_layout(b: "Builder", w: Node, tags: tuple, n: int, k: int, layout: Layout) -> Node:
+def _weight_to_op_layout(b: "Builder", w: Node, tags: Axes, n: int, k: int, layout: Layout) -> Node:
     """The storage ``w`` (with axis tags ``tags``) in ``layout`` by reshapes alone: per-channel and
     blockwise by rows ``[N, K]`` from storage with N first, the seed's blockwise ``[K/B, B, N]`` from
     storage with K first; never a per-call transpose of the weight, except for a per-channel weight
     stored ``[K, N]``."""
-    if tags in (("N", "K"), ("N", "G", "g")):
-        return w if tags == ("N", "K") else b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
-    if tags in (("K", "N"), ("G", "g", "N")) and not layout.packed:
+    if tags in (NK, ("N", "G", "g")):
+        return w if tags == NK else b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
+    if tags in (KN, ("G", "g", "N")) and not layout.packed:
         if layout.block_size == PER_CHANNEL:
-            kn = w if tags == ("K", "N") else b.call(aten.reshape.default, w, [k, n])
+            kn = w if tags == KN else b.call(aten.reshape.default, w, [k, n])
             return b.call(aten.t.default, kn)
         if tags == ("G", "g", "N") and same_shape(b.ctx.shape(w)[1:2], (layout.block_size,)):
             return w
@@ -97,7 +97,7 @@ class Builder:
         """A constant made on the activation's device (a CPU constant would not mix with XLA tensors)."""
         return self.call(aten.full.default, shape, value, dtype=torch.float32, device=self.device)
 
-    def vector(self, node: Node, padded: tuple, tags: tuple, n: int, k: int, layout: Layout) -> Node:
+    def vector(self, node: Node, padded: tuple, tags: Axes, n: int, k: int, layout: Layout) -> Node:
         """A scale / zero point tensor seen with ``padded`` shape against a weight of axis tags ``tags``,
         as the op's ``layout.scale_shape(n, k)``."""
         want = list(layout.scale_shape(n, k))
