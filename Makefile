@@ -23,7 +23,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# benchmarks (not tests): a few minutes on the 2-core machine; results and the plot go to the repo
+# benchmarks (not tests): about 20 minutes on the 2-core machine (bench_generate most of it); results and the plot go to the repo
 bench: setup
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	mkdir -p benchmarks/results
@@ -31,7 +31,9 @@ bench: setup
 	$(PY) benchmarks/bench_decoder.py --json benchmarks/results/decoder.json
 	$(PY) benchmarks/bench_load.py --runs 5 --json benchmarks/results/load.json
 	$(PY) benchmarks/bench_pass.py --runs 7 --json benchmarks/results/pass.json
+	$(PY) benchmarks/bench_generate.py --sizes 1024x8 --batches 1 8 --json benchmarks/results/generate.json
 	$(PY) benchmarks/plot.py benchmarks/results/matmul.json docs/benchmarks.png
+	$(PY) benchmarks/plot_generate.py benchmarks/results/generate.json docs/generate.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
