@@ -458,3 +458,37 @@ def test_a_dequantized_weight_returned_as_an_output_stays():
     ref_y, ref_deq = module(x)
     assert torch.equal(deq, ref_deq)
     assert_as_accurate_as_original(module.layer, x, y)
+
+
+def test_symbolic_trace_misses_say_why():
+    """A graph without shapes asks for example_inputs; a dequantization folded into a float constant by
+    torch.fx's tracer is named as such; with buffers kept as attributes and shapes given, it rewrites."""
+    class Int8Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", torch.randint(-128, 128, (16, 32), dtype=torch.int8))
+            self.register_buffer("scale", torch.rand(16) / 127)
+
+        def forward(self, x):
+            return F.linear(x, self.qweight.to(torch.float32) * self.scale[:, None])
+
+    module = Int8Linear().eval()
+    x = torch.randn(3, 32)
+
+    class BufferTracer(torch.fx.Tracer):
+        proxy_buffer_attributes = True
+
+    kept = torch.fx.GraphModule(module, BufferTracer().trace(module))
+    report = xqpass.rewrite(kept)
+    assert [m.reason for m in report.misses] == [
+        "the graph records no shapes (torch.fx.symbolic_trace does not): pass example_inputs"]
+    report = xqpass.rewrite(kept, example_inputs=(x,))
+    assert len(report.rewrites) == 1 and not report.misses
+    exact = x.double() @ (module.qweight.double() * module.scale.double()[:, None]).t()
+    with torch.no_grad():
+        assert (kept(x).double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+    folded = torch.fx.symbolic_trace(module)
+    report = xqpass.rewrite(folded, example_inputs=(x,))
+    assert not report.rewrites and len(report.misses) == 1
+    assert report.misses[0].reason.startswith("its weight is a float constant computed while tracing")

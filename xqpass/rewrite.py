@@ -117,6 +117,26 @@ def _looks_dequantized(node: Node) -> bool:
     return False
 
 
+def _folded_weight(node: Node) -> bool:
+    """A matmul whose weight is a float constant ``torch.fx``'s tracer made by running buffer-only code
+    while tracing (``_tensor_constant*``): the dequantization happened at trace time, no integer weight
+    is left in the graph to keep."""
+    canon = canonical(node)
+    if canon is None or canon.kind not in _MATMUL_KINDS:
+        return False
+    weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]
+    if not isinstance(weight, Node) or weight.op != "get_attr" or not str(weight.target).startswith("_tensor_constant"):
+        return False
+    value = getattr(node.graph.owning_module, str(weight.target), None)
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _has_shapes(gm: GraphModule) -> bool:
+    """Whether the graph's inputs carry the shape metadata the patterns read (Dynamo, AOT and export
+    record it; ``symbolic_trace`` does not)."""
+    return all("val" in n.meta or "example_value" in n.meta for n in gm.graph.find_nodes(op="placeholder"))
+
+
 def _model_state(gm: GraphModule, exported, names: Iterable[str]) -> frozenset:
     """The placeholders that hold parameters and buffers, as each graph level records them: Dynamo's
     source of a lifted input (an ``nn.Module`` attribute), AOT's input descriptor, the export signature,
@@ -210,15 +230,27 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
         if not done and ctx.failures:
             failures[node] = list(ctx.failures)
 
+    no_shapes = "the graph records no shapes (torch.fx.symbolic_trace does not): pass example_inputs"
+    default_reason = "no pattern matches its weight's computation" if _has_shapes(gm) else no_shapes
     for node in gm.graph.nodes:
-        if node in consumed or not _looks_dequantized(node):
+        if node in consumed:
+            continue
+        if _folded_weight(node):
+            miss = Missed(node.name, _layer_name(node), (
+                "its weight is a float constant computed while tracing (torch.fx's tracer runs code that reads "
+                "only buffers): a dequantization there leaves no quantized weight in the graph; trace with a "
+                "Tracer whose proxy_buffer_attributes is True, or capture with torch.export / torch.compile"))
+            report.misses.append(miss)
+            log.info("xqpass: %s", miss)
+            continue
+        if not _looks_dequantized(node):
             continue
         related, frontier = [node], [node]
         for _ in range(4):  # the roots a product can end in: casts, scales, biases, views above it
             frontier = [u for n in frontier for u in n.users]
             related += frontier
         found = [f for n in related for f in failures.get(n, [])]
-        reason = max(found, key=lambda f: f[0])[1] if found else "no pattern matches its weight's computation"
+        reason = max(found, key=lambda f: f[0])[1] if found else default_reason
         miss = Missed(node.name, _layer_name(node), reason)
         report.misses.append(miss)
         log.info("xqpass: %s", miss)
