@@ -390,14 +390,14 @@ def test_a_dequantized_weight_used_twice_is_rewritten_at_the_aten_level_alone():
     only as positions); without them a graph input shared with the activation is taken as data."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from xqpass.backend import _static_inputs
+    from xqpass.backend import aot_static_inputs
 
     module = SharedDequant("chain_same")
     x = torch.randn(3, 16)
     reports = {}
 
     def after_aot(gm, example_inputs):
-        reports["named"] = xqpass.rewrite(copy.deepcopy(gm), model_state=_static_inputs(gm))
+        reports["named"] = xqpass.rewrite(copy.deepcopy(gm), model_state=aot_static_inputs(gm))
         reports["unnamed"] = xqpass.rewrite(gm)
         return gm.forward
 

@@ -60,7 +60,7 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
     counter = {"graphs": 0}
 
     def after_aot(gm: torch.fx.GraphModule, example_inputs):
-        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)", model_state=_static_inputs(gm))
+        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)", model_state=aot_static_inputs(gm))
         _record(report, reports)
         compiled = compiler(gm, example_inputs)
         if boxed:
@@ -80,7 +80,7 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
     return backend
 
 
-def _static_inputs(gm: torch.fx.GraphModule) -> list[str]:
+def aot_static_inputs(gm: torch.fx.GraphModule) -> list[str]:
     """The placeholders AOT autograd treats as static: the parameters and buffers Dynamo lifted (flattened,
     for a tensor subclass), which AOT's own input descriptors record only as positions."""
     from torch._guards import TracingContext
