@@ -42,6 +42,15 @@ def expected_output(model_before, oracle, x):
         return h @ model_before.head.weight.double().t() + model_before.head.bias.double()
 
 
+def assert_matches_dequantization(model, model_before, oracle, rows=4):
+    """The loaded model's output against the float64 model with the format's dequantized weights."""
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        out = model(x)
+    exact = expected_output(model_before, oracle, x)
+    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+
+
 @pytest.mark.parametrize("bits, group, act_order, v1, shards", [
     (4, 16, False, True, 1), (4, 16, True, True, 2), (8, 16, False, False, 1), (4, 8, True, False, 3),
 ])
@@ -57,11 +66,7 @@ def test_gptq_checkpoint_loads_and_matches_its_dequantization(tmp_path, bits, gr
     assert isinstance(model.proj, XlaQuantizedLinear) and type(model.head) is nn.Linear
     assert model.proj.weight.dtype == torch.uint8
     assert model.proj.weight.numel() == 48 * 64 // (2 if bits == 4 else 1)  # half a byte a 4-bit weight
-    x = torch.randn(5, 64)
-    with torch.no_grad():
-        out = model(x)
-    exact = expected_output(reference, oracle, x)
-    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+    assert_matches_dequantization(model, reference, oracle, rows=5)
 
 
 def test_loaded_model_runs_with_xq_openxla(tmp_path, xla_device):
@@ -133,11 +138,7 @@ def test_awq_checkpoint_loads_and_matches_its_dequantization(tmp_path, group):
     report = load_quantized_checkpoint(model, str(tmp_path))
     assert [(l.name, l.format, l.bits, l.group_size, l.symmetric) for l in report.layers] == [
         ("proj", "awq", 4, group, False), ("mlp", "awq", 4, group, False)]
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        out = model(x)
-    exact = expected_output(reference, oracle, x)
-    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+    assert_matches_dequantization(model, reference, oracle)
 
 
 @pytest.mark.parametrize("bits, strategy, symmetric", [
@@ -152,11 +153,7 @@ def test_compressed_tensors_pack_quantized(tmp_path, bits, strategy, symmetric):
     assert [(l.name, l.bits, l.symmetric) for l in report.layers] == [("proj", bits, symmetric), ("mlp", bits, symmetric)]
     assert model.proj.weight.dtype == torch.int8
     assert model.proj.weight.numel() == 48 * 64 // (2 if bits == 4 else 1)
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        out = model(x)
-    exact = expected_output(reference, oracle, x)
-    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+    assert_matches_dequantization(model, reference, oracle)
 
 
 def per_token_int8(x: torch.Tensor) -> torch.Tensor:
@@ -321,11 +318,7 @@ def test_every_dtype_a_format_allows_loads_exactly(tmp_path, fmt, key, dtype):
     oracle = WRITE[fmt](path, reference)
     _retype(path, f"proj.{key}", dtype)
     load_quantized_checkpoint(model, path)
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        out = model(x)
-    exact = expected_output(reference, oracle, x)
-    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+    assert_matches_dequantization(model, reference, oracle)
 
 
 @pytest.mark.parametrize("index, message", [
@@ -382,11 +375,7 @@ def test_gptq_symmetric_checkpoint_loads_exactly_and_reports_sym(tmp_path, bits,
     oracle = write_checkpoint(str(tmp_path), reference, bits, 16, v1=v1, symmetric=True)
     report = load_quantized_checkpoint(model, str(tmp_path))
     assert [l.symmetric for l in report.layers] == [True, True] and " sym" in str(report) and "asym" not in str(report)
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        out = model(x)
-    exact = expected_output(reference, oracle, x)
-    assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-4), (out.double() - exact).abs().max()
+    assert_matches_dequantization(model, reference, oracle)
 
 
 def test_gptq_sym_true_over_other_zeros_is_refused(tmp_path):

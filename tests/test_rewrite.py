@@ -137,6 +137,19 @@ def test_symbolic_trace_with_example_inputs():
     assert torch.allclose(traced(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def rewritten_by_dynamo(module, x):
+    """(outputs, graph, report): ``module(x)`` captured by Dynamo, its torch-level graph rewritten and run."""
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append((gm, xqpass.rewrite(gm)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    outputs = torch.compile(module, backend=grab)(x)
+    return outputs, *graphs[0]
+
+
 def test_dequantized_weight_with_other_users_keeps_them():
     class SavesWeight(nn.Module):
         def __init__(self):
@@ -150,15 +163,7 @@ def test_dequantized_weight_with_other_users_keeps_them():
 
     m = SavesWeight()
     x = torch.randn(3, 16)
-    graphs = []
-
-    def grab(gm, ex):
-        graphs.append((gm, xqpass.rewrite(gm)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    y, total = torch.compile(m, backend=grab)(x)
-    gm, report = graphs[0]
+    (y, total), gm, report = rewritten_by_dynamo(m, x)
     assert len(report.rewrites) == 1
     kinds = [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     assert "<built-in function mul>" in kinds  # the dequantized weight is still computed for .sum()
@@ -441,16 +446,8 @@ def test_a_dequantized_weight_returned_as_an_output_stays():
 
     module = ReturnsWeight()
     x = torch.randn(3, 16)
-    graphs = []
-
-    def grab(gm, example_inputs):
-        graphs.append((gm, xqpass.rewrite(gm)))
-        return gm.forward
-
-    torch._dynamo.reset()
     with torch.no_grad():
-        y, deq = torch.compile(module, backend=grab)(x)
-    gm, report = graphs[0]
+        (y, deq), gm, report = rewritten_by_dynamo(module, x)
     assert len(report.rewrites) == 1 and _rewritten_nodes(gm) == 1
     output = next(n for n in gm.graph.nodes if n.op == "output")
     returned = output.args[0][1]
