@@ -16,6 +16,7 @@ The compiler after the pass is a parameter of the public factory :func:`make_bac
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Callable
 
 import torch
@@ -62,6 +63,7 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
     def after_aot(gm: torch.fx.GraphModule, example_inputs):
         report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)", model_state=aot_static_inputs(gm))
         _record(report, reports)
+        correct_shifts(gm)
         compiled = compiler(gm, example_inputs)
         if boxed:
             return compiled
@@ -75,9 +77,65 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
         report = rewrite(gm, name=f"{name} graph {counter['graphs']} (torch)")
         counter["graphs"] += 1
         _record(report, reports)
+        correct_shifts(gm)
         return aot(gm, example_inputs)
 
     return backend
+
+
+#: the right shifts torch_xla 2.9 computes wrong, and whether each is in place. It lowers ``>>`` (every
+#: ``__rshift__`` / ``__irshift__``) as a division by 2**s, which rounds negative values toward zero
+#: (``-1 >> 1`` is 0), fails to lower a Python-int shift by bits-1 (2**7 overflows int8), and with a shift
+#: tensor that is not 0-dim returns 0 for any nonzero shift, unsigned too; ``bitwise_right_shift`` by
+#: a Python int returns int64. ``aten.bitwise_right_shift.Tensor`` with a shift tensor of the operand's dtype
+#: is right for every dtype in ``_SHIFTED_DTYPES`` (measured against CPU on XLA:CPU).
+_WRONG_SHIFTS = {
+    **dict.fromkeys([operator.rshift, "__rshift__", torch.bitwise_right_shift, "bitwise_right_shift",
+                     torch.ops.aten.__rshift__.Scalar, torch.ops.aten.__rshift__.Tensor,
+                     torch.ops.aten.bitwise_right_shift.Tensor_Scalar], False),
+    **dict.fromkeys([operator.irshift, "__irshift__", "bitwise_right_shift_", torch.ops.aten.__irshift__.Scalar,
+                     torch.ops.aten.__irshift__.Tensor, torch.ops.aten.bitwise_right_shift_.Tensor_Scalar], True),
+}
+#: the dtypes CPU shifts (uint16/32/64 have no CPU kernel, and XLA's bitwise_right_shift makes them signed)
+_SHIFTED_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def correct_shifts(gm: torch.fx.GraphModule) -> int:
+    """Rewrite the right shifts of integer tensors that torch_xla 2.9 computes wrong (:data:`_WRONG_SHIFTS`)
+    into ``aten.bitwise_right_shift(_).Tensor``, a Python-int (or SymInt) shift amount becoming a 0-dim tensor
+    and both operands taking the result's dtype (XLA promotes a 0-dim shift of another dtype wrong). Works on
+    Dynamo's torch-level graph and on AOT's aten-level one; CPU computes both spellings alike. Returns how
+    many nodes it changed."""
+    aten, changed = torch.ops.aten, 0
+
+    def val(n):
+        return n.meta.get("val", n.meta.get("example_value")) if isinstance(n, torch.fx.Node) else None
+
+    for node in list(gm.graph.nodes):
+        inplace = _WRONG_SHIFTS.get(node.target) if node.op in ("call_function", "call_method") else None
+        args = [*node.args, *(node.kwargs[k] for k in ("input", "self", "other") if k in node.kwargs)]
+        if inplace is None or len(args) != 2:
+            continue
+        (x, s), out = args, val(node)
+        dtype = out.dtype if isinstance(out, torch.Tensor) else None
+        if not isinstance(val(x), torch.Tensor) or dtype not in _SHIFTED_DTYPES or (
+                "bitwise" in str(node.target) and isinstance(val(s), torch.Tensor)):  # a shift tensor: right
+            continue
+        with gm.graph.inserting_before(node):
+            def cast(n):
+                return n if val(n).dtype == dtype else gm.graph.call_function(aten._to_copy.default, (n,),
+                                                                              {"dtype": dtype})
+            s = cast(s) if isinstance(val(s), torch.Tensor) else gm.graph.call_function(
+                aten.scalar_tensor.default, (s,), {"dtype": dtype, "device": val(x).device})
+            op = aten.bitwise_right_shift_.Tensor if inplace else aten.bitwise_right_shift.Tensor
+            new = gm.graph.call_function(op, (cast(x), s))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def aot_static_inputs(gm: torch.fx.GraphModule) -> list[str]:
