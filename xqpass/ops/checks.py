@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, Layout, value_range
+from ..quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, WEIGHT_DTYPES, Layout, value_range
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT32_MAX = 2**31 - 1
@@ -44,6 +44,19 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def _scale_shape_hint(layout: Layout, n: int, k: int, got: tuple) -> str:
+    """What the expected scale shape is made of, and the likely fix for the shape that came."""
+    if layout.block_n == PER_TENSOR:
+        return " (one scale, 0-d" + (": pass scale.reshape(())" if got == (1,) else "") + ")"
+    if layout.block_n > 1:
+        return f" [ceil(N={n}/block_n={layout.block_n}), ceil(K={k}/block_size={layout.block_size})]"
+    if got == () or (got == (1,) and n != 1):
+        return " (one scale for the whole weight: pass block_n=-1 with float8 weights)"
+    if layout.by_rows and len(got) == 2 and got[0] < n and got[1] == layout.num_groups(k):
+        return " (one scale a block of rows: pass block_n, the rows a block holds, with float8 weights)"
+    return ""
+
+
 def check_inputs(
     x,
     w,
@@ -54,6 +67,7 @@ def check_inputs(
     quantize_activation: bool = False,
     packed: bool = False,
     bias=None,
+    block_n: int = 1,
 ) -> MatmulSpec:
     """Validate one call of the op; see :mod:`xqpass.quant.layouts` for the layouts."""
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and isinstance(scale, torch.Tensor)):
@@ -66,10 +80,24 @@ def check_inputs(
         )
     if x.dim() < 1:
         raise ValueError("quantized_matmul: x must have at least 1 dim [..., K], got a 0-d tensor")
-    if w.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"quantized_matmul: w must be torch.int8 or torch.uint8 (quantized), got {w.dtype}")
+    float8 = w.dtype in FLOAT8_DTYPES
+    if w.dtype not in WEIGHT_DTYPES and not float8:
+        raise TypeError(f"quantized_matmul: w must be torch.int8 or torch.uint8 (quantized) or float8 "
+                        f"(torch.float8_e4m3fn, torch.float8_e5m2), got {w.dtype}")
     if not scale.is_floating_point():
         raise TypeError(f"quantized_matmul: scale must be a floating tensor, got {scale.dtype}")
+    if scale.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"quantized_matmul: scale must be float32, bfloat16, float16 or float64, got {scale.dtype}")
+    if float8 and (int4_weight or packed or zero_point is not None):
+        raise ValueError(
+            f"quantized_matmul: float8 weights ({w.dtype}) are one symmetric value a byte: int4_weight and packed "
+            f"must be False and zero_point None, got int4_weight={int4_weight}, packed={packed}, "
+            f"zero_point {'None' if zero_point is None else 'given'}")
+    if not isinstance(block_n, int) and not isinstance(block_n, torch.SymInt):
+        raise TypeError(f"quantized_matmul: block_n must be an int, got {type(block_n).__name__}")
+    if block_n != 1 and not float8:
+        raise ValueError(f"quantized_matmul: block_n={block_n} (per-tensor or 2-D block scales) is for float8 weights; "
+                         f"{w.dtype} weights take block_n=1 (per-channel or blockwise)")
     device = x.device
     if zero_point is not None:
         if not isinstance(zero_point, torch.Tensor):
@@ -94,11 +122,11 @@ def check_inputs(
         raise ValueError("quantized_matmul: packed=True holds two 4-bit values a byte; it needs int4_weight=True")
 
     try:
-        layout = Layout.recognise(w.shape, block_size, packed)
+        layout = Layout.recognise(w.shape, block_size, packed, block_n)
     except ValueError as e:
         raise ValueError(f"quantized_matmul: {e}") from None
     k = x.shape[-1]
-    if block_size != PER_CHANNEL and k % block_size:
+    if block_size != PER_CHANNEL and k % block_size and block_n == 1:  # 2-D blocks may end partial
         raise ValueError(f"quantized_matmul: block_size={block_size} does not divide K={k}")
     w_shape = _shape(w)
     n, stored_k = layout.features(w_shape)
@@ -117,13 +145,14 @@ def check_inputs(
         )
     expected = layout.scale_shape(n, k)
     if _shape(scale) != expected:
-        raise ValueError(f"quantized_matmul: scale must have shape {expected}, got {_shape(scale)}")
+        raise ValueError(f"quantized_matmul: {layout.name} scale must have shape {expected}"
+                         f"{_scale_shape_hint(layout, n, k, _shape(scale))}, got {_shape(scale)}")
     if zero_point is not None and _shape(zero_point) != expected:
         raise ValueError(f"quantized_matmul: zero_point must have shape {expected} like scale, got {_shape(zero_point)}")
 
     if bias is not None and _shape(bias) != (n,):
         raise ValueError(f"quantized_matmul: bias must have shape ({n},), got {_shape(bias)}")
-    if quantize_activation:
+    if quantize_activation and not float8:  # float8 products accumulate in float32: no integer bound
         bound, length = max_int32_reduction(w.dtype, int4_weight), layout.group_size(k)
         if length > bound:
             raise ValueError(

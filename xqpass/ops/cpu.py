@@ -78,11 +78,11 @@ def scale_as(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @quantized_matmul.register_kernel("cpu")
 def quantized_matmul_cpu(
     x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, bias=None, *,
-    packed=False
+    packed=False, block_n=1
 ):
-    if not int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed):
+    if block_n != 1 or not int8pack_applies(x, w, zero_point, block_size, int4_weight, quantize_activation, packed):
         return quantized_matmul_reference(x, w, scale, zero_point, block_size, int4_weight, quantize_activation,
-                                          packed, bias)
+                                          packed, bias, block_n)
     spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
     # torch._weight_int8pack_mm, not torch.ops.aten's: the same kernel, without the Python op packet
     x2 = x if x.dim() == 2 else x.reshape(-1, spec.in_features)

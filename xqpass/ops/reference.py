@@ -17,13 +17,22 @@ the weight ``[N, K/B, B]``, ``scale[n, s]`` ``[N, K/B]``; per-channel one group 
 (times ``x_scale`` with ``x`` replaced by ``x_q`` when activations are quantized), plus ``bias`` when
 given (added before the single rounding to ``x.dtype``). Float work runs in
 float32 (float64 for float64 ``x``); the output has ``x``'s dtype and shape ``[..., N]``.
+
+Float8 weights (:func:`float8_matmul_reference`) are dequantized first, each value converted exactly
+and multiplied by its block's scale (one rounding in float32), then multiplied::
+
+    quantize_activation=False (W8A16-FP8):   out = x @ w_deq.T
+    quantize_activation=True  (W8A8-FP8):    out = (x_q @ w_deq.T) * x_scale
+
+with ``x_q, x_scale = quantize_per_token_float8(x)`` (e4m3fn per row, ``x_scale = amax / 448``). A NaN
+weight value (e4m3fn's only non-finite value) makes its output feature NaN in every row.
 """
 from __future__ import annotations
 
 import torch
 
-from ..quant.layouts import PER_CHANNEL, unpacked_weight
-from ..quant.quantize import quantize_per_token
+from ..quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, Layout, unpacked_weight
+from ..quant.quantize import quantize_per_token, quantize_per_token_float8
 from .checks import check_inputs, compute_dtype
 
 
@@ -37,9 +46,12 @@ def quantized_matmul_reference(
     quantize_activation: bool = False,
     packed: bool = False,
     bias: torch.Tensor | None = None,
+    block_n: int = 1,
 ) -> torch.Tensor:
-    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias, block_n)
     layout, cdt = spec.layout, compute_dtype(x.dtype)
+    if w.dtype in FLOAT8_DTYPES:
+        return float8_matmul_reference(x, w, scale, layout, quantize_activation, bias)
     w = layout.grouped_weight(unpacked_weight(w, packed))  # [N, S, B]
     if quantize_activation:
         x_q, x_scale = quantize_per_token(x.to(cdt))
@@ -53,6 +65,22 @@ def quantized_matmul_reference(
         out = out - torch.matmul(blocks.sum(dim=-1).to(cdt), layout.grouped_scale(zero_point).to(cdt).t())
     if quantize_activation:
         out = out * x_scale
+    if bias is not None:
+        out = out + bias.to(cdt)
+    return out.to(x.dtype)
+
+
+def float8_matmul_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, layout: Layout,
+                            quantize_activation: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """A checked call with float8 weights in ``layout``: ``w_deq = float(w) * scale`` ``[N, K]`` in the
+    compute dtype, then ``x @ w_deq.T`` (W8A8-FP8: the e4m3fn activation, ``x_scale`` after the dot)."""
+    cdt = compute_dtype(x.dtype)
+    w_deq = layout.dequantize(w, scale, None, cdt)  # [N, K]
+    if quantize_activation:
+        x_q, x_scale = quantize_per_token_float8(x.to(cdt))
+        out = torch.matmul(x_q.to(cdt), w_deq.t()) * x_scale
+    else:
+        out = torch.matmul(x.to(cdt), w_deq.t())
     if bias is not None:
         out = out + bias.to(cdt)
     return out.to(x.dtype)

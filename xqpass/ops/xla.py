@@ -21,9 +21,9 @@ import os
 
 import torch
 
-from ..quant.layouts import PER_CHANNEL
-from ..quant.quantize import quantize_per_token
-from .checks import MatmulSpec, check_inputs, compute_dtype
+from ..quant.layouts import FLOAT8_DTYPES
+from ..quant.quantize import quantize_per_token, quantize_per_token_float8
+from .checks import check_inputs, compute_dtype
 from .lowering import canonical, xla_cpu
 from .lowering.common import Call
 from .lowering.xla_cpu import XlaCpuTuning
@@ -73,28 +73,23 @@ def lowering_for(x: torch.Tensor) -> str:
     return "cpu" if xm.xla_device_hw(x.device) == "CPU" else "canonical"
 
 
-def _layout(spec: MatmulSpec) -> str:
-    if spec.block_size == PER_CHANNEL:
-        return "per-channel"
-    return "blockwise by rows" if spec.by_rows else "blockwise"
-
-
 @quantized_matmul.register_kernel("xla")
 def quantized_matmul_xla(
     x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, bias=None, *,
-    packed=False
+    packed=False, block_n=1
 ):
-    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias)
+    spec = check_inputs(x, w, scale, zero_point, block_size, int4_weight, quantize_activation, packed, bias, block_n)
     cdt = compute_dtype(x.dtype)
     x2 = x.reshape(-1, spec.in_features)  # [M, K]
     if isinstance(x2.shape[0], int) and x2.shape[0] == 0:  # the lowerings' views of an empty x have no XLA
         return x.new_empty((*x.shape[:-1], spec.out_features))  # implementation
     x_q = x_scale = None
     if quantize_activation:
-        x_q, x_scale = quantize_per_token(x2.to(cdt))  # [M, K] int8, [M, 1]
+        quantize = quantize_per_token_float8 if w.dtype in FLOAT8_DTYPES else quantize_per_token
+        x_q, x_scale = quantize(x2.to(cdt))  # [M, K] int8 (float8 weights: e4m3fn), [M, 1]
     call = Call(spec=spec, x=x2, x_values=(x2 if x_q is None else x_q).to(cdt), x_q=x_q, x_scale=x_scale, w=w,
                 scale=scale.to(cdt), zero_point=None if zero_point is None else zero_point.to(cdt), bias=bias,
                 packed=packed, compute_dtype=cdt, out_shape=(*x.shape[:-1], spec.out_features))
     form, tuning = lowering_for(x), _choice.get()[1]
-    lower = TABLE[form][_layout(spec)]
+    lower = TABLE[form][spec.layout.name]
     return lower(call, tuning) if form == "cpu" else lower(call)

@@ -1,6 +1,8 @@
 """Layouts and quantize/pack helpers (pure torch; the one place that defines each layout)."""
 from .layouts import (
+    FLOAT8_DTYPES,
     PER_CHANNEL,
+    PER_TENSOR,
     Layout,
     blockwise_to_per_channel,
     dequantize,
@@ -10,10 +12,12 @@ from .layouts import (
     unpacked_weight,
     value_range,
 )
-from .quantize import QuantizedWeight, quantize_per_token, quantize_weight
+from .quantize import QuantizedWeight, quantize_per_token, quantize_per_token_float8, quantize_weight
 
 __all__ = [
+    "FLOAT8_DTYPES",
     "PER_CHANNEL",
+    "PER_TENSOR",
     "Layout",
     "QuantizedWeight",
     "blockwise_to_per_channel",
@@ -21,6 +25,7 @@ __all__ = [
     "pack_int4",
     "per_channel_to_blockwise",
     "quantize_per_token",
+    "quantize_per_token_float8",
     "quantize_weight",
     "unpack_int4",
     "unpacked_weight",

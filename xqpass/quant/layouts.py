@@ -11,6 +11,8 @@ layout                   weight            scale, zero       weight axes      sc
 per-channel (B = -1)     ``[N, K]``        ``[N]``           ``(N, K)``       ``(N,)``
 blockwise (the seed's)   ``[K/B, B, N]``   ``[K/B, N]``      ``(G, g, N)``    ``(G, N)``
 blockwise by rows        ``[N, K]``        ``[N, K/B]``      ``(N, K)``       ``(N, G)``
+per-tensor (float8)      ``[N, K]``        ``[]``            ``(N, K)``       ``()``
+2-D blocks (float8)      ``[N, K]``        ``[N/Bn, K/B]``   ``(N, K)``       ``(N, G)``
 =======================  ================  ================  ===============  =============
 
 Block ``s`` holds input features ``s*B ... s*B + B - 1``. Blockwise by rows (ours) is the per-channel
@@ -18,12 +20,24 @@ storage with one scale a group of B input features, as GPTQ, AWQ, compressed-ten
 groupwise code keep it (no transpose to the seed's layout). The op tells the two blockwise layouts apart
 by ``w.dim()`` (:meth:`Layout.recognise`); the module and ``quantize_weight`` by ``block_layout``.
 
+How many output features share a scale is ``block_n`` (Bn; torchao's one ``block_size`` tuple is
+``(block_n, block_size)``): 1 in the layouts above it, -1 (all of N, with ``block_size=-1``: all of K)
+per-tensor, Bn > 1 **2-D blocks** of Bn x B (HF native fp8, compressed-tensors FP8_BLOCK, DeepSeek:
+128 x 128), whose scale is ``[ceil(N/Bn), ceil(K/B)]``: N and K need not be multiples of the block,
+the last block along each is partial. Block ``(i, s)`` holds rows ``i*Bn ...`` and input features
+``s*B ...``. The per-tensor and 2-D layouts are the float8 weights' (``torch.float8_e4m3fn``,
+``torch.float8_e5m2``, symmetric: no zero point); float8 weights take the others too.
+
 Dequantization (the seed's convention: a *float* zero point subtracted after scaling), in every
 layout seen as groups (:meth:`Layout.grouped_weight`: ``[N, G, B]``, scales ``[N, G]``, per-channel G = 1)::
 
     w_deq[n, s, b] = w[n, s, b] * scale[n, s] - zero_point[n, s]
 
 An integer zero point ``z`` (``w_deq = (w - z) * scale``) maps to ``zero_point = z * scale``.
+
+Float8 weights dequantize the same way, each stored value converted exactly (NaN stays NaN)::
+
+    w_deq[n, k] = float(w[n, k]) * scale[n // Bn, k // B]
 
 Weight storage (``w.dtype`` and two flags of the op):
 
@@ -36,6 +50,7 @@ True         False        int8    one int4 value in [-8, 7] (the seed's "int8 co
 True         False        uint8   one uint4 value in [0, 15]
 True         True         int8    two int4 values, each a two's-complement nibble in [-8, 7]
 True         True         uint8   two uint4 values, each an unsigned nibble in [0, 15]
+False        False        float8  one ``float8_e4m3fn`` (finite to +-448, NaN, no Inf) or ``float8_e5m2``
 ===========  ===========  ======  =========================================================
 
 **Packed int4** halves the storage again: two 4-bit values a byte along **dim 1 of the weight** in
@@ -52,8 +67,11 @@ from dataclasses import dataclass
 import torch
 
 PER_CHANNEL = -1
+#: ``block_n`` of a per-tensor scale: every output feature shares it (with ``block_size=-1``: one scale)
+PER_TENSOR = -1
 
 WEIGHT_DTYPES = (torch.int8, torch.uint8)
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def value_range(dtype: torch.dtype, int4_weight: bool) -> tuple[int, int]:
@@ -132,11 +150,13 @@ def unpacked_weight(w: torch.Tensor, packed: bool) -> torch.Tensor:
 @dataclass(frozen=True)
 class Layout:
     """One layout of the table above (``by_rows`` False per-channel), packed int4 or not: its shapes,
-    and where N and K sit. :meth:`of` builds one from ``block_layout``, :meth:`recognise` from an op call."""
+    and where N and K sit. :meth:`of` builds one from ``block_layout``, :meth:`recognise` from an op call.
+    ``block_n``: output features a scale covers (1; -1 per-tensor; Bn > 1 2-D blocks, stored by rows)."""
 
     block_size: int = PER_CHANNEL
     by_rows: bool = False
     packed: bool = False
+    block_n: int = 1
 
     def __post_init__(self):
         if self.block_size != PER_CHANNEL and self.block_size <= 0:
@@ -145,19 +165,38 @@ class Layout:
             raise ValueError("blockwise by rows needs a block_size (per-channel is stored by rows already)")
         if self.packed and self.block_size != PER_CHANNEL and self.block_size % 2:
             raise ValueError(f"packed int4 needs an even block_size, got {self.block_size}")
+        if self.block_n == 1:
+            return
+        if self.block_n != PER_TENSOR and self.block_n <= 0:
+            raise ValueError(f"block_n must be 1 (a scale a row), -1 (per-tensor) or a positive block of rows, "
+                             f"got {self.block_n}")
+        if self.packed:
+            raise ValueError(f"block_n={self.block_n} is for float8 weights, one value a byte: packed must be False")
+        if self.block_n == PER_TENSOR and self.block_size != PER_CHANNEL:
+            raise ValueError(f"per-tensor (block_n=-1) covers all of K: block_size must be -1, got {self.block_size}")
+        if self.block_n > 1 and not self.by_rows:
+            raise ValueError(f"2-D blocks (block_n={self.block_n}) need a block_size and the weight stored by rows "
+                             f"[N, K]")
 
     @classmethod
-    def of(cls, block_size: int = PER_CHANNEL, packed: bool = False, block_layout: str = "seed") -> Layout:
-        """The layout for ``block_size``, ``packed`` and ``block_layout`` ("seed" or "rows")."""
-        return cls(block_size, block_layout == "rows" and block_size != PER_CHANNEL, packed)
+    def of(cls, block_size: int = PER_CHANNEL, packed: bool = False, block_layout: str = "seed",
+           block_n: int = 1) -> Layout:
+        """The layout for ``block_size``, ``packed`` and ``block_layout`` ("seed" or "rows"; 2-D blocks
+        are by rows whatever it says)."""
+        by_rows = (block_layout == "rows" or block_n > 1) and block_size != PER_CHANNEL
+        return cls(block_size, by_rows, packed, block_n)
 
     @classmethod
-    def recognise(cls, weight_shape, block_size: int, packed: bool) -> Layout:
-        """The layout of an op call: ``block_size`` and ``packed`` as given, and blockwise, the weight's
-        rank (3-D: the seed's, 2-D: by rows). A ``ValueError`` says which ranks the arguments allow."""
+    def recognise(cls, weight_shape, block_size: int, packed: bool, block_n: int = 1) -> Layout:
+        """The layout of an op call: ``block_size``, ``packed`` and ``block_n`` as given, and blockwise, the
+        weight's rank (3-D: the seed's, 2-D: by rows). A ``ValueError`` says which ranks the arguments allow."""
         dims = len(weight_shape)
-        args = (block_size, block_size != PER_CHANNEL and dims == 2, packed)
-        layout = _interned(*args) if isinstance(block_size, int) else cls(*args)  # a SymInt is not hashable
+        if block_n != 1 and dims != 2:
+            raise ValueError(f"{'per-tensor' if block_n == PER_TENSOR else '2-D block'} w must be 2-D [N, K], "
+                             f"got shape {tuple(weight_shape)}")
+        args = (block_size, block_size != PER_CHANNEL and dims == 2, packed, block_n)
+        hashable = isinstance(block_size, int) and isinstance(block_n, int)  # a SymInt is not hashable
+        layout = _interned(*args) if hashable else cls(*args)
         if dims != len(layout.weight_axes):
             half, got = "/2" if packed else "", tuple(weight_shape)
             if block_size == PER_CHANNEL:
@@ -169,7 +208,12 @@ class Layout:
 
     @property
     def name(self) -> str:
-        """``"per-channel"``, ``"blockwise"`` (the seed's) or ``"blockwise by rows"`` (packing aside)."""
+        """``"per-channel"``, ``"blockwise"`` (the seed's), ``"blockwise by rows"`` (packing aside),
+        ``"per-tensor"`` or ``"2-D blocks"``."""
+        if self.block_n == PER_TENSOR:
+            return "per-tensor"
+        if self.block_n > 1:
+            return "2-D blocks"
         if self.block_size == PER_CHANNEL:
             return "per-channel"
         return "blockwise by rows" if self.by_rows else "blockwise"
@@ -181,7 +225,10 @@ class Layout:
 
     @functools.cached_property
     def scale_axes(self) -> tuple[str, ...]:
-        """What each dim of the scale (and of the zero point) holds."""
+        """What each dim of the scale (and of the zero point) holds (2-D blocks: N in blocks of
+        :attr:`n_unit`; per-tensor: nothing)."""
+        if self.block_n == PER_TENSOR:
+            return ()
         if self.block_size == PER_CHANNEL:
             return ("N",)
         return ("N", "G") if self.by_rows else ("G", "N")
@@ -193,13 +240,18 @@ class Layout:
             return self.block_size
         return 2 if self.packed else 1
 
+    @property
+    def n_unit(self) -> int:
+        """The multiple of output features a slice of N must hold to cut no block: Bn for 2-D blocks, else 1."""
+        return self.block_n if self.block_n > 1 else 1
+
     def group_size(self, k: int) -> int:
         """Input features one scale covers: K per-channel, B blockwise (the length of one integer dot)."""
         return k if self.block_size == PER_CHANNEL else self.block_size
 
     def num_groups(self, k: int) -> int:
-        """Scales along K: 1 per-channel, K/B blockwise."""
-        return 1 if self.block_size == PER_CHANNEL else k // self.block_size
+        """Scales along K: 1 per-channel, K/B blockwise (2-D blocks: ceil(K/B), the last one partial)."""
+        return 1 if self.block_size == PER_CHANNEL else -(-k // self.block_size)
 
     def weight_shape(self, n: int, k: int) -> tuple[int, ...]:
         """The stored weight's shape for N out and K in features (K or B halved when packed)."""
@@ -210,6 +262,10 @@ class Layout:
 
     def scale_shape(self, n: int, k: int) -> tuple[int, ...]:
         """The scale's (and the zero point's) shape for N out and K in features."""
+        if self.block_n == PER_TENSOR:
+            return ()
+        if self.block_n > 1:
+            return (-(-n // self.block_n), self.num_groups(k))
         if self.block_size == PER_CHANNEL:
             return (n,)
         return (n, k // self.block_size) if self.by_rows else (k // self.block_size, n)
@@ -226,10 +282,12 @@ class Layout:
     def arrange(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None):
         """``(weight, scale, zero_point)`` in this layout from integers ``q [N, K]`` (one value an element)
         and ``[N, G]`` scales and zero points (G = 1 per-channel): the inverse of :meth:`grouped_weight`
-        and :meth:`grouped_scale`, packed when packed."""
-        if self.block_size == PER_CHANNEL:
+        and :meth:`grouped_scale`, packed when packed. Per-tensor and 2-D blocks, whose scales are not
+        one a row, take ``scale`` (and ``zero_point``) in their :meth:`scale_shape` and keep it."""
+        shared = self.block_n != 1  # a scale shared across rows comes in its own shape
+        if self.block_size == PER_CHANNEL and not shared:
             scale, zero_point = scale[:, 0], None if zero_point is None else zero_point[:, 0]
-        elif not self.by_rows:
+        elif not self.by_rows and not shared:
             q = per_channel_to_blockwise(q, self.block_size)
             scale, zero_point = scale.t(), None if zero_point is None else zero_point.t()
         if self.packed:
@@ -244,13 +302,31 @@ class Layout:
         return w.reshape(n, self.num_groups(k), self.group_size(k))
 
     def grouped_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        """A scale or zero point seen as ``[N, G]`` (per-channel ``[N, 1]``), a view."""
+        """A scale or zero point seen as ``[N, G]`` (per-channel ``[N, 1]``), a view; per-tensor ``[1, 1]``
+        and 2-D blocks ``[N/Bn, G]``, which broadcast against ``[N, G]`` only once repeated
+        (:meth:`expanded_scale`)."""
+        if self.block_n == PER_TENSOR:
+            return scale.reshape(1, 1)
         if self.block_size == PER_CHANNEL:
             return scale[:, None]
         return scale if self.by_rows else scale.t()
 
+    def expanded_scale(self, scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """The scale (or zero point) of each weight element, ``[N, K]`` (per-tensor ``[1, 1]``,
+        broadcasting): every scale repeated over its block, the partial last blocks cut."""
+        grouped = self.grouped_scale(scale)
+        if self.block_n > 1:
+            grouped = grouped.repeat_interleave(self.block_n, dim=0)[:n]
+        if self.block_n == PER_TENSOR:
+            return grouped
+        return grouped.repeat_interleave(self.group_size(k), dim=1)[:, :k]
+
     def dequantize(self, w, scale, zero_point=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` in ``dtype``: ``w * scale - zero_point``."""
+        if self.block_n != 1:  # scales shared across rows: expanded, not grouped
+            n, k = self.features(w.shape)
+            deq = w.to(dtype) * self.expanded_scale(scale.to(dtype), n, k)
+            return deq if zero_point is None else deq - self.expanded_scale(zero_point.to(dtype), n, k)
         deq = self.grouped_weight(unpacked_weight(w, self.packed)).to(dtype)  # [N, G, B]
         deq = deq * self.grouped_scale(scale).to(dtype)[:, :, None]
         if zero_point is not None:
@@ -264,6 +340,7 @@ _interned = functools.lru_cache(maxsize=None)(Layout)
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
-               block_size: int = PER_CHANNEL, packed: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               block_size: int = PER_CHANNEL, packed: bool = False, dtype: torch.dtype = torch.float32,
+               block_n: int = 1) -> torch.Tensor:
     """Dequantized weight as ``[N, K]`` in ``dtype`` for any layout (``w * scale - zero_point``)."""
-    return Layout.recognise(w.shape, block_size, packed).dequantize(w, scale, zero_point, dtype)
+    return Layout.recognise(w.shape, block_size, packed, block_n).dequantize(w, scale, zero_point, dtype)

@@ -11,6 +11,7 @@ import torch
 from .layouts import PER_CHANNEL, Layout
 
 ACTIVATION_QMAX = 127  # per-token int8 activations use the symmetric range [-127, 127]
+FLOAT8_ACTIVATION_MAX = 448.0  # per-token float8 activations: e4m3fn's largest finite value
 
 
 @dataclass(frozen=True)
@@ -205,3 +206,21 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.round(x / safe).clamp(-ACTIVATION_QMAX, ACTIVATION_QMAX)
     q = torch.where(torch.isnan(q), torch.zeros_like(q), q)
     return q.to(torch.int8), x_scale
+
+
+def quantize_per_token_float8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric ``float8_e4m3fn`` quantization of each row of ``x`` along its last dim
+    (compressed-tensors' FP8_DYNAMIC, vLLM's per-token FP8).
+
+    Returns ``(x_q, x_scale)``: ``x_q`` e4m3fn shaped like ``x`` (``x / x_scale`` rounded to nearest
+    even, clamped to [-448, 448] first: e4m3fn has no infinity and would turn an overflow into NaN), and
+    ``x_scale = amax(|x|, dim=-1, keepdim=True) / 448`` in ``x.dtype``. NaN and all-zero rows as in
+    :func:`quantize_per_token` (a NaN or infinite row carries a NaN or infinite ``x_scale``).
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True)  # explicit dim: torch_xla 2.9's dim-less amax is wrong
+    amax = torch.where(torch.isnan(x).any(dim=-1, keepdim=True), torch.full_like(amax, float("nan")), amax)
+    x_scale = amax / FLOAT8_ACTIVATION_MAX
+    safe = torch.where(x_scale == 0, torch.ones_like(x_scale), x_scale)
+    q = (x / safe).clamp(-FLOAT8_ACTIVATION_MAX, FLOAT8_ACTIVATION_MAX)
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)
+    return q.to(torch.float8_e4m3fn), x_scale

@@ -25,7 +25,7 @@ class Call:
     spec: MatmulSpec
     x: torch.Tensor  # [M, K] as given
     x_values: torch.Tensor  # [M, K] the values the products see (x, or W8A8's int8 x_q), compute dtype
-    x_q: torch.Tensor | None  # [M, K] int8 when activations are quantized
+    x_q: torch.Tensor | None  # [M, K] int8 when activations are quantized (float8 weights: float8_e4m3fn)
     x_scale: torch.Tensor | None  # [M, 1] their per-token scale
     w: torch.Tensor  # as stored
     scale: torch.Tensor  # compute dtype
@@ -47,7 +47,7 @@ def dot(lhs: torch.Tensor, rhs: torch.Tensor, contracting, batch=([], []), out=t
     (a uint8 weight with int8 activations) are widened to int32 first, still exact."""
     import torch_xla  # only imported when an XLA tensor reaches the op
 
-    if lhs.dtype != rhs.dtype:
+    if lhs.dtype != rhs.dtype and not lhs.is_floating_point():
         lhs, rhs = lhs.to(torch.int32), rhs.to(torch.int32)
     return torch_xla._XLAC._xla_dot_general(lhs, rhs, (contracting, batch), preferred_element_type=out)
 
@@ -63,6 +63,14 @@ def nibbles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def take(t: torch.Tensor, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:
     """``t``'s slice along ``dim`` as an HLO slice (``slice_copy``), never a gather."""
     return torch.ops.aten.slice_copy.Tensor(t, dim, start, end, step)
+
+
+def rows_of_blocks(scale: torch.Tensor, block_n: int, n: int) -> torch.Tensor:
+    """A 2-D block scale ``[ceil(N/Bn), G]`` repeated over its rows: ``[N, G]`` (a broadcast, a reshape
+    and a slice: no gather)."""
+    blocks, groups = scale.shape
+    repeated = scale[:, None, :].expand(blocks, block_n, groups).reshape(blocks * block_n, groups)
+    return repeated if blocks * block_n == n else take(repeated, 0, 0, n)
 
 
 def is_split(t: torch.Tensor) -> bool:

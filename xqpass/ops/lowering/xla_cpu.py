@@ -12,6 +12,7 @@ halves would be resharded).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ...quant.layouts import unpacked_weight
-from .common import Call, dot, epilogue, is_split, nibbles, sum_blocks, take
+from .common import Call, dot, epilogue, is_split, nibbles, rows_of_blocks, sum_blocks, take
 
 
 @dataclass(frozen=True)
@@ -186,5 +187,25 @@ def blockwise(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     return epilogue(call, sum_blocks(call, acc.permute(0, 2, 1), call.scale, call.zero_point), False)
 
 
+def per_tensor(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
+    """One scale: per-channel's forms with the scale broadcast over N."""
+    return per_channel(dataclasses.replace(call, scale=call.scale.expand(call.spec.out_features)), tuning)
+
+
+def blocks_2d(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
+    """Bn x B blocks: blockwise by rows' forms with each scale repeated over its Bn rows; a partial last K
+    block is padded with zeros."""
+    spec = call.spec
+    n, k, groups = spec.out_features, spec.in_features, spec.num_blocks
+    padding = groups * spec.block_size - k
+    w, x = call.w, call.x_values
+    if padding:  # a concatenate: torch_xla pads a float8 array with a float64 constant, which XLA refuses
+        w = torch.cat([w, w.new_zeros((n, padding))], dim=1)
+        x = torch.cat([x, x.new_zeros((x.shape[0], padding))], dim=1)
+    scale = rows_of_blocks(call.scale, spec.layout.block_n, n)  # [N, G]
+    return blockwise_by_rows(dataclasses.replace(call, w=w, x_values=x, scale=scale), tuning)
+
+
 #: layout -> lowering
-LAYOUTS = {"per-channel": per_channel, "blockwise": blockwise, "blockwise by rows": blockwise_by_rows}
+LAYOUTS = {"per-channel": per_channel, "blockwise": blockwise, "blockwise by rows": blockwise_by_rows,
+           "per-tensor": per_tensor, "2-D blocks": blocks_2d}
