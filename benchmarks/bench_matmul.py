@@ -14,6 +14,11 @@ Paths (activations bfloat16, weight N x K):
   xq W8A16 / W4A16 g64 / W8A8
                           hand-written dequant modules compiled with backend="xq_openxla"
   cpu _weight_int8pack_mm torch's eager int8 kernel; cpu xq_eager W8A16: the same module via xq_eager
+
+With ``--fp8``, float8 weights through the op itself instead (``torch.ops.xq.quantized_matmul`` under
+openxla, activations bfloat16): int8 per-channel W8A16 (the baseline), e4m3 per-channel, e4m3 128 x 128
+blocks (``block_n=128``), e4m3 128 x 128 W8A8-FP8, e5m2 128 x 128 blocks, dense bf16 ``(w@x.T).T``, and
+``convert wall`` over the e4m3 weight.
 """
 from __future__ import annotations
 
@@ -119,17 +124,68 @@ def run_shape(n: int, k: int, ms: list[int], runs: int) -> list[dict]:
     return rows
 
 
+def run_fp8_shape(n: int, k: int, ms: list[int], runs: int) -> list[dict]:
+    import torch_xla
+
+    dev = torch_xla.device()
+    torch._dynamo.config.cache_size_limit = 256
+    compile_xla = lambda f: torch.compile(f, backend="openxla", dynamic=False)  # noqa: E731
+    op = torch.ops.xq.quantized_matmul
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    qw = xqpass.quantize_weight(w, bits=8)
+    blocks = w.reshape(-(-n // 128), 128, -(-k // 128), 128).abs().amax(dim=(1, 3))  # [N/128, K/128]
+    weights = {  # name -> (weight, scale, block_size, block_n, quantize_activation)
+        "xq op int8 per-channel": (qw.weight, qw.scale, -1, 1, False),
+        "xq op e4m3 per-channel": ((w / (w.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn),
+                                   w.abs().amax(1) / 448, -1, 1, False),
+        "xq op e4m3 128x128": (None, blocks / 448, 128, 128, False),
+        "xq op e4m3 128x128 W8A8": (None, blocks / 448, 128, 128, True),
+        "xq op e5m2 128x128": (None, blocks / 57344, 128, 128, False),
+    }
+    for name in ("xq op e4m3 128x128", "xq op e4m3 128x128 W8A8", "xq op e5m2 128x128"):
+        scale = weights[name][1]
+        full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
+        dtype = torch.float8_e5m2 if "e5m2" in name else torch.float8_e4m3fn
+        weights[name] = ((w / full).to(dtype), *weights[name][1:])
+    on_device = {name: (wq.to(dev), s.to(dev), b, bn, qa) for name, (wq, s, b, bn, qa) in weights.items()}
+    fns = {name: compile_xla(lambda x, wq, s, b=b, bn=bn, qa=qa: op(x, wq, s, None, b, False, qa, block_n=bn))
+           for name, (_, _, b, bn, qa) in weights.items()}
+    dense = compile_xla(lambda x, wb: (wb @ x.t()).t())
+    convert_wall = compile_xla(lambda wq: wq.to(torch.float32).sum())
+    wb = w.to(torch.bfloat16).to(dev)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        xd = x.to(dev)
+        paths = {name: (fns[name], (xd, *on_device[name][:2])) for name in weights}
+        paths["dense bf16 (w@x.T).T"] = (dense, (xd, wb))
+        paths["convert wall e4m3"] = (convert_wall, (on_device["xq op e4m3 per-channel"][0],))
+        medians, fastest = bench_paths(paths, runs)
+        r = {"N": n, "K": k, "M": m, **medians, **{f"{name} min": v for name, v in fastest.items()}}
+        exact = x.double() @ w.double().t()
+        for name in weights:
+            with torch.no_grad():
+                r[f"{name} err"] = rel_err(fns[name](xd, *on_device[name][:2]), exact)
+            wq, s = weights[name][:2]
+            r[f"{name} weight bytes"] = wq.numel() * wq.element_size() + s.numel() * s.element_size()
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument("--shapes", nargs="+", default=["4096x4096"], help="NxK")
     p.add_argument("--runs", type=int, default=5, help="timed calls a path in each of two passes")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--fp8", action="store_true", help="float8 weights through the op (see above)")
     args = p.parse_args(argv)
     rows = []
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        rows += run_shape(n, k, args.m, args.runs)
+        rows += (run_fp8_shape if args.fp8 else run_shape)(n, k, args.m, args.runs)
     meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
             "xqpass": xqpass.__version__}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...quant.layouts import unpacked_weight
+from ...quant.layouts import FLOAT8_DTYPES, unpacked_weight
 from .common import Call, dot, epilogue, is_split, nibbles, rows_of_blocks, sum_blocks, take
 
 
@@ -69,6 +69,15 @@ class XlaCpuTuning:
         return 1
 
 
+def values(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored weight values in ``dtype``; float8 through float16, exactly (every e4m3fn and e5m2 value,
+    NaN included, is a float16): XLA:CPU converts f8 -> f16 in vector code and f16 -> f32 with F16C, but
+    f8 -> f32 one element at a time, 2-6x slower (docs/benchmarks.md)."""
+    if w.dtype in FLOAT8_DTYPES and dtype != torch.float16:
+        return w.to(torch.float16).to(dtype)
+    return w.to(dtype)
+
+
 def _computed_once(x: torch.Tensor, pairs: bool) -> torch.Tensor:
     """``x [M, K]`` (K even) through a dot with a 2 x 2 identity: the same values, computed once.
 
@@ -100,7 +109,7 @@ def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
     if not call.packed:
         x = _computed_once(call.x_values, pairs=False) if k % 2 == 0 else call.x_values
         x, w = x.reshape(m, 1, groups, per_group), w.reshape(1, n, groups, per_group)
-        terms = (take(w, 3, j * piece, (j + 1) * piece).to(cdt) * take(x, 3, j * piece, (j + 1) * piece)
+        terms = (values(take(w, 3, j * piece, (j + 1) * piece), cdt) * take(x, 3, j * piece, (j + 1) * piece)
                  for j in range(r))
         return functools.reduce(operator.add, terms).sum(dim=-1)
     offset = w.dtype == torch.int8  # signed nibbles v read as unsigned v + 8 (w ^ 0x88: two ops fewer a
@@ -145,7 +154,7 @@ def per_channel(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
         # long reduce, 4x slower
         acc = dot(acc, torch.ones(virtual, dtype=cdt, device=acc.device), ([2], [0]), out=cdt)
         return epilogue(call, acc, False, call.scale, call.zero_point)
-    acc = functools.reduce(operator.add, (dot(w.to(cdt), x, ([1], [1]), out=cdt) for w, x in _halves(call)))
+    acc = functools.reduce(operator.add, (dot(values(w, cdt), x, ([1], [1]), out=cdt) for w, x in _halves(call)))
     return epilogue(call, acc, True, call.scale, call.zero_point)
 
 
@@ -160,7 +169,7 @@ def blockwise_by_rows(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
         return epilogue(call, acc.sum(dim=-1), False)
 
     def dequantized(w):
-        w_deq = w.to(cdt).reshape(n, s, -1) * call.scale[:, :, None]
+        w_deq = values(w, cdt).reshape(n, s, -1) * call.scale[:, :, None]
         return w_deq if call.zero_point is None else w_deq - call.zero_point[:, :, None]
 
     dots = (dot(dequantized(w).reshape(n, -1), x, ([1], [1]), out=cdt) for w, x in _halves(call))
@@ -173,7 +182,7 @@ def blockwise(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     block's scale after its dot."""
     spec, cdt, x = call.spec, call.compute_dtype, call.x_values
     if call.rows is not None and call.rows >= tuning.large_m:
-        w_deq = unpacked_weight(call.w, call.packed).to(cdt) * call.scale[:, None, :]
+        w_deq = values(unpacked_weight(call.w, call.packed), cdt) * call.scale[:, None, :]
         if call.zero_point is not None:
             w_deq = w_deq - call.zero_point[:, None, :]
         return epilogue(call, dot(w_deq.reshape(spec.in_features, -1), x, ([0], [1]), out=cdt), True)
@@ -183,7 +192,7 @@ def blockwise(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
         acc = (dot(low.to(cdt), take(blocks, 2, 0, spec.block_size, 2), ([1], [2]), ([0], [1]), out=cdt)
                + dot(high.to(cdt), take(blocks, 2, 1, spec.block_size, 2), ([1], [2]), ([0], [1]), out=cdt))
     else:
-        acc = dot(call.w.to(cdt), blocks, ([1], [2]), ([0], [1]), out=cdt)
+        acc = dot(values(call.w, cdt), blocks, ([1], [2]), ([0], [1]), out=cdt)
     return epilogue(call, sum_blocks(call, acc.permute(0, 2, 1), call.scale, call.zero_point), False)
 
 
