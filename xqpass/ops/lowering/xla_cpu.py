@@ -72,7 +72,7 @@ class XlaCpuTuning:
 def values(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Stored weight values in ``dtype``; float8 through float16, exactly (every e4m3fn and e5m2 value,
     NaN included, is a float16): XLA:CPU converts f8 -> f16 in vector code and f16 -> f32 with F16C, but
-    f8 -> f32 one element at a time, 2-6x slower (docs/benchmarks.md)."""
+    f8 -> f32 one element at a time, 1.7-5x slower (docs/ops.md, Kernels)."""
     if w.dtype in FLOAT8_DTYPES and dtype != torch.float16:
         return w.to(torch.float16).to(dtype)
     return w.to(dtype)
