@@ -23,6 +23,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import register_backend
 
+from .patterns.fold import FOLDS
 from .rewrite import RewriteReport, rewrite
 
 log = logging.getLogger("xqpass")
@@ -74,11 +75,15 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
     aot = aot_autograd(fw_compiler=after_aot)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
-        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (torch)")
+        # Dynamo's example inputs are the real parameters and buffers: weights the graph unpacks from them
+        # are computed once here, and again before a call whose sources changed (xqpass.patterns.fold)
+        report = rewrite(gm, example_inputs, name=f"{name} graph {counter['graphs']} (torch)")
         counter["graphs"] += 1
         _record(report, reports)
         correct_shifts(gm)
-        return aot(gm, example_inputs)
+        compiled = aot(gm, example_inputs)
+        folds = gm.meta.get(FOLDS)
+        return folds.guard(gm, compiled) if folds else compiled
 
     return backend
 

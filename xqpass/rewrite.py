@@ -17,6 +17,7 @@ from torch.fx import GraphModule, Node
 
 from .patterns.catalogue import PRODUCT_FORMS, ROOT_KINDS
 from .patterns.dsl import Context, Match
+from .patterns.fold import mutates, written
 from .patterns.replacement import Rejected, build_call
 from .patterns.spellings import canonical
 from .quant.layouts import PER_CHANNEL
@@ -42,7 +43,8 @@ class Rewritten:
         gran = layout.name if layout.block_size == PER_CHANNEL else f"{layout.name}(B={layout.block_size})"
         act = "A8" if f.get("quantize_activation") else "A16"
         fmt = (f"W{f['bits']}{act}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
-               f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]")
+               f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]"
+               f"{', unpacked once' if f.get('unpacked_once') else ''}")
         return f"{self.layer or self.node}: {self.pattern} -> xq.quantized_matmul {fmt}"
 
 
@@ -164,10 +166,14 @@ def _recorded_as_state(placeholder: Node) -> bool:
 
 
 def _erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
-    """Erase the nodes nothing uses any more, users before their inputs (nodes compare in graph order)."""
+    """Erase the nodes nothing uses any more, users before their inputs (nodes compare in graph order). An
+    in-place write goes only with the tensor it writes, once nothing else reads that tensor."""
     for n in sorted(nodes, reverse=True):
-        if not n.users and n.op not in ("placeholder", "get_attr", "output"):
-            gm.graph.erase_node(n)
+        if n.users or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if mutates(n) and not all(mutates(u) for u in written(n).users):
+            continue
+        gm.graph.erase_node(n)
 
 
 def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: str = "",
@@ -193,9 +199,13 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
                         f"got {type(graph_module).__name__}")
     gm = graph_module
     if example_inputs is not None:
-        _propagate_metadata(gm, example_inputs)
+        example_inputs = list(example_inputs)
+        if not _has_shapes(gm):
+            _propagate_metadata(gm, example_inputs)
     report = RewriteReport(graph=name)
-    ctx = Context(gm, model_state=_model_state(gm, exported, model_state))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    values = dict(zip(placeholders, example_inputs)) if example_inputs and len(example_inputs) == len(placeholders) else {}
+    ctx = Context(gm, model_state=_model_state(gm, exported, model_state), values=values)
     consumed: set[Node] = set()
     failures: dict[Node, list] = {}
 
@@ -213,6 +223,7 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
                     result, desc = build_call(ctx, node, match)
                 except Rejected as e:
                     ctx.fail(str(e))
+                    ctx.computed_once = set()
                     continue
                 result.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
                                     if k in node.meta})
@@ -220,7 +231,8 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
                 record = Rewritten(result.name, layer, f"{product.name} / {match.form}", desc)
                 node.replace_all_uses_with(result)
                 consumed.update(match.nodes | {node})
-                _erase_unused(gm, match.nodes | {node})
+                _erase_unused(gm, match.nodes | {node} | ctx.computed_once)
+                ctx.computed_once = set()
                 report.rewrites.append(record)
                 log.info("xqpass: rewrote %s", record)
                 done = True

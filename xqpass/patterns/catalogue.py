@@ -45,9 +45,26 @@ class WeightForm:
 
 WEIGHT_FORMS = (
     WeightForm(
+        "integer zero point, then cast and scale",
+        "(w - zp[:, None]).to(dt) * s[:, None]",
+        Named("integer zero point, then cast and scale",
+              Mul(Cast(Sub(QUANTIZED, Operand("zero"))), Operand("scale")), zero_kind="int"),
+    ),
+    WeightForm(
+        "integer zero point, then scale by type promotion",
+        "(w - zp[:, None]) * s[:, None]",
+        Named("integer zero point, then scale by type promotion",
+              Mul(Sub(QUANTIZED, Operand("zero")), Operand("scale")), zero_kind="int"),
+    ),
+    WeightForm(
         "scale",
         "w.to(dt) * s[:, None]",
         Named("scale", Mul(CAST, Operand("scale"))),
+    ),
+    WeightForm(
+        "scale by type promotion",
+        "w * s[:, None]",
+        Named("scale by type promotion", Mul(QUANTIZED, Operand("scale"))),
     ),
     WeightForm(
         "zero point, then scale",

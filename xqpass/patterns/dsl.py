@@ -23,6 +23,7 @@ import sympy
 import torch
 from torch.fx import Node
 
+from .bounds import exact_bounds
 from .spellings import Canon, canonical
 
 Axes = tuple  # axis tags, each "N", "K", "G" or "g" (not xqpass.quant.Layout, the op's layout)
@@ -109,6 +110,7 @@ class Match:
     weight: Node | None = None  # the integer storage
     weight_layout: Axes = ()  # its axis tags
     packed: bool = False  # two 4-bit values a byte, low nibble first
+    unpacked: bool = False  # the weight is an integer computed in the graph from the model's state (see .fold)
     scale: Factor | None = None  # broadcast against the weight
     zero: Factor | None = None
     zero_kind: str | None = None  # "int": (q - z) * s; "float": q * s - z
@@ -146,6 +148,11 @@ class Context:
     #: placeholders that hold the model's parameters and buffers: never the activation's data, even when
     #: the activation was computed with them (a weight shared by two layers feeds both)
     model_state: frozenset = frozenset()
+    #: real tensors of graph inputs (the backend's example inputs), from which a weight the graph unpacks
+    #: from the model's state is computed once
+    values: dict = field(default_factory=dict)
+    #: nodes of subgraphs computed once by the rewrite in progress (erased with the match where unused)
+    computed_once: set = field(default_factory=set)
 
     def val(self, node: Any) -> Any:
         return meta_value(node, self.gm)
@@ -177,7 +184,7 @@ class Context:
             if n in memo:
                 todo.pop()
                 continue
-            pending = [a for a in n.all_input_nodes if a not in memo]
+            pending = [a for a in _data_inputs(n) if a not in memo]
             if pending:
                 todo.extend(pending)
                 continue
@@ -185,7 +192,7 @@ class Context:
             if n.op == "placeholder":
                 memo[n] = frozenset() if n in self.model_state else frozenset((n,))
                 continue
-            distinct = {id(s): s for s in (memo[a] for a in n.all_input_nodes) if s}
+            distinct = {id(s): s for s in (memo[a] for a in _data_inputs(n)) if s}
             memo[n] = frozenset().union(*distinct.values()) if len(distinct) > 1 else \
                 next(iter(distinct.values()), frozenset())
         return memo[node]
@@ -213,6 +220,13 @@ class Context:
                f"parameter or buffer)"
 
 
+def _data_inputs(node: Node) -> list:
+    """A node's inputs whose values it reads: ``x.to(y.dtype)`` traced by ``symbolic_trace`` reads y's
+    dtype (a ``getattr`` node), not y's values."""
+    return [a for a in node.all_input_nodes
+            if not (a.op == "call_function" and a.target is getattr and a.args[1:] in (("dtype",), ("device",)))]
+
+
 def _descends_from(node: Node, ancestor: Node) -> bool:
     """Whether ``ancestor`` is ``node`` or one of its inputs' ancestors. Graph order is topological, so
     the walk never goes above ``ancestor``."""
@@ -223,7 +237,7 @@ def _descends_from(node: Node, ancestor: Node) -> bool:
             return True
         if n not in seen and n > ancestor:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(_data_inputs(n))
     return False
 
 
@@ -330,14 +344,19 @@ class AnyOf(Pattern):
 
 @dataclass
 class IntWeight(Pattern):
-    """The quantized storage: an int8 / uint8 tensor (a graph input, a buffer, or computed)."""
+    """The quantized storage: an int8 / uint8 parameter, buffer or graph input; or any integer tensor the
+    graph computes from the model's state (unpacked from words, reordered...), which the rewrite computes
+    once (:mod:`.fold`)."""
 
     prefer_below = True
 
     def here(self, ctx, node, layout, st):
         dtype = ctx.dtype(node)
-        if dtype in WEIGHT_DTYPES:
-            yield st.with_(weight=node, weight_layout=layout, packed=False)
+        stored = not isinstance(node, Node) or node.op in ("placeholder", "get_attr")
+        if dtype in WEIGHT_DTYPES and stored:
+            yield st.with_(weight=node, weight_layout=layout, packed=False, unpacked=False)
+        elif dtype is not None and not stored and not dtype.is_floating_point and not dtype.is_complex:
+            yield st.with_(weight=node, weight_layout=layout, packed=False, unpacked=True)
         elif dtype is not None:
             ctx.fail(f"weight {getattr(node, 'name', node)} is {dtype}, not int8/uint8")
 
@@ -349,7 +368,7 @@ class PackedNibbles(Pattern):
     ``stack([lo(p), hi(p)], dim=-1).reshape(N, K)`` of ``p [N, K/2]`` where, for uint8 ``p``,
     ``lo = p & 15`` and ``hi = p >> 4`` (or ``(p >> 4) & 15``): unsigned nibbles; for int8 ``p``,
     ``lo = (p << 4) >> 4`` and ``hi = p >> 4``: sign-extended nibbles. Other unpackings still match
-    :class:`IntWeight` on their result (the unpacking then stays in the graph).
+    :class:`IntWeight` on their result (the rewrite then computes it once, :mod:`.fold`).
     """
 
     def here(self, ctx, node, layout, st):
@@ -513,6 +532,10 @@ class _WeightOp(Pattern):
         ops = _binary_operands(ctx, node, self.kind)
         if ops is None:
             return
+        dtype = ctx.dtype(node)
+        if dtype is not None and not dtype.is_floating_point and exact_bounds(ctx, node) is None:
+            ctx.fail(f"{node.name}: integer arithmetic on the weight that may wrap around ({dtype})")
+            return
         shape = ctx.shape(node)
         for a, b in ((ops, ops[::-1]) if self.commutative else (ops,)):
             if isinstance(a, Node) and ctx.shape(a) is not None and same_shape(ctx.shape(a), shape):
@@ -521,13 +544,13 @@ class _WeightOp(Pattern):
 
 
 class Mul(_WeightOp):
-    """``value * operand`` in either order."""
+    """``value * operand`` in either order (an integer ``value`` times a float scale: by type promotion)."""
 
     kind, commutative = "mul", True
 
 
 class Sub(_WeightOp):
-    """``value - operand``."""
+    """``value - operand`` (in integers: where the bounds prove it exact, :mod:`.bounds`)."""
 
     kind = "sub"
 

@@ -9,14 +9,16 @@ graphs alike, and carry FakeTensor metadata.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.fx import Graph, Node
 
 from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
-from ..quant.layouts import PER_CHANNEL, Layout
+from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, Layout
 from .dsl import KN, NK, Axes, Context, Factor, Match, same_shape, static
+from .fold import Fold, Folds, Subgraph, attribute, state_subgraph, unpacks, value_bounds
 
 aten = torch.ops.aten
 OP = torch.ops.xq.quantized_matmul.default
@@ -52,6 +54,60 @@ def _weight_to_op_layout(b: "Builder", w: Node, tags: Axes, n: int, k: int, layo
             return w
         return b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
     raise Rejected(f"weight storage layout {'x'.join(tags)} has no exact mapping to the op's layout")
+
+
+#: the storages a weight unpacked in the graph is kept in, tightest first: (dtype, packed, value bounds)
+_STORAGES = ((torch.int8, True, (-8, 7)), (torch.uint8, True, (0, 15)),
+             (torch.int8, False, (-128, 127)), (torch.uint8, False, (0, 255)))
+
+
+@dataclass
+class _Storage:
+    """The integer weight the op reads: dtype, packing, axis tags; for a weight the graph computes from the
+    model's state, the subgraph and its sources' values to compute it once (:mod:`.fold`)."""
+
+    dtype: torch.dtype
+    packed: bool
+    tags: Axes
+    subgraph: Subgraph | None = None
+    values: list | None = None
+    seen_tags: Axes = NK  # the computed weight's axis tags, before it is stored [N, K]
+
+    @classmethod
+    def of(cls, ctx: Context, m: Match) -> "_Storage":
+        w = m.weight
+        subgraph = state_subgraph(ctx, w)
+        if isinstance(subgraph, str):
+            raise Rejected(f"the weight {w.name} is an integer computed in the graph, but {subgraph}")
+        if not unpacks(subgraph):
+            raise Rejected(f"the weight {w.name} is a view or cast of stored integers, not the storage itself")
+        values, unknown = _source_values(ctx, subgraph)
+        if unknown:
+            if ctx.dtype(w) in WEIGHT_DTYPES:  # nothing to compute it from here: the graph keeps computing it
+                return cls(ctx.dtype(w), False, m.weight_layout)
+            raise Rejected(f"the weight {w.name} is unpacked in the graph from {', '.join(unknown)}, whose values "
+                           f"are not known here: pass example_inputs (real tensors), or compile with an xqpass backend")
+        lo, hi = value_bounds(ctx, w)  # an integer weight: bounds are proved (the dtype's at least)
+        for dtype, packed, (low, high) in _STORAGES:
+            if low <= lo and hi <= high:
+                return cls(dtype, packed, NK, subgraph, values, m.weight_layout)
+        raise Rejected(f"the weight {w.name} is unpacked in the graph into values not provably within int8 or "
+                       f"uint8 (bounds proved: [{lo}, {hi}])")
+
+    def compute(self, b: "Builder", w: Node) -> Node:
+        """Compute the weight once into a new buffer of the graph module; returns its ``get_attr`` node."""
+        return b.computed_once(Fold.of(self.subgraph, w, self.seen_tags, self.dtype, self.packed), w,
+                               self.subgraph, self.values)
+
+
+def _source_values(ctx: Context, subgraph: Subgraph) -> tuple[list, list]:
+    """The real tensors of a subgraph's sources, and the names of those not known here (a graph traced
+    with fake tensors)."""
+    values = [ctx.values.get(s) if s.op == "placeholder" else attribute(ctx.gm, str(s.target))
+              for s in subgraph.sources]
+    unknown = [s.name for s, v in zip(subgraph.sources, values)
+               if not isinstance(v, torch.Tensor) or isinstance(v, torch._subclasses.FakeTensor)]
+    return values, unknown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +148,32 @@ class Builder:
         except Exception:  # metadata is best effort; the graph is still right without it
             pass
         return node
+
+    def computed_once(self, fold: Fold, node: Node, subgraph: Subgraph, values: list) -> Node:
+        """``node``'s value computed once by ``fold``, as a ``get_attr`` of a new buffer of the graph module."""
+        val, gm = self.ctx.val(node), self.ctx.gm
+        name = Folds.of(gm).add(gm, fold, subgraph.sources, values, val.device)
+        self.ctx.computed_once.update(subgraph.nodes)
+        with self.graph.inserting_before(self.anchor):
+            attr = self.graph.get_attr(name)
+        self.created.append(attr)
+        mode = getattr(val, "fake_mode", None) or _fake_mode_for([val])
+        attr.meta["val"] = mode.from_tensor(getattr(gm, name))
+        return attr
+
+    def unpacked_once(self, node: Any) -> Any:
+        """A scale or zero point the graph unpacks from the model's state (integer work on parameters and
+        buffers only, e.g. zero points in int32 words) computed once, where its sources' values are known;
+        else ``node`` itself."""
+        if not isinstance(node, Node) or node.op in ("placeholder", "get_attr"):
+            return node
+        subgraph = state_subgraph(self.ctx, node)
+        if isinstance(subgraph, str) or not unpacks(subgraph):
+            return node
+        values, unknown = _source_values(self.ctx, subgraph)
+        if unknown:
+            return node
+        return self.computed_once(Fold.of(subgraph, node, None, None), node, subgraph, values)
 
     def full(self, shape: list, value: float) -> Node:
         """A constant made on the activation's device (a CPU constant would not mix with XLA tensors)."""
@@ -143,23 +225,33 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     if reason:
         raise Rejected(reason)
 
+    storage = _Storage.of(ctx, m) if m.unpacked else _Storage(ctx.dtype(w), packed, m.weight_layout)
+    packed = storage.packed
     grouped = [f for f in (m.scale, m.zero) if f is not None and f.granularity == "group"]
     groups = None
     if grouped:
         groups = static(grouped[0].padded[grouped[0].layout.index("G")])
         if groups is None or k % groups:
             raise Rejected("groups do not divide K")
-    by_rows = groups is not None and m.weight_layout[0] == "N"  # storage with N first keeps its order
+    if storage.subgraph is not None and packed and (k % 2 or groups is not None and (k // groups) % 2):
+        packed = storage.packed = False  # an odd K or group: one value a byte
+    by_rows = groups is not None and storage.tags[0] == "N"  # storage with N first keeps its order
     try:
         layout = Layout(PER_CHANNEL if groups is None else k // groups, by_rows, packed)
     except ValueError as e:  # packed int4 with an odd group
         raise Rejected(str(e)) from None
     if k % layout.k_unit:
         raise Rejected(f"K={k} is not a multiple of {layout.k_unit} (packed int4 holds two values a byte)")
+    if m.quantize_activation:
+        bound = max_int32_reduction(storage.dtype, packed)
+        if layout.group_size(k) > bound:
+            raise Rejected(f"an int32 dot of length {layout.group_size(k)} could overflow (bound {bound})")
 
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
-    weight = _weight_to_op_layout(b, w, m.weight_layout, n, k, layout)
+    if storage.subgraph is not None:  # the last step that can refuse is behind: compute the weight once
+        w = storage.compute(b, w)
+    weight = _weight_to_op_layout(b, w, storage.tags, n, k, layout)
     want = list(layout.scale_shape(n, k))
 
     def vec(factor: Factor) -> Node:
@@ -167,7 +259,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
             if not isinstance(factor.value, Node):
                 return b.full(want, float(factor.value))
             return b.call(aten.expand.default, b.call(aten.reshape.default, factor.value, []), want)
-        return b.vector(factor.value, factor.padded, factor.layout, n, k, layout)
+        return b.vector(b.unpacked_once(factor.value), factor.padded, factor.layout, n, k, layout)
 
     if m.post_scale is not None:
         scale = b.last_dim_vector(m.post_scale, n)
@@ -188,10 +280,6 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         if m.bias_before_scale:
             bias = b.call(aten.mul.Tensor, bias, scale)
 
-    if m.quantize_activation:
-        bound = max_int32_reduction(ctx.dtype(w), packed)
-        if layout.group_size(k) > bound:
-            raise Rejected(f"an int32 dot of length {layout.group_size(k)} could overflow (bound {bound})")
     # the op returns the activation's dtype in the root's shape: its metadata is the root's, recast
     root_val, x_dtype, out_dtype = ctx.val(root), ctx.dtype(x), ctx.dtype(root)
     op_val = None
@@ -202,7 +290,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     result = call
     if out_dtype is not None and out_dtype != x_dtype:
         result = b.call(aten._to_copy.default, call, dtype=out_dtype, val=root_val)
-    wdt = ctx.dtype(w)
+    wdt = storage.dtype
     desc = {
         "bits": 4 if packed else 8,
         "weight_dtype": str(wdt).replace("torch.", "") if wdt else "?",
@@ -210,6 +298,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         "block_size": layout.block_size,
         "zero_point": zero is not None,
         "packed": packed,
+        "unpacked_once": storage.subgraph is not None,
         "quantize_activation": m.quantize_activation,
         "by_rows": layout.by_rows,
         "N": n,
