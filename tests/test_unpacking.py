@@ -35,12 +35,17 @@ def words(values: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor
 
 class WordsAlongK(nn.Module):
     """GPTQ-style torch forward: qweight int32 [K / (32/bits), N] packed along K, qzeros int32
-    [G, N / (32/bits)] packed along N, both unpacked with a shift-amount buffer; groups of ``g`` along K."""
+    [G, N / (32/bits)] packed along N, both unpacked with a shift-amount buffer; groups of ``g`` along K,
+    or, with ``g_idx``, the group of each input feature read from a buffer (``act_order``: a permutation
+    of the features' groups, as GPTQ's act-order stores it)."""
 
-    def __init__(self, k=64, n=32, g=16, bits=4, operator_shift=False, seed=0):
+    def __init__(self, k=64, n=32, g=16, bits=4, operator_shift=False, seed=0, g_idx=False, act_order=False):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.bits, self.g, self.operator_shift = bits, g, operator_shift
+        index = torch.arange(k, dtype=torch.int32) // g
+        self.register_buffer("g_idx", (index[torch.randperm(k, generator=gen)] if act_order else index)
+                             if g_idx else None)
         q = torch.randint(0, 2**bits, (k, n), generator=gen)
         z = torch.randint(0, 2**bits, (k // g, n), generator=gen)
         self.register_buffer("qweight", words(q, bits, 0))
@@ -58,6 +63,9 @@ class WordsAlongK(nn.Module):
         z = self._shift(self.qzeros.unsqueeze(2).expand(-1, -1, per), self.shifts.view(1, 1, -1)) & mask
         z = z.reshape(self.scales.shape)  # [G, N]
         k, n = w.shape
+        if self.g_idx is not None:  # GPTQ's torch path: scale and zero of each input feature's group
+            g_idx = self.g_idx.long()
+            return torch.matmul(x, (self.scales[g_idx] * (w - z[g_idx])).to(x.dtype))
         w = (w.reshape(k // self.g, self.g, n).to(x.dtype) - z[:, None, :].to(x.dtype)) * self.scales[:, None, :].to(x.dtype)
         return torch.matmul(x, w.reshape(k, n))
 
@@ -87,6 +95,23 @@ class WordsAlongN(nn.Module):
         return x @ ((w - z).to(x.dtype) * self.scales.to(x.dtype))
 
 
+class GroupsRepeated(WordsAlongN):
+    """AWQ's torch path: scales and zeros [K/g, N] repeated along K (``repeat_interleave``), the zero
+    subtracted in integers and the scale applied by type promotion."""
+
+    def __init__(self, k=64, n=32, g=16, seed=0):
+        super().__init__(k, n, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.g = g
+        self.qzeros = words(torch.randint(0, 16, (k // g, n), generator=gen), 4, 1, AWQ_ORDER)
+        self.scales = torch.rand(k // g, n, generator=gen) / 20 + 0.01
+
+    def forward(self, x):
+        w, z = self._unpack(self.qweight), self._unpack(self.qzeros)
+        scales, z = self.scales.repeat_interleave(self.g, dim=0), z.repeat_interleave(self.g, dim=0)
+        return x @ ((w - z) * scales).to(x.dtype)
+
+
 class NibblesIntoEmpty(nn.Module):
     """Nibbles written into an ``empty`` tensor with strided assignment (``slice_scatter`` at the aten
     level), uint8 storage [N, K/2], multiplied by the float scale with no explicit cast."""
@@ -110,6 +135,9 @@ FORMS = {
     "gptq int4, >>": lambda: WordsAlongK(operator_shift=True, seed=1),
     "gptq int8": lambda: WordsAlongK(bits=8, g=32, seed=2),
     "awq order, words along N": lambda: WordsAlongN(),
+    "awq, groups repeated along K": lambda: GroupsRepeated(),
+    "gptq, scales[g_idx]": lambda: WordsAlongK(g_idx=True, seed=8),
+    "gptq act-order, scales[g_idx]": lambda: WordsAlongK(g_idx=True, act_order=True, seed=9),
     "nibbles into empty": lambda: NibblesIntoEmpty(),
 }
 
@@ -162,16 +190,38 @@ def test_unpacked_weights_are_computed_once_into_the_ops_layout(form, dtype):
     # the graph that runs has no unpacking left: no shifts, masks, reorders or writes
     (gm,) = recorder.graphs
     assert not _kinds(gm) & {"rshift", "bitand", "lshift"}, gm.code
-    assert not any("scatter" in str(n.target) or "index" in str(n.target) for n in gm.graph.nodes), gm.code
+    # (the activation's features read in the order the weight is stored, where a group index sorted them)
+    reads = [n for n in gm.graph.nodes if "scatter" in str(n.target) or "index" in str(n.target)]
+    assert [n.target for n in reads] == ([torch.ops.aten.index_select.default] if fmt["group_index"] else []), \
+        gm.code
     assert_close_to_float64(module, x, out)
 
 
 def _in_features(module):
+    if isinstance(module, GroupsRepeated):
+        return module.qweight.shape[0]
     if isinstance(module, WordsAlongK):
         return module.qweight.shape[0] * 32 // module.bits
     if isinstance(module, WordsAlongN):
         return module.qweight.shape[0]
     return module.packed.shape[1] * 2
+
+
+def test_a_group_index_is_checked_on_every_call():
+    """A weight read by a group index is right for every g_idx that gives each group K/G features (another
+    act-order permutation after compiling included), and a g_idx with unequal groups is a named error."""
+    module = WordsAlongK(g_idx=True, act_order=True, seed=10)
+    x = torch.randn(3, _in_features(module))
+    reports = []
+    compiled = compile_eager(module, reports)
+    with torch.no_grad():
+        compiled(x)
+        assert [r.format["group_index"] for rep in reports for r in rep.rewrites] == [True]
+        module.g_idx.copy_(module.g_idx[torch.randperm(module.g_idx.numel())])
+        assert_close_to_float64(module, x, compiled(x))
+        module.g_idx[0] = (module.g_idx[0] + 1) % (module.g_idx.max() + 1)  # one group one feature short
+        with pytest.raises(ValueError, match="g_idx"):
+            compiled(x)
 
 
 @pytest.mark.parametrize("change", ["in place", "new tensor"])
@@ -195,7 +245,8 @@ def test_unpacked_on_xla_with_openxla():
     import torch_xla
 
     device = torch_xla.device()
-    for make in (lambda: WordsAlongK(operator_shift=True, seed=5), lambda: WordsAlongN(seed=5)):
+    for make in (lambda: WordsAlongK(operator_shift=True, seed=5), lambda: WordsAlongN(seed=5),
+                 lambda: WordsAlongK(g_idx=True, act_order=True, seed=5)):
         module = make()
         on_xla = copy.deepcopy(module).to(device)
         x = torch.randn(4, _in_features(module))

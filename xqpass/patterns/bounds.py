@@ -18,7 +18,10 @@ aten = torch.ops.aten
 SELECTIONS = {operator.getitem, torch.index_select, torch.gather, torch.take_along_dim, torch.narrow,
               torch.roll, torch.flip, aten.index.Tensor, aten.index_select.default, aten.gather.default,
               aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.roll.default, aten.flip.default}
-_SELECTION_METHODS = {"index_select", "gather", "narrow", "roll", "flip", "__getitem__"}
+_SELECTION_METHODS = {"index_select", "gather", "narrow", "roll", "flip", "__getitem__", "repeat_interleave",
+                      "repeat"}
+#: ops copying their first operand's values into a new tensor: bounds pass through
+_COPIES = {torch.repeat_interleave, aten.repeat_interleave.self_int, aten.repeat.default}
 #: ops writing their second operand into their first: bounds of both
 _SCATTERS = {aten.slice_scatter.default, aten.select_scatter.default, torch.slice_scatter, torch.select_scatter,
              aten.index_put.default, torch.index_put}
@@ -94,7 +97,8 @@ def _derived(ctx, node: Node, memo: dict) -> tuple[int, int] | None:
     if node.target in _EMPTY:
         return _filled(ctx, node, memo)
     if canon is None:
-        if node.target in SELECTIONS or node.op == "call_method" and node.target in _SELECTION_METHODS:
+        if node.target in SELECTIONS or node.target in _COPIES or \
+                node.op == "call_method" and node.target in _SELECTION_METHODS:
             return bound(node.args[0])
         if node.target in _SCATTERS:
             return _union(bound(node.args[0]), bound(node.args[1] if len(node.args) > 1 else None))

@@ -16,6 +16,7 @@ group). Anything the rules cannot prove equivalent fails with a reason, which th
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
@@ -92,13 +93,16 @@ class Factor:
 
     ``value``: the node (or a Python number); ``granularity``: "tensor" (one value), "channel" (varies
     along N only) or "group" (along G, and maybe N); ``padded``: its shape padded with leading 1s to the
-    weight's rank; ``layout``: the weight's axis tags where it was met.
+    weight's rank; ``layout``: the weight's axis tags where it was met, or, for a factor the graph
+    expanded along K (``s.repeat_interleave(g, 0)``, ``s[g_idx]``), its own tags with G for K;
+    ``k_index``: the group index of each input feature, where the graph gathered by one (``g_idx``).
     """
 
     value: Any
     granularity: str
     padded: tuple
     layout: Axes
+    k_index: Any = None
 
 
 @dataclass(frozen=True)
@@ -501,6 +505,15 @@ class Operand(Pattern):
         if self.role == "scale" and (dtype is None or not dtype.is_floating_point):
             ctx.fail(f"scale {node.name} is {dtype}, not floating")
             return
+        expanded = expanded_along_k(ctx, node, layout, st.broadcast_shape)
+        if expanded is not None:
+            source, source_layout, source_weight_shape, k_index = expanded
+            gran = classify_operand(ctx, source, source_layout, source_weight_shape)
+            if isinstance(gran, str):
+                ctx.fail(gran)
+                return
+            yield self._bind(st.with_(node), Factor(source, *gran, source_layout, k_index))
+            return
         gran = classify_operand(ctx, node, layout, st.broadcast_shape)
         if isinstance(gran, str):
             ctx.fail(gran)
@@ -509,6 +522,47 @@ class Operand(Pattern):
 
     def _bind(self, st: Match, factor: Factor) -> Match:
         return st.with_(scale=factor) if self.role == "scale" else st.with_(zero=factor)
+
+
+_REPEAT_INTERLEAVE = {torch.repeat_interleave, torch.ops.aten.repeat_interleave.self_int}
+
+
+def expanded_along_k(ctx: Context, node: Node, layout: Axes, weight_shape: tuple) -> tuple | None:
+    """A scale or zero point given per input feature by repeating each group's value along the weight's K
+    axis: ``s.repeat_interleave(g, dim)`` (groups of g in order) or ``s[g_idx]`` (the group of each input
+    feature read from an index tensor, GPTQ's act-order included). Returns ``(s, s's axis tags with G for
+    K, the weight's shape with G for K, the index or None)``, or None for any other operand."""
+    shape = ctx.shape(node)
+    if shape is None or weight_shape is None or len(shape) > len(layout):
+        return None
+    pad = len(layout) - len(shape)
+    if node.target in _REPEAT_INTERLEAVE or node.op == "call_method" and node.target == "repeat_interleave":
+        source = node.args[0]
+        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if not isinstance(repeats, int) or not isinstance(dim, int) or not isinstance(source, Node):
+            return None
+        axis, index = pad + dim % len(shape), None
+    elif node.target is operator.getitem or node.target is torch.ops.aten.index.Tensor:
+        source, index = node.args
+        index = index[0] if isinstance(index, (tuple, list)) and len(index) == 1 else index
+        index_shape, index_dtype = ctx.shape(index), ctx.dtype(index)
+        if not isinstance(index, Node) or index_dtype is None or index_dtype.is_floating_point or \
+                index_shape is None or len(index_shape) != 1:
+            return None
+        axis = pad
+    else:
+        return None
+    source_shape = ctx.shape(source)
+    if layout[axis] != "K" or source_shape is None or len(source_shape) != len(shape):
+        return None
+    groups = source_shape[axis - pad]
+    if index is None and not same_size(groups * repeats, weight_shape[axis]):
+        return None
+    if index is not None and not same_size(ctx.shape(index)[0], weight_shape[axis]):
+        return None
+    tags = layout[:axis] + ("G",) + layout[axis + 1:]
+    return source, tags, weight_shape[:axis] + (groups,) + weight_shape[axis + 1:], index
 
 
 def _binary_operands(ctx, node, kind):

@@ -44,6 +44,9 @@ class Subgraph:
     nodes: list
     sources: list
 
+    def __or__(self, other: "Subgraph") -> "Subgraph":
+        return Subgraph(sorted(set(self.nodes) | set(other.nodes)), sorted(set(self.sources) | set(other.sources)))
+
 
 def mutates(node: Node) -> bool:
     target = node.target
@@ -76,18 +79,18 @@ def written(node: Node) -> Node:
 
 
 def state_subgraph(ctx: Context, node: Node) -> Subgraph | str:
-    """The subgraph computing ``node`` from the model's state, or why there is none: a graph input that is
-    data, random numbers, a module call, or an in-place write into a parameter or buffer."""
+    """The subgraph computing ``node`` from graph inputs and attributes (parameters, buffers, or tensors a
+    graph break passed in: :class:`Folds` recomputes when one is another tensor or was modified), or why
+    there is none: random numbers, a module call, or an in-place write into a source. The caller refuses
+    a weight computed from the activation (:meth:`Context.from_activation`)."""
     nodes, sources, todo = set(), set(), [node]
     while todo:
         n = todo.pop()
         if n in nodes or n in sources:
             continue
-        if n.op == "get_attr" or n.op == "placeholder" and n in ctx.model_state:
+        if n.op in ("get_attr", "placeholder"):  # a graph input that is not state: checked on every call
             sources.add(n)
             continue
-        if n.op == "placeholder":
-            return f"it is computed from the graph input {n.name}, not recorded as a parameter or buffer"
         if n.op not in ("call_function", "call_method"):
             return f"it is computed by {n.op} {n.target}"
         if _random(n):
@@ -131,37 +134,63 @@ def _to_rows(value: torch.Tensor, tags: Axes) -> torch.Tensor:
     raise ValueError(f"no [N, K] view of a weight with axes {tags}")
 
 
+def sorted_order(index: torch.Tensor, groups: int) -> torch.Tensor:
+    """The input features sorted by group (stable), from the group index of each (``g_idx``); a ValueError
+    unless every group holds K / groups features, as the op's contiguous groups need."""
+    k = index.numel()
+    counts = torch.bincount(index.reshape(-1).long().clamp(0, groups), minlength=groups + 1) \
+        if k else torch.zeros(groups + 1, dtype=torch.long)
+    if index.dim() != 1 or k % groups or bool((counts[:groups] != k // groups).any()) or int(counts[groups]):
+        raise ValueError(f"xqpass: the group index (g_idx) must give each of the {groups} groups exactly "
+                         f"{k // max(groups, 1)} of the {k} input features; got group sizes {counts.tolist()} "
+                         f"(the compiled graph reads the weight in groups of equal size)")
+    return torch.argsort(index.reshape(-1), stable=True)
+
+
 @dataclass
 class Fold:
-    """A weight computed from the model's state by ``module`` (its inputs: the sources' values), stored
-    ``[N, K]`` in ``storage``, two values a byte when ``packed``; ``tags`` None: another integer tensor
-    (a zero point), kept as computed."""
+    """A tensor computed from the model's state by ``module`` (its inputs: the sources' values), then:
+
+    * ``kind="value"``: kept as computed (a zero point unpacked from words);
+    * ``kind="weight"``: stored ``[N, K]`` (from the axis tags ``tags``) in ``storage``, two values a
+      byte when ``packed``; when the module also returns a group index (``g_idx``), its input features
+      sorted by group, so that each group of ``K / groups`` is contiguous;
+    * ``kind="order"``: the module returns a group index; the permutation sorting the input features by
+      group (the activation is read in that order).
+    """
 
     module: GraphModule
-    tags: Axes | None
-    storage: torch.dtype | None
+    kind: str = "value"
+    tags: Axes | None = None
+    storage: torch.dtype | None = None
     packed: bool = False
+    groups: int | None = None
 
     @classmethod
-    def of(cls, subgraph: Subgraph, output: Node, tags: Axes | None, storage: torch.dtype | None,
-           packed: bool = False) -> "Fold":
+    def of(cls, subgraph: Subgraph, outputs: Node | tuple, **fields: Any) -> "Fold":
         graph, env = Graph(), {}
         for source in subgraph.sources:
             env[source] = graph.placeholder(source.name)
         for n in subgraph.nodes:
             env[n] = graph.node_copy(n, lambda a: env[a])
-        graph.output(env[output])
-        return cls(GraphModule(torch.nn.Module(), graph), tags, storage, packed)
+        graph.output(tuple(env[o] for o in outputs) if isinstance(outputs, tuple) else env[outputs])
+        return cls(GraphModule(torch.nn.Module(), graph), **fields)
 
     def compute(self, values: list, device: torch.device) -> torch.Tensor:
-        """The stored weight from the sources' ``values``, on ``device``; computed on CPU, where torch's
-        integer semantics hold."""
+        """The tensor from the sources' ``values``, on ``device``; computed on CPU, where torch's integer
+        semantics hold."""
         with torch.no_grad():
             value = self.module(*[v.detach().to("cpu") for v in values])
-            if self.tags is not None:
-                value = _to_rows(value, self.tags).to(self.storage)  # within the storage's range: proved
-            if self.packed:
-                value = pack_int4(value, axis=1)
+            if self.kind == "order":
+                value = sorted_order(value, self.groups)
+            elif self.kind == "weight":
+                value, index = value if isinstance(value, tuple) else (value, None)
+                value = _to_rows(value, self.tags)
+                if index is not None:
+                    value = value[:, sorted_order(index, self.groups)]
+                value = value.to(self.storage)  # within the storage's range: proved
+                if self.packed:
+                    value = pack_int4(value, axis=1)
             return value.contiguous().to(device)
 
 

@@ -64,7 +64,8 @@ _STORAGES = ((torch.int8, True, (-8, 7)), (torch.uint8, True, (0, 15)),
 @dataclass
 class _Storage:
     """The integer weight the op reads: dtype, packing, axis tags; for a weight the graph computes from the
-    model's state, the subgraph and its sources' values to compute it once (:mod:`.fold`)."""
+    model's state (or reads in the order of a group index), the subgraph and its sources' values to
+    compute it once (:mod:`.fold`)."""
 
     dtype: torch.dtype
     packed: bool
@@ -72,32 +73,50 @@ class _Storage:
     subgraph: Subgraph | None = None
     values: list | None = None
     seen_tags: Axes = NK  # the computed weight's axis tags, before it is stored [N, K]
+    k_index: Node | None = None  # the group index the input features are sorted by
 
     @classmethod
-    def of(cls, ctx: Context, m: Match) -> "_Storage":
+    def of(cls, ctx: Context, m: Match, k_index: Node | None) -> "_Storage":
         w = m.weight
+        if not m.unpacked and k_index is None:
+            return cls(ctx.dtype(w), m.packed, m.weight_layout)
+        if m.packed:  # the op's nibbles, read in another order: unpacked by the graph's own ops
+            raise Rejected("a packed weight read in the order of a group index")
         subgraph = state_subgraph(ctx, w)
         if isinstance(subgraph, str):
             raise Rejected(f"the weight {w.name} is an integer computed in the graph, but {subgraph}")
-        if not unpacks(subgraph):
+        if k_index is None and not unpacks(subgraph):
             raise Rejected(f"the weight {w.name} is a view or cast of stored integers, not the storage itself")
+        if k_index is not None:
+            order = state_subgraph(ctx, k_index)
+            if isinstance(order, str):
+                raise Rejected(f"the group index {k_index.name} is not the model's state: {order}")
+            subgraph = subgraph | order
         values, unknown = _source_values(ctx, subgraph)
         if unknown:
-            if ctx.dtype(w) in WEIGHT_DTYPES:  # nothing to compute it from here: the graph keeps computing it
+            if ctx.dtype(w) in WEIGHT_DTYPES and k_index is None:  # nothing to compute it from: the graph keeps it
                 return cls(ctx.dtype(w), False, m.weight_layout)
-            raise Rejected(f"the weight {w.name} is unpacked in the graph from {', '.join(unknown)}, whose values "
-                           f"are not known here: pass example_inputs (real tensors), or compile with an xqpass backend")
+            raise Rejected(f"the weight {w.name} is {'unpacked in the graph' if m.unpacked else 'read by a group index'} "
+                           f"from {', '.join(unknown)}, whose values are not known here: pass example_inputs (real "
+                           f"tensors), or compile with an xqpass backend")
         lo, hi = value_bounds(ctx, w)  # an integer weight: bounds are proved (the dtype's at least)
         for dtype, packed, (low, high) in _STORAGES:
             if low <= lo and hi <= high:
-                return cls(dtype, packed, NK, subgraph, values, m.weight_layout)
+                return cls(dtype, packed, NK, subgraph, values, m.weight_layout, k_index)
         raise Rejected(f"the weight {w.name} is unpacked in the graph into values not provably within int8 or "
                        f"uint8 (bounds proved: [{lo}, {hi}])")
 
-    def compute(self, b: "Builder", w: Node) -> Node:
+    def compute(self, b: "Builder", w: Node, groups: int | None) -> Node:
         """Compute the weight once into a new buffer of the graph module; returns its ``get_attr`` node."""
-        return b.computed_once(Fold.of(self.subgraph, w, self.seen_tags, self.dtype, self.packed), w,
-                               self.subgraph, self.values)
+        outputs = w if self.k_index is None else (w, self.k_index)
+        fold = Fold.of(self.subgraph, outputs, kind="weight", tags=self.seen_tags, storage=self.dtype,
+                       packed=self.packed, groups=groups)
+        return b.computed_once(fold, w, self.subgraph, self.values)
+
+    def order(self, b: "Builder", groups: int) -> Node:
+        """The permutation sorting the input features by group, computed once (the activation's order)."""
+        fold = Fold.of(self.subgraph, self.k_index, kind="order", groups=groups)
+        return b.computed_once(fold, self.k_index, self.subgraph, self.values)
 
 
 def _source_values(ctx: Context, subgraph: Subgraph) -> tuple[list, list]:
@@ -173,7 +192,7 @@ class Builder:
         values, unknown = _source_values(self.ctx, subgraph)
         if unknown:
             return node
-        return self.computed_once(Fold.of(subgraph, node, None, None), node, subgraph, values)
+        return self.computed_once(Fold.of(subgraph, node), node, subgraph, values)
 
     def full(self, shape: list, value: float) -> Node:
         """A constant made on the activation's device (a CPU constant would not mix with XLA tensors)."""
@@ -225,14 +244,18 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     if reason:
         raise Rejected(reason)
 
-    storage = _Storage.of(ctx, m) if m.unpacked else _Storage(ctx.dtype(w), packed, m.weight_layout)
-    packed = storage.packed
     grouped = [f for f in (m.scale, m.zero) if f is not None and f.granularity == "group"]
-    groups = None
+    groups, k_index = None, None
     if grouped:
-        groups = static(grouped[0].padded[grouped[0].layout.index("G")])
+        counts = {static(f.padded[f.layout.index("G")]) for f in grouped}
+        groups = counts.pop()
+        if counts or len({f.k_index for f in grouped}) > 1:
+            raise Rejected("the scale and the zero point split K into different groups")
         if groups is None or k % groups:
             raise Rejected("groups do not divide K")
+        k_index = grouped[0].k_index
+    storage = _Storage.of(ctx, m, k_index)
+    packed = storage.packed
     if storage.subgraph is not None and packed and (k % 2 or groups is not None and (k // groups) % 2):
         packed = storage.packed = False  # an odd K or group: one value a byte
     by_rows = groups is not None and storage.tags[0] == "N"  # storage with N first keeps its order
@@ -250,7 +273,9 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
     if storage.subgraph is not None:  # the last step that can refuse is behind: compute the weight once
-        w = storage.compute(b, w)
+        w = storage.compute(b, w, groups)
+    if k_index is not None:  # the op reads x's features sorted by group, as the weight is stored
+        x = b.call(aten.index_select.default, x, -1, storage.order(b, groups))
     weight = _weight_to_op_layout(b, w, storage.tags, n, k, layout)
     want = list(layout.scale_shape(n, k))
 
@@ -299,6 +324,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         "zero_point": zero is not None,
         "packed": packed,
         "unpacked_once": storage.subgraph is not None,
+        "group_index": k_index is not None,
         "quantize_activation": m.quantize_activation,
         "by_rows": layout.by_rows,
         "N": n,
