@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .ops import check_inputs  # importing .ops registers torch.ops.xq.quantized_matmul
-from .quant.layouts import PER_CHANNEL, Layout
-from .quant.quantize import check_format, check_weight, quantize_weight
+from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, Layout
+from .quant.quantize import check_float8_format, check_format, check_weight, quantize_weight
 
 log = logging.getLogger("xqpass")
 
@@ -18,11 +18,12 @@ log = logging.getLogger("xqpass")
 class XlaQuantizedLinear(nn.Module):
     """A linear layer whose weight stays quantized and runs through ``torch.ops.xq.quantized_matmul``.
 
-    Buffers (the quantized bytes only; no float copy of the weight): ``weight`` (int8 / uint8),
+    Buffers (the quantized bytes only; no float copy of the weight): ``weight`` (int8 / uint8, or float8
+    with ``weight_dtype=torch.float8_e4m3fn`` / ``torch.float8_e5m2``: symmetric, one value a byte),
     ``weight_scaler`` and, asymmetric only, ``zero_point`` (float, the seed's convention ``w_deq = weight *
     weight_scaler - zero_point``), shaped by :attr:`layout` (:mod:`xqpass.quant.layouts`: per-channel,
-    blockwise in the seed's layout, or by rows with ``block_layout="rows"``; packed or not); ``bias``
-    (optional ``[N]`` float parameter).
+    blockwise in the seed's layout, or by rows with ``block_layout="rows"``; packed or not; float8 also
+    per-tensor, ``block_n=-1``, and 2-D blocks, ``block_n=Bn``); ``bias`` (optional ``[N]`` float parameter).
 
     The constructor's first six parameters are the seed's (``torch_xla``'s ``XlaQuantizedLinear``),
     including its default ``is_symmetric=False``; ``device`` places the (zero) buffers, as ``nn.Linear``'s
@@ -45,11 +46,20 @@ class XlaQuantizedLinear(nn.Module):
         scale_dtype: torch.dtype = torch.float32,
         block_layout: str = "seed",
         device: torch.device | str | None = None,
+        block_n: int = 1,
     ):
         super().__init__()
         if block_layout not in ("seed", "rows"):
             raise ValueError(f"block_layout must be 'seed' or 'rows', got {block_layout!r}")
-        if block_size != PER_CHANNEL and (block_size <= 0 or input_dim % block_size):
+        float8 = weight_dtype in FLOAT8_DTYPES
+        if block_n != 1 and not float8:
+            raise ValueError(f"block_n={block_n} (per-tensor or 2-D block scales) is for float8 weights: pass "
+                             f"weight_dtype=torch.float8_e4m3fn")
+        if float8 and (not is_symmetric or int4_weight or packed):
+            raise ValueError(f"float8 weights ({weight_dtype}) are symmetric, one value a byte: pass is_symmetric=True, "
+                             f"int4_weight=False, packed=False")
+        partial = block_n > 1  # 2-D blocks may end partial along K
+        if block_size != PER_CHANNEL and (block_size <= 0 or (input_dim % block_size and not partial)):
             raise ValueError(f"block_size must be -1 or a positive divisor of input_dim={input_dim}, got {block_size}")
         if packed and not int4_weight:
             raise ValueError("packed=True holds two 4-bit values a byte; it needs int4_weight=True")
@@ -64,7 +74,8 @@ class XlaQuantizedLinear(nn.Module):
         self.quantize_activation = quantize_activation
         self.packed = packed
         self.block_layout = block_layout
-        layout = Layout.of(block_size, packed, block_layout)
+        self.block_n = block_n
+        layout = Layout.of(block_size, packed, block_layout, block_n)
         w_shape, s_shape = layout.weight_shape(output_dim, input_dim), layout.scale_shape(output_dim, input_dim)
         if weight_dtype is None:
             weight_dtype = torch.int8 if is_symmetric else torch.uint8
@@ -82,7 +93,7 @@ class XlaQuantizedLinear(nn.Module):
     @property
     def layout(self) -> Layout:
         """The layout of ``weight``, ``weight_scaler`` and ``zero_point`` as loaded (:mod:`xqpass.quant.layouts`)."""
-        return Layout.recognise(self.weight.shape, self.block_size, self.packed)
+        return Layout.recognise(self.weight.shape, self.block_size, self.packed, self.block_n)
 
     @property
     def in_features(self) -> int:
@@ -104,18 +115,25 @@ class XlaQuantizedLinear(nn.Module):
         packed: bool | None = None,
         scale_dtype: torch.dtype = torch.float32,
         block_layout: str = "seed",
+        weight_dtype: torch.dtype | None = None,
+        block_n: int = 1,
     ) -> "XlaQuantizedLinear":
         """Round-to-nearest quantize an ``nn.Linear`` (see :func:`xqpass.quant.quantize_weight`).
 
-        ``bits=4`` stores packed int4 (half a byte a weight) unless ``packed=False``. Bad arguments and
-        weights raise as :func:`~xqpass.quant.quantize_weight` does; ``linear`` is never modified.
+        ``bits=4`` stores packed int4 (half a byte a weight) unless ``packed=False``.
+        ``weight_dtype=torch.float8_e4m3fn`` (or ``float8_e5m2``) stores float8 weights, ``scale = amax / 448``
+        (e5m2: 57344) a channel, a group, the tensor (``block_n=-1``) or a 2-D block (``block_size=128,
+        block_n=128``); with ``quantize_activation=True`` the activations are e4m3 per token (W8A8-FP8).
+        Bad arguments and weights raise as :func:`~xqpass.quant.quantize_weight` does; ``linear`` is never
+        modified.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
         if not isinstance(quantize_activation, bool):
             raise TypeError(f"quantize_activation must be True or False, got {type(quantize_activation).__name__} "
                             f"{quantize_activation!r}")
-        qw = quantize_weight(linear.weight, bits, block_size, symmetric, packed, scale_dtype, block_layout)
+        qw = quantize_weight(linear.weight, bits, block_size, symmetric, packed, scale_dtype, block_layout,
+                             weight_dtype=weight_dtype, block_n=block_n)
         q = cls(
             linear.in_features,
             linear.out_features,
@@ -128,6 +146,7 @@ class XlaQuantizedLinear(nn.Module):
             weight_dtype=qw.weight.dtype,
             scale_dtype=scale_dtype,
             block_layout=block_layout,
+            block_n=block_n,
         )
         q.load_quantized_weight(qw.weight, qw.scale, qw.zero_point)
         if linear.bias is not None:
@@ -139,12 +158,13 @@ class XlaQuantizedLinear(nn.Module):
 
         weight: per-channel ``[out, in]``, blockwise ``[in / block_size, block_size, out]`` or by rows
         ``[out, in]`` (K or B halved when packed); weight_scaler: ``[out]``, ``[in / block_size, out]`` or
-        ``[out, in / block_size]``; zero_point: like weight_scaler, or None.
+        ``[out, in / block_size]`` (float8: ``[]`` per-tensor, ``[ceil(out / block_n), ceil(in / block_size)]``
+        2-D blocks); zero_point: like weight_scaler, or None.
         """
         probe = torch.empty((1, self.input_dim), dtype=torch.float32, device=weight.device)
         spec = check_inputs(
             probe, weight, weight_scaler, zero_point, self.block_size, self.int4_weight,
-            self.quantize_activation, self.packed,
+            self.quantize_activation, self.packed, None, self.block_n,
         )
         if spec.out_features != self.output_dim:
             raise ValueError(f"load_quantized_weight: expected {self.output_dim} output features, got {spec.out_features}")
@@ -172,15 +192,19 @@ class XlaQuantizedLinear(nn.Module):
             self.quantize_activation,
             self.bias,
             packed=self.packed,
+            block_n=self.block_n,
         )
 
     def extra_repr(self) -> str:
         bits = "int4" if self.int4_weight else "int8"
         if self.int4_weight:
             bits += " packed" if self.packed else " (one a byte)"
+        if self.weight.dtype in FLOAT8_DTYPES:
+            bits = "float8"
+        blocks = f", block_n={self.block_n}" if self.block_n != 1 else ""
         return (
             f"in_features={self.input_dim}, out_features={self.output_dim}, weight={bits} {self.weight.dtype}, "
-            f"block_size={self.block_size}{' by rows' if self.layout.by_rows else ''}, "
+            f"block_size={self.block_size}{' by rows' if self.layout.by_rows else ''}{blocks}, "
             f"symmetric={self.zero_point is None}, "
             f"quantize_activation={self.quantize_activation}, bias={self.bias is not None}"
         )
@@ -297,9 +321,15 @@ def _call_the_layer(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def _format_name(bits, block_size, symmetric, quantize_activation, packed, block_layout) -> str:
-    layout = Layout.of(block_size, packed, block_layout)
-    grouping = layout.name + ("" if block_size == PER_CHANNEL else f"(B={block_size})")
+def _format_name(bits, block_size, symmetric, quantize_activation, packed, block_layout, weight_dtype=None,
+                 block_n=1) -> str:
+    layout = Layout.of(block_size, packed, block_layout, block_n)
+    if block_n > 1:
+        grouping = f"{layout.name}({block_n}x{block_size})"
+    else:
+        grouping = layout.name + ("" if block_size == PER_CHANNEL else f"(B={block_size})")
+    if weight_dtype is not None:  # float8: symmetric, the dtype says which
+        return f"W8A{8 if quantize_activation else 16}-FP8 {str(weight_dtype).removeprefix('torch.')} {grouping}"
     return (f"W{bits}A{8 if quantize_activation else 16}{' packed' if packed else ''} {grouping} "
             f"{'sym' if symmetric else 'asym'}")
 
@@ -308,6 +338,7 @@ def _format_name(bits, block_size, symmetric, quantize_activation, packed, block
 def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., symmetric: bool = ...,
                    quantize_activation: bool = ..., filter_fn: Optional[Callable[[nn.Module, str], bool]] = ..., *,
                    packed: bool | None = ..., scale_dtype: torch.dtype = ..., block_layout: str = ...,
+                   weight_dtype: torch.dtype | None = ..., block_n: int = ...,
                    return_report: Literal[False] = ...) -> nn.Module: ...
 
 
@@ -315,6 +346,7 @@ def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., sym
 def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., symmetric: bool = ...,
                    quantize_activation: bool = ..., filter_fn: Optional[Callable[[nn.Module, str], bool]] = ..., *,
                    packed: bool | None = ..., scale_dtype: torch.dtype = ..., block_layout: str = ...,
+                   weight_dtype: torch.dtype | None = ..., block_n: int = ...,
                    return_report: Literal[True]) -> tuple[nn.Module, QuantizeReport]: ...
 
 
@@ -329,12 +361,16 @@ def quantize_model(
     packed: bool | None = None,
     scale_dtype: torch.dtype = torch.float32,
     block_layout: str = "seed",
+    weight_dtype: torch.dtype | None = None,
+    block_n: int = 1,
     return_report: bool = False,
 ):
     """Swap the ``nn.Linear`` layers of ``model`` (in place) for :class:`XlaQuantizedLinear` layers.
 
     ``filter_fn(module, fully_qualified_name) -> bool`` picks the layers (default: every ``nn.Linear``).
-    The format arguments are :meth:`XlaQuantizedLinear.from_float`'s.
+    The format arguments are :meth:`XlaQuantizedLinear.from_float`'s (float8: ``weight_dtype`` and
+    ``block_n``, e.g. ``weight_dtype=torch.float8_e4m3fn, block_size=128, block_n=128`` for DeepSeek-style
+    128 x 128 blocks).
 
     **Left alone, and reported**, because the swap would change what the model computes or holds:
     ``nn.MultiheadAttention``'s ``out_proj`` (the attention reads its weight, it does not call it); a
@@ -372,8 +408,19 @@ def quantize_model(
     if not isinstance(quantize_activation, bool):
         raise TypeError(f"quantize_activation must be True or False, got {type(quantize_activation).__name__} "
                         f"{quantize_activation!r}")
-    packed_resolved = check_format(bits, block_size, symmetric, packed, scale_dtype, block_layout)
-    report = QuantizeReport(_format_name(bits, block_size, symmetric, quantize_activation, packed_resolved, block_layout))
+    if weight_dtype is None:
+        if block_n != 1:
+            raise ValueError(f"block_n={block_n} (per-tensor or 2-D block scales) is for float8 weights: pass "
+                             f"weight_dtype=torch.float8_e4m3fn")
+        packed_resolved = check_format(bits, block_size, symmetric, packed, scale_dtype, block_layout)
+    else:
+        check_float8_format(weight_dtype, bits, block_size, symmetric, packed, block_n)
+        check_format(8, block_size, True, False, scale_dtype, block_layout)  # the arguments' types
+        packed_resolved = False
+    report = QuantizeReport(_format_name(bits, block_size, symmetric, quantize_activation, packed_resolved, block_layout,
+                                         weight_dtype, block_n))
+    # 2-D blocks may end partial along K: only the weight itself is checked
+    checked_block_size = PER_CHANNEL if block_n > 1 or block_n == PER_TENSOR else block_size
 
     # 1. check: decide every layer, raise before anything is built
     holders = _parameter_holders(model)
@@ -399,7 +446,7 @@ def quantize_model(
             report.skipped.append(SkippedLayer(names, reason))
             continue
         try:
-            check_weight(site.linear.weight, block_size, packed_resolved)
+            check_weight(site.linear.weight, checked_block_size, packed_resolved)
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_model: {names[0]!r}: {e}; the model is untouched") from e
         to_swap.append(site)
@@ -410,7 +457,7 @@ def quantize_model(
         try:
             built.append(XlaQuantizedLinear.from_float(
                 site.linear, bits, block_size, symmetric, quantize_activation, packed=packed,
-                scale_dtype=scale_dtype, block_layout=block_layout,
+                scale_dtype=scale_dtype, block_layout=block_layout, weight_dtype=weight_dtype, block_n=block_n,
             ))
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_model: {site.names[0]!r}: {e}; the model is untouched") from e

@@ -43,7 +43,8 @@ def tensor_parallel_dims(style: str, layout: Layout) -> dict[str, int | None]:
     """Which dim of each of the op's tensors (``weight``, ``scale``, ``zero_point``, ``bias``) a
     tensor-parallel split cuts (None: replicated): ``"column"`` cuts N wherever the layout puts it,
     ``"row"`` K (the weight's K or groups dim, the scales' groups dim; a per-channel scale and the bias
-    stay whole). A row cut may not split a group or a packed byte (``layout.k_unit``)."""
+    stay whole; a per-tensor scale stays whole either way). A row cut may not split a group or a packed
+    byte (``layout.k_unit``), a column cut a 2-D block of rows (``layout.n_unit``)."""
     if style not in SPLIT_STYLES:
         raise ValueError(f"tensor-parallel style must be one of {SPLIT_STYLES}, got {style!r}")
     cut = ("N",) if style == "column" else ("K", "G")
@@ -97,20 +98,28 @@ def resolve_plan(modules: Mapping[str, nn.Module], plan: Mapping[str, str]) -> d
     return styles
 
 
-def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, axis_size: int) -> dict[str, tuple]:
+def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, axis_size: int, *,
+                           layout: Layout | None = None) -> dict[str, tuple]:
     """Partition specs of one linear's tensors for a split over ``axis_size`` devices, checked: the split
-    dimension must divide evenly, and a row split may not cut a block or a packed byte."""
+    dimension must divide evenly, a row split may not cut a group or a packed byte, and a column split
+    may not cut a 2-D block of rows (float8, ``Layout.n_unit``). ``layout``: the layout the split is
+    checked against, where it is not the module's own (a float linear a checkpoint loads quantized)."""
     if not isinstance(module, (nn.Linear, XlaQuantizedLinear)):
         raise TypeError(f"{name}: expected an nn.Linear or XlaQuantizedLinear, got {type(module).__name__}")
     quantized = isinstance(module, XlaQuantizedLinear)
-    layout = module.layout if quantized else Layout()  # an nn.Linear's weight [N, K] sits as per-channel's
-    dims, unit = tensor_parallel_dims(style, layout), layout.k_unit if style == "row" else 1
+    if layout is None:
+        layout = module.layout if quantized else Layout()  # an nn.Linear's weight [N, K] sits as per-channel's
+    dims, unit = tensor_parallel_dims(style, layout), layout.k_unit if style == "row" else layout.n_unit
     attrs = QUANTIZED_LINEAR_TENSORS if quantized else {"weight": "weight", "bias": "bias"}
     features = module.out_features if style == "column" else module.in_features
     what = "output features" if style == "column" else "input features"
     if features % axis_size:
         raise ValueError(f"{name}: {style}-parallel over {axis_size} devices needs {what} divisible by "
                          f"{axis_size}, got {features}")
+    if (features // axis_size) % unit and style == "column":
+        raise ValueError(f"{name}: column-parallel over {axis_size} devices would split a 2-D block of {unit} output "
+                         f"features ({layout.block_n}x{layout.block_size} float8 blocks, one scale each): "
+                         f"{features // axis_size} output features a device is not a multiple of {unit}")
     if (features // axis_size) % unit:
         piece = "a packed int4 byte" if layout.block_size == PER_CHANNEL else f"a block of {unit}"
         raise ValueError(f"{name}: row-parallel over {axis_size} devices would split {piece}: "
