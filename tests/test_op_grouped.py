@@ -1,0 +1,288 @@
+"""``torch.ops.xq.quantized_grouped_matmul`` (expert banks): CPU and the XLA lowerings (both forms, both
+routes) against a float64 oracle written here from docs/ops.md's layouts (bytes decoded by hand: nibbles,
+float8 bits), errors, export, one compilation."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oracle import EPS, SUBNORMAL, assert_within, np_unpack_int4
+from test_op_fp8 import decode, random_fp8
+from xqpass.ops import GroupedTuning, grouped_tuning, xla_lowering
+
+op = torch.ops.xq.quantized_grouped_matmul
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+#: (name, storage dtype, int4_weight, packed) of every weight format
+FORMATS = [("int8", torch.int8, False, False), ("uint8", torch.uint8, False, False),
+           ("int4", torch.int8, True, False), ("uint4", torch.uint8, True, False),
+           ("int4 packed", torch.int8, True, True), ("uint4 packed", torch.uint8, True, True),
+           ("e4m3", E4M3, False, False), ("e5m2", E5M2, False, False)]
+ROUTES = {"gather": GroupedTuning(gather_max_rows=10**9), "dense": GroupedTuning(gather_max_rows=-1)}
+
+
+class Case:
+    def __init__(self, fmt, experts, n, k, block_size, rows, top_k, asym, with_bias, dtype, used, seed):
+        self.name = f"{fmt[0]} E={experts} N={n} K={k} B={block_size} T={rows} top_k={top_k} {dtype}"
+        _, wdtype, int4, packed = fmt
+        gen = torch.Generator().manual_seed(seed)
+        groups = 1 if block_size == -1 else k // block_size
+        if wdtype.is_floating_point:
+            w = random_fp8((experts, n, k), wdtype, gen)
+        else:
+            lo, hi = (-8, 7) if int4 else (-128, 127)
+            if wdtype == torch.uint8:  # unsigned: the same span from 0
+                lo, hi = 0, hi - lo
+            q = torch.randint(lo, hi + 1, (experts, n, k), generator=gen).to(wdtype)
+            w = np_pack(q) if packed else q
+        scale = torch.rand((experts, n, groups), generator=gen) * 0.1 + 0.01
+        zero = torch.randn((experts, n, groups), generator=gen) * 0.1 if asym else None
+        if block_size == -1:
+            scale, zero = scale[..., 0], None if zero is None else zero[..., 0]
+        ids_shape = (rows,) if top_k is None else (rows, top_k)
+        pool = torch.tensor(used)  # the experts rows may go to: the others receive none
+        ids = pool[torch.randint(0, len(used), ids_shape, generator=gen)]
+        self.x = torch.randn((rows, k), generator=gen).to(dtype)
+        self.kwargs = dict(expert_ids=ids, w=w, scale=scale, zero_point=zero, block_size=block_size,
+                           int4_weight=int4, bias=torch.randn((experts, n), generator=gen) if with_bias else None,
+                           packed=packed)
+
+    def call(self, device=None):
+        move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) and device is not None else t)
+        return op(move(self.x), **{key: move(v) for key, v in self.kwargs.items()})
+
+
+def np_pack(q):
+    """Two 4-bit values a byte along K, even k in the low nibble (docs/ops.md), written here in numpy."""
+    v = q.numpy().astype(np.int64) & 15
+    byte = (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+    return torch.from_numpy(byte.view(np.int8).copy() if q.dtype == torch.int8 else byte.copy())
+
+
+def oracle(case, roundings=1):
+    """(expected float64 ``[*ids.shape, N]``, allowance): ``x[t] @ w_deq[ids[t, j]].T + bias[ids[t, j]]``
+    with ``w_deq = value * scale - zero_point``, each scale covering ``block_size`` values of K."""
+    kw = case.kwargs
+    w, block = kw["w"], kw["block_size"]
+    if w.dtype in (E4M3, E5M2):
+        v = decode(w)
+    elif kw["packed"]:
+        v = np_unpack_int4(w, 2).astype(np.float64)
+    else:
+        v = w.numpy().astype(np.float64)
+    k = v.shape[-1]
+    s = kw["scale"].double().numpy()
+    s = s[..., None] if block == -1 else s
+    reps = k if block == -1 else block
+    ws = v * np.repeat(s, reps, axis=-1)
+    z = 0 * ws if kw["zero_point"] is None else np.repeat(
+        (kw["zero_point"].double().numpy()[..., None] if block == -1 else kw["zero_point"].double().numpy()),
+        reps, axis=-1)
+    w_deq, w_mag = ws - z, np.abs(ws) + np.abs(z)
+    ids = kw["expert_ids"].numpy()
+    ids2 = ids if ids.ndim == 2 else ids[:, None]
+    x = case.x.double().numpy()
+    n = w_deq.shape[1]
+    expected, mag = np.zeros((*ids2.shape, n)), np.zeros((*ids2.shape, n))
+    for t, j in np.ndindex(*ids2.shape):
+        e = ids2[t, j]
+        expected[t, j] = w_deq[e] @ x[t] + (0 if kw["bias"] is None else kw["bias"][e].double().numpy())
+        mag[t, j] = w_mag[e] @ np.abs(x[t]) + (0 if kw["bias"] is None else np.abs(kw["bias"][e].double().numpy()))
+    allowance = (roundings * EPS[case.x.dtype] + 8 * k * 2.0**-24) * mag + roundings * SUBNORMAL[case.x.dtype] / 2
+    return expected.reshape(*ids.shape, n), allowance.reshape(*ids.shape, n) + 1e-30
+
+
+@st.composite
+def cases(draw, dtypes=(torch.float32, torch.bfloat16), formats=FORMATS, rows=(0, 1, 2, 3, 7, 20)):
+    fmt = draw(st.sampled_from(formats))
+    block = draw(st.sampled_from([-1, 2, 4, 8, 16]))
+    k = draw(st.integers(1, 4)) * (16 if block == -1 else block)  # even: packed per-channel takes it
+    experts = draw(st.integers(1, 6))
+    used = sorted(draw(st.sets(st.integers(0, experts - 1), min_size=1)))  # the others receive no row
+    return Case(fmt, experts, draw(st.integers(1, 9)), k, block, draw(st.sampled_from(rows)),
+                draw(st.sampled_from([None, 1, 2, 3])), not fmt[1].is_floating_point and fmt[1] == torch.uint8,
+                draw(st.booleans()), draw(st.sampled_from(dtypes)), used, draw(st.integers(0, 2**16)))
+
+
+# -- CPU --------------------------------------------------------------------------------------------------------
+
+@given(case=cases())
+def test_cpu_matches_the_float64_oracle(case):
+    out = case.call()
+    assert out.dtype == case.x.dtype
+    expected, allowance = oracle(case)
+    assert_within(out, expected, allowance, case.name)
+
+
+@settings(max_examples=15)
+@given(case=cases(dtypes=(torch.float64,)))
+def test_float64_activations_are_float64_accurate(case):
+    expected, _ = oracle(case)
+    got = case.call().numpy()
+    assert np.allclose(got, expected, rtol=1e-12, atol=1e-12), case.name
+
+
+def test_experts_without_rows_and_no_rows_at_all():
+    fmt = FORMATS[0]
+    for rows, top_k in ((0, None), (0, 2), (4, 0)):
+        case = Case(fmt, 3, 5, 16, -1, rows, top_k, False, True, torch.float32, [1], seed=1)
+        out = case.call()
+        assert out.shape == (*case.kwargs["expert_ids"].shape, 5)
+    case = Case(fmt, 4, 5, 16, -1, 6, 2, False, True, torch.float32, [2], seed=2)  # only expert 2 is used
+    expected, allowance = oracle(case)
+    assert_within(case.call(), expected, allowance, "one expert used")
+
+
+def test_fake_kernel_gives_the_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = Case(FORMATS[4], 3, 5, 16, 8, 7, 2, False, True, torch.bfloat16, [0, 2], seed=3)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
+        out = op(mode.from_tensor(case.x), **fake)
+    assert out.shape == (7, 2, 5) and out.dtype == torch.bfloat16
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+def _base():
+    return dict(x=torch.randn(3, 16), expert_ids=torch.tensor([0, 2, 1]), w=torch.zeros(3, 4, 16, dtype=torch.int8),
+                scale=torch.ones(3, 4), zero_point=None, block_size=-1, int4_weight=False, bias=None, packed=False)
+
+
+BAD = [
+    ("x", torch.randn(3, 16).to(torch.int32), TypeError, "x must be float32"),
+    ("x", torch.randn(1, 3, 16), ValueError, "flatten the leading dims"),
+    ("expert_ids", torch.tensor([0.0, 2.0, 1.0]), TypeError, "expert_ids must be torch.int32 or torch.int64"),
+    ("expert_ids", torch.tensor([0, 1]), ValueError, "expert_ids must be [T] or [T, top_k] with T=3"),
+    ("expert_ids", torch.zeros(3, 2, 1, dtype=torch.long), ValueError, "got shape (3, 2, 1)"),
+    ("expert_ids", torch.tensor([0, 3, 1]), ValueError, "expert_ids must lie in [0, 3) for E=3 experts, got ids in [0, 3]"),
+    ("expert_ids", torch.tensor([0, -1, 1]), ValueError, "got ids in [-1, 1]"),
+    ("w", torch.zeros(4, 16, dtype=torch.int8), ValueError, "use quantized_matmul"),
+    ("w", torch.zeros(3, 2, 8, 4, dtype=torch.int8), ValueError, "store each expert by rows"),
+    ("w", torch.zeros(3, 4, 16), TypeError, "w must be torch.int8 or torch.uint8"),
+    ("w", torch.zeros(0, 4, 16, dtype=torch.int8), ValueError, "w holds no experts"),
+    ("w", torch.zeros(3, 4, 12, dtype=torch.int8), ValueError, "K mismatch: x has K=16"),
+    ("scale", torch.ones(4), ValueError, "per-channel scale must have shape (3, 4) [E, N], got (4,)"),
+    ("scale", torch.ones(3, 4).to(torch.int32), TypeError, "scale must be float32"),
+    ("zero_point", torch.ones(3, 4, dtype=torch.int32), TypeError, "zero_point must be a floating tensor"),
+    ("zero_point", torch.ones(4), ValueError, "zero_point must have shape (3, 4) like scale"),
+    ("bias", torch.ones(4), ValueError, "bias must have shape (3, 4) [E, N], got (4,)"),
+    ("block_size", 5, ValueError, "block_size=5 does not divide K=16"),
+    ("block_size", 8, ValueError, "blockwise by rows scale must have shape (3, 4, 2) [E, N, K/B], got (3, 4)"),
+    ("packed", True, ValueError, "it needs int4_weight=True"),
+]
+
+
+@pytest.mark.parametrize("name,value,kind,message", BAD, ids=[f"{b[0]}: {b[3][:30]}" for b in BAD])
+def test_bad_input_is_named(name, value, kind, message):
+    kw = _base() | {name: value}
+    with pytest.raises(kind, match=re.escape(message)):
+        op(**kw)
+
+
+def test_packed_and_float8_mix_ups_are_named():
+    kw = _base() | dict(w=torch.zeros(3, 4, 16, dtype=torch.int8), int4_weight=True, packed=True)
+    with pytest.raises(ValueError, match=re.escape("pass packed=False")):
+        op(**kw)
+    kw = _base() | dict(w=torch.zeros(3, 4, 8, dtype=torch.int8), int4_weight=True)
+    with pytest.raises(ValueError, match=re.escape("pass packed=True")):
+        op(**kw)
+    kw = _base() | dict(w=torch.zeros(3, 4, 16, dtype=E4M3), zero_point=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="float8 weights .* zero_point None"):
+        op(**kw)
+
+
+def test_a_bad_call_fails_at_trace_time_on_xla_too(xla_device):
+    kw = {k: v.to(xla_device) if isinstance(v, torch.Tensor) else v for k, v in _base().items()}
+    with pytest.raises(ValueError, match=re.escape("bias must have shape (3, 4)")):
+        op(**kw | dict(bias=torch.ones(4, device=xla_device)))
+
+
+# -- XLA ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("route", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["cpu", "canonical"])
+@settings(max_examples=12)
+@given(case=cases(rows=(0, 1, 3, 7)))
+def test_xla_matches_the_oracle_and_the_cpu(form, route, case, xla_device):
+    with xla_lowering(form), grouped_tuning(ROUTES[route]):
+        out = case.call(xla_device).cpu()
+    assert out.dtype == case.x.dtype and out.shape == case.call().shape
+    expected, allowance = oracle(case, roundings=2)
+    assert_within(out, expected, allowance, f"{form} {route} {case.name}")
+
+
+def test_the_route_follows_the_rows():
+    from xqpass.ops.grouped_xla import route_for
+
+    with grouped_tuning(GroupedTuning(gather_max_rows=4)):
+        assert route_for(2, 2) == "gather" and route_for(4, 1) == "gather"
+        assert route_for(5, 1) == "dense" and route_for(3, 2) == "dense"
+
+
+def _hlo(out):
+    return torch_xla._XLAC._get_xla_tensors_hlo([out])
+
+
+@pytest.mark.parametrize("form", ["cpu", "canonical"])
+def test_gather_reads_the_selected_experts_bytes_dense_the_bank(form, xla_device):
+    case = Case(FORMATS[4], 8, 48, 64, 16, 1, 2, False, False, torch.bfloat16, list(range(8)), seed=5)
+    with xla_lowering(form), grouped_tuning(ROUTES["gather"]):
+        hlo = _hlo(case.call(xla_device))
+    assert "u8[8,48,32]" not in hlo and "s8[8,48,32]" in hlo  # the packed bytes are the parameter
+    assert re.search(r"s8\[2,48,32\]\{[\d,]*\} gather\(", hlo), "the two experts' bytes are gathered"
+    assert not re.search(r"(f32|bf16)\[8,48,(64|32)\]", hlo), "no float copy of the bank"
+    with xla_lowering(form), grouped_tuning(ROUTES["dense"]):
+        hlo = _hlo(case.call(xla_device))
+    assert not re.search(r"s8\[2,48,32\]\{[\d,]*\} gather\(", hlo)
+
+
+def test_export_keeps_one_node_with_symbolic_rows():
+    case = Case(FORMATS[4], 4, 6, 32, 8, 5, 2, True, True, torch.float32, [0, 1, 3], seed=6)
+    kw = case.kwargs
+
+    class M(torch.nn.Module):
+        def forward(self, x, ids):
+            return op(x, ids, kw["w"], kw["scale"], kw["zero_point"], 8, True, kw["bias"], packed=True)
+
+    rows = torch.export.Dim("rows")
+    ep = torch.export.export(M(), (case.x, kw["expert_ids"]), dynamic_shapes={"x": {0: rows}, "ids": {0: rows}})
+    calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [op.default]
+    other = Case(FORMATS[4], 4, 6, 32, 8, 9, 2, True, True, torch.float32, [0, 1, 3], seed=16)
+    other.kwargs.update({name: kw[name] for name in ("w", "scale", "zero_point", "bias")})  # the exported bank
+    expected, allowance = oracle(other)
+    assert_within(ep.module()(other.x, other.kwargs["expert_ids"]), expected, allowance, "exported")
+
+
+def _metric_count(name):
+    data = met.metric_data(name)
+    return data[0] if data else 0
+
+
+@pytest.mark.parametrize("rows", [1, 16])  # the gather route at 1 row (top-2), the dense one at 16
+def test_openxla_compiles_once_for_the_same_shapes(rows, xla_device):
+    case = Case(FORMATS[0], 4, 24, 64, 16, rows, 2, True, True, torch.float32, [0, 1, 2, 3], seed=7)
+    kw = {k: v.to(xla_device) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
+
+    def f(x, ids):
+        return op(x, ids, kw["w"], kw["scale"], kw["zero_point"], 16, False, kw["bias"])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="openxla", fullgraph=True)
+    first = compiled(case.x.to(xla_device), kw["expert_ids"]).cpu()
+    compiles = _metric_count("CompileTime")
+    for seed in (8, 9):
+        other = Case(FORMATS[0], 4, 24, 64, 16, rows, 2, True, True, torch.float32, [0, 1, 2, 3], seed=7)
+        other.x, other.kwargs["expert_ids"] = torch.randn(rows, 64), torch.randint(0, 4, (rows, 2))
+        out = compiled(other.x.to(xla_device), other.kwargs["expert_ids"].to(xla_device)).cpu()
+        expected, allowance = oracle(other)
+        assert_within(out, expected, allowance, f"call with seed {seed}")
+    assert _metric_count("CompileTime") == compiles, "a later call with the same shapes recompiled"
+    expected, allowance = oracle(case)
+    assert_within(first, expected, allowance, "first call")

@@ -1,0 +1,65 @@
+"""XLA kernel of ``xq::quantized_grouped_matmul``: checks the call, prepares it and picks a lowering of
+:mod:`.lowering.grouped` by form (canonical / XLA:CPU, as :func:`.xla.lowering_for` says for the matmul
+op, ``xla_lowering`` included) and by route: **gather** the selected experts' bytes while the rows (T
+times top-k) are at most :attr:`GroupedTuning.gather_max_rows`, else **dense** over the whole bank (and
+always dense while T is symbolic). ``grouped_tuning(GroupedTuning(...))`` sets the threshold while a
+graph is traced (benchmarks/bench_moe.py measures both routes).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+from .checks import compute_dtype
+from .grouped import check_grouped_inputs, quantized_grouped_matmul
+from .lowering.grouped import ROUTES, GroupedCall
+from .xla import lowering_for
+
+__all__ = ["GroupedTuning", "grouped_tuning", "route_for"]
+
+
+@dataclass(frozen=True)
+class GroupedTuning:
+    """Where the grouped op's XLA lowering turns from gathering experts to the dense bank (measured by
+    benchmarks/bench_moe.py, docs/ops.md)."""
+
+    #: rows (T * top_k) up to which each row's experts are gathered; past it every expert meets every row
+    gather_max_rows: int = 8
+
+
+_tuning: contextvars.ContextVar[GroupedTuning] = contextvars.ContextVar("xqpass_grouped_tuning",
+                                                                         default=GroupedTuning())
+
+
+@contextlib.contextmanager
+def grouped_tuning(tuning: GroupedTuning):
+    """Inside the block, trace the grouped op with ``tuning`` (this thread / task only)."""
+    token = _tuning.set(tuning)
+    try:
+        yield
+    finally:
+        _tuning.reset(token)
+
+
+def route_for(rows, top_k) -> str:
+    """"gather" or "dense" for ``rows`` (T) of ``top_k`` experts each (a symbolic T: "dense")."""
+    if not isinstance(rows, int) or not isinstance(top_k, int):
+        return "dense"
+    return "gather" if rows * top_k <= _tuning.get().gather_max_rows else "dense"
+
+
+@quantized_grouped_matmul.register_kernel("xla")
+def quantized_grouped_matmul_xla(x, expert_ids, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+                                 bias=None, *, packed=False):
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed)
+    ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, 1)  # [T, top_k]
+    rows, top_k = ids.shape
+    if (isinstance(rows, int) and rows == 0) or (isinstance(top_k, int) and top_k == 0):
+        return x.new_empty(spec.out_shape)  # XLA has no implementation of the views of an empty tensor
+    cdt = compute_dtype(x.dtype)
+    e, n, groups = spec.experts, spec.out_features, spec.layout.num_groups(spec.in_features)
+    call = GroupedCall(spec=spec, x=x, x_values=x.to(cdt), ids=ids, w=w, scale=scale.to(cdt).reshape(e, n, groups),
+                       zero_point=None if zero_point is None else zero_point.to(cdt).reshape(e, n, groups),
+                       bias=None if bias is None else bias.to(cdt), packed=packed, compute_dtype=cdt)
+    return ROUTES[lowering_for(x)][route_for(rows, top_k)](call)
