@@ -7,7 +7,8 @@ time (safetensors' lazy ``safe_open``), replaces every quantized ``nn.Linear`` w
 strict ``load_state_dict`` would. Everything is checked before the model is touched (config values,
 every tensor's presence, dtype and shape, the files; docs/checkpoints.md, "Errors"): on any error the
 model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`),
-compressed-tensors pack-quantized and int-quantized (W8A8) (:mod:`.compressed_tensors`).
+compressed-tensors pack-quantized and int-quantized (W8A8) (:mod:`.compressed_tensors`), and float8:
+Hugging Face's native fp8 and compressed-tensors float-quantized (:mod:`.float8`).
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import torch
 from torch import nn
 
 from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, require_spmd, resolve_plan, xla_device
-from . import awq, compressed_tensors, gptq
+from . import awq, compressed_tensors, float8, gptq
 from .split import load_layer, load_split_layer
 from .tensors import check_kind
 
 #: quant_method -> its format class (a CheckpointFormat, xqpass/checkpoints/format.py)
-FORMATS = {f.quant_method: f for f in (gptq.GPTQ, awq.AWQ, compressed_tensors.CompressedTensors)}
+#: (compressed-tensors' float-quantized: CompressedTensors.for_config picks float8.CompressedTensorsFloat)
+FORMATS = {f.quant_method: f for f in (gptq.GPTQ, awq.AWQ, compressed_tensors.CompressedTensors,
+                                       float8.FineGrainedFP8)}
 
 #: safetensors' dtype names (the header's ``dtype``) -> torch
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -42,7 +45,21 @@ class LoadedLayer:
     symmetric: bool
     act_order: bool
     split: str | None = None  # "column" / "row" when loaded split over a mesh
-    quantize_activation: bool = False  # W8A8: int8 activations, dynamic per token
+    quantize_activation: bool = False  # W8A8: int8 activations (float8 weights: e4m3), dynamic per token
+    weight_dtype: torch.dtype | None = None  # float8 weights: their dtype; None: integers
+    block_n: int = 1  # float8: output features a scale covers (-1 per tensor, Bn 2-D blocks)
+
+    def __str__(self) -> str:
+        if self.weight_dtype is not None:
+            blocks = {-1: "per-tensor", 1: "per-channel" if self.group_size == -1 else f"group {self.group_size}"}
+            weights = (f"{str(self.weight_dtype).removeprefix('torch.')} "
+                       f"{blocks.get(self.block_n, f'blocks {self.block_n}x{self.group_size}')}")
+            activations = " W8A8-FP8 (per-token e4m3 activations)" if self.quantize_activation else ""
+        else:
+            weights = f"int{self.bits} group {self.group_size} {'sym' if self.symmetric else 'asym'}"
+            activations = " W8A8 (per-token int8 activations)" if self.quantize_activation else ""
+        return (f"  {self.name}: {weights}{' act-order' if self.act_order else ''}{activations}"
+                f"{f' {self.split}-parallel' if self.split else ''}")
 
 
 @dataclass
@@ -50,15 +67,14 @@ class CheckpointReport:
     quant_method: str
     layers: list[LoadedLayer] = field(default_factory=list)
     other_tensors: int = 0
+    #: what the loaded layers compute otherwise than the checkpoint's own runtime (the format's notes)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"xqpass: {self.quant_method} checkpoint: {len(self.layers)} quantized linears, "
                  f"{self.other_tensors} other tensors"]
-        lines += [f"  {l.name}: int{l.bits} group {l.group_size} {'sym' if l.symmetric else 'asym'}"
-                  f"{' act-order' if l.act_order else ''}{' W8A8 (per-token int8 activations)' if l.quantize_activation else ''}"
-                  f"{f' {l.split}-parallel' if l.split else ''}"
-                  for l in self.layers]
-        return "\n".join(lines)
+        lines += [str(layer) for layer in self.layers]
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
 def _read_index(index: str) -> dict:
@@ -144,7 +160,9 @@ class _Tensors:
         """The tensor ``key``, or only its slice ``index`` (a tuple of slices; read without the rest)."""
         try:
             handle = self.files[self.where[key]]
-            return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+            if index is None or index == ():  # () : a 0-d tensor, which a slice does not read
+                return handle.get_tensor(key)
+            return handle.get_slice(key)[index]
         except Exception as e:
             raise ValueError(f"tensor {key}: could not be read ({e})") from e
 
@@ -171,7 +189,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     method = qconfig["quant_method"]
     if method not in FORMATS:
         raise ValueError(f"{config_path}: quant_method {method!r} is not supported (supported: {sorted(FORMATS)})")
-    fmt = FORMATS[method](qconfig)  # checks the config values the format reads
+    fmt = FORMATS[method].for_config(qconfig)  # checks the config values the format reads
     tensors = _Tensors(path)
     keys = set(tensors.keys())
     styles, axis_size = {}, 0
@@ -181,7 +199,7 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
         styles = resolve_plan(dict(model.named_modules()), plan)
 
     # 1. plan everything without touching the model
-    replacements, report = {}, CheckpointReport(method)
+    replacements, report = {}, CheckpointReport(method, notes=list(fmt.notes))
     used = set()
     # a linear is quantized when any tensor only its format has is there ("weight" and "bias" a float
     # linear has too), so a quantized layer missing one of its tensors is named as such
@@ -189,6 +207,9 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not any(f"{name}.{s}" in keys for s in markers):
             continue
+        if fmt.skips(name):
+            raise ValueError(f"{name}: the checkpoint stores it quantized ({', '.join(f'{name}.{s}' for s in markers if f'{name}.{s}' in keys)}), "
+                             f"but its quantization_config keeps it in float (modules_to_not_convert)")
         suffixes = [s for s in (*fmt.TENSORS, "bias") if f"{name}.{s}" in keys]
         used.update(f"{name}.{s}" for s in suffixes)
         if ("bias" in suffixes) != (module.bias is not None):
@@ -204,10 +225,13 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
             if mesh is not None:  # replicated on every device
                 q = q.to(xla_device())
         replacements[name] = q
+        float8 = converted.weight.is_floating_point()  # float8: -1 per channel or per tensor, said as such
         report.layers.append(LoadedLayer(name, method, converted.bits,
-                                         module.in_features if converted.group == -1 else converted.group,
+                                         module.in_features if converted.group == -1 and not float8 else converted.group,
                                          converted.symmetric, converted.perm is not None, styles.get(name),
-                                         converted.quantize_activation))
+                                         converted.quantize_activation,
+                                         converted.weight.dtype if float8 else None,
+                                         converted.block_n))
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(f"{name}.") for name in replacements)}
     rest = keys - used

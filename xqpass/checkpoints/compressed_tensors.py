@@ -1,6 +1,7 @@
 """compressed-tensors checkpoints (``quant_method: compressed-tensors``, as llm-compressor writes and
 vLLM reads them) into the op's layouts, ``format: pack-quantized`` (int4 / int8 weights) and
-``int-quantized`` (W8A8: int8 weights, dynamic per-token int8 activations). Integers and scales are
+``int-quantized`` (W8A8: int8 weights, dynamic per-token int8 activations); ``float-quantized`` (float8
+weights) is :mod:`.float8`'s. Integers and scales are
 moved, never re-quantized.
 
 Per quantized linear ``<name>`` (N = out features, K = in features, b = num_bits, 4 or 8):
@@ -31,10 +32,11 @@ import torch
 
 from ..quant.layouts import pack_int4
 from . import tensors as shared
+from .float8 import CompressedTensorsFloat
 from .format import CheckpointFormat, ConvertedLayer
 from .tensors import BIAS, INDEX, INT8, PACKED, SCALE, Spec, check_config, check_tensors, unpack_words
 
-FORMATS = ("pack-quantized", "int-quantized")
+FORMATS = ("pack-quantized", "int-quantized", "float-quantized")  # float-quantized: .float8
 ACTORDERS = (None, "weight", "static")  # "group" / "dynamic" store a weight_g_idx, not read here
 
 
@@ -47,8 +49,18 @@ class CompressedTensors(CheckpointFormat):
     quant_method = "compressed-tensors"
     TENSORS = ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point")
 
+    @classmethod
+    def for_config(cls, config: dict) -> CheckpointFormat:
+        """``format: float-quantized`` (float8 weights) is :class:`.float8.CompressedTensorsFloat`'s."""
+        if config.get("format") == "float-quantized":
+            return CompressedTensorsFloat(config)
+        return cls(config)
+
     def __init__(self, config: dict):  # one config group's weights; activations: none, or W8A8's per token
         self.format = check_config("compressed-tensors", "format", config.get("format") or "pack-quantized", FORMATS)
+        if self.format == "float-quantized":
+            raise ValueError("compressed-tensors float-quantized is CompressedTensorsFloat's (xqpass/checkpoints/"
+                             "float8.py): build the format with CompressedTensors.for_config(config)")
         self.w8a8 = self.format == "int-quantized"  # int8 weights as they are, one a byte
         groups = config.get("config_groups") or {}
         args = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]

@@ -45,7 +45,7 @@ def build_module(converted: ConvertedLayer, in_features: int, out_features: int,
         in_features, out_features, is_symmetric=converted.zero_point is None, block_size=converted.group,
         int4_weight=converted.bits == 4, packed=converted.bits == 4, quantize_activation=converted.quantize_activation,
         bias=bias, weight_dtype=converted.weight.dtype, scale_dtype=converted.scale.dtype, block_layout="rows",
-        device=device,
+        device=device, block_n=converted.block_n,
     )
 
 
@@ -68,9 +68,10 @@ def load_split_layer(name: str, linear: nn.Linear, fmt: CheckpointFormat, reader
     module (buffers on the XLA devices, each local device holding its shard) and the converted first
     slice (bits, group, symmetric, perm)."""
     k, n = linear.in_features, linear.out_features
-    linear_partition_specs(name, linear, style, axis, axis_size)  # divisibility, before reading anything
-    full = {"K": k, "N": n}
     group = fmt.group(name, k)
+    # divisibility, whole blocks (float8 2-D blocks: the config's layout), before reading anything
+    linear_partition_specs(name, linear, style, axis, axis_size, layout=fmt.layout(group))
+    full = {"K": k, "N": n}
     stored = fmt.specs(group)
     split_axis = "N" if style == "column" else "K"
     ranges = local_ranges(full[split_axis], mesh, axis)

@@ -18,20 +18,25 @@ PACKED = (torch.int32,)  # words of packed integers
 SCALE = (torch.float16, torch.bfloat16, torch.float32)
 INDEX = (torch.int32, torch.int64)  # group indices, stored shapes
 INT8 = (torch.int8,)  # unpacked int8 values
+E4M3 = (torch.float8_e4m3fn,)  # float8 weights (HF fp8, compressed-tensors float-quantized)
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a bias, cast to the model's
 
 
 class Spec(NamedTuple):
     """One stored tensor of a quantized linear: the dtypes its format allows and, per dim, the layer
-    axis it runs along ("K" / "N") and how many features one element spans (1, a packed word, a
-    group): its shape, and the slice of it a slice of the layer reads (:mod:`.split`). ``dims`` None:
-    the tensor holds the layer's shape ``[N, K]``."""
+    axis it runs along ("K" / "N"; None: a dim of size 1 along neither, as compressed-tensors' ``[N, 1]``
+    per-channel scale) and how many features one element spans (1, a packed word, a group): its shape,
+    and the slice of it a slice of the layer reads (:mod:`.split`). ``dims`` None: the tensor holds the
+    layer's shape ``[N, K]``."""
     dtypes: tuple
     dims: tuple | None
 
     def shape(self, in_features: int, out_features: int) -> tuple:
         full = {"K": in_features, "N": out_features}
-        return (2,) if self.dims is None else tuple(math.ceil(full[axis] / unit) for axis, unit in self.dims)
+        if self.dims is None:
+            return (2,)
+        return tuple(1 if axis is None else math.ceil(full[axis] / unit) for axis, unit in self.dims)
 
 
 #: a linear's optional bias, any float dtype (cast to the model's)
@@ -102,7 +107,12 @@ def _kind(dtype: torch.dtype) -> str:
 
 def check_kind(key: str, held: torch.dtype, stored: torch.dtype) -> None:
     """A stored tensor loads into the model's (``load_state_dict`` casts) only within its kind: a float
-    parameter takes any float dtype, never integers (a quantized tensor where a float one belongs)."""
+    parameter takes any float dtype, never integers (a quantized tensor where a float one belongs), and
+    never float8 values (a quantized weight whose scale the checkpoint does not hold)."""
     if _kind(held) != _kind(stored):
         raise TypeError(f"{key}: the model holds {held}, the checkpoint stores {stored} "
                         f"({_kind(stored)}, expected {_kind(held)})")
+    if stored in FLOAT8 and held not in FLOAT8:
+        raise TypeError(f"{key}: the checkpoint stores {stored} values for the model's {held} tensor: float8 values "
+                        f"are a quantized weight and mean nothing without their scale, which the checkpoint does "
+                        f"not hold (missing {key}_scale_inv / {key}_scale?)")

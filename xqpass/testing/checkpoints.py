@@ -177,3 +177,95 @@ def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, see
                                                    "input_activations": activations}},
                      "ignore": sorted(set(linear_names(float_model, None)) - set(layers))}, layers=layers)
     return oracle
+
+
+def decode_e4m3(codes: np.ndarray) -> np.ndarray:
+    """float64 values of ``float8_e4m3fn`` bytes, from the format's bit layout (1 sign, 4 exponent bits
+    with bias 7, 3 mantissa bits; exponent 0 subnormal; ``S.1111.111`` NaN, no infinity)."""
+    codes = codes.astype(np.int64)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exponent, mantissa = (codes >> 3) & 0xF, codes & 0x7
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    return np.where((exponent == 15) & (mantissa == 7), np.nan, sign * magnitude)
+
+
+def random_e4m3(rng, shape) -> tuple[torch.Tensor, np.ndarray]:
+    """Random finite ``float8_e4m3fn`` values (every byte but the two NaNs, subnormals included) and
+    their float64 values."""
+    codes = rng.integers(0, 256, size=shape).astype(np.uint8)
+    codes = np.where((codes & 0x7F) == 0x7F, codes - 1, codes).astype(np.uint8)  # NaN -> 448
+    return torch.from_numpy(codes).view(torch.float8_e4m3fn), decode_e4m3(codes)
+
+
+def expand_blocks(scale: np.ndarray, rows: int, cols: int, n: int, k: int) -> np.ndarray:
+    """A ``[ceil(N/rows), ceil(K/cols)]`` block scale as ``[N, K]`` (the last blocks cut)."""
+    return np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)[:n, :k]
+
+
+def write_hf_fp8_checkpoint(path, float_model, block=(128, 128), seed=0, shards=1, *, layers=None,
+                            modules_to_not_convert=None, scale_dtype=np.float32):
+    """A Hugging Face native fp8 checkpoint (transformers' ``FineGrainedFP8Config``): ``weight``
+    float8_e4m3fn ``[N, K]`` and ``weight_scale_inv`` ``[ceil(N/Bn), ceil(K/B)]`` (``block`` None: a 0-d
+    per-tensor scale) for ``layers``; returns ``{layer: float64 weight}``, ``weight * weight_scale_inv``
+    per block (the format multiplies by the "inverse")."""
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    layers = linear_names(float_model, layers)
+    for name in layers:
+        lin = float_model.get_submodule(name)
+        n, k = lin.out_features, lin.in_features
+        weight, values = random_e4m3(rng, (n, k))
+        if block is None:
+            scale = np.asarray(rng.random() * 0.01 + 0.001, dtype=scale_dtype)
+            oracle[name] = values * float(scale)
+        else:
+            rows, cols = block
+            scale = (rng.random((-(-n // rows), -(-k // cols))) * 0.01 + 0.001).astype(scale_dtype)
+            oracle[name] = values * expand_blocks(scale.astype(np.float64), rows, cols, n, k)
+        tensors[f"{name}.weight"] = weight
+        tensors[f"{name}.weight_scale_inv"] = torch.from_numpy(np.array(scale))  # 0-d stays 0-d
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+              "weight_block_size": None if block is None else list(block)}
+    if modules_to_not_convert is not None:
+        config["modules_to_not_convert"] = list(modules_to_not_convert)
+    save_checkpoint(path, tensors, float_model, config, shards, layers)
+    return oracle
+
+
+def write_ct_fp8_checkpoint(path, float_model, strategy="channel", block=(128, 128), group=128,
+                            activations="token", seed=0, *, layers=None):
+    """A compressed-tensors ``float-quantized`` checkpoint: ``weight`` float8_e4m3fn ``[N, K]`` and
+    ``weight_scale`` (``tensor`` ``[1]``, ``channel`` ``[N, 1]`` (FP8_DYNAMIC), ``group`` ``[N, K/g]``,
+    ``block`` ``[ceil(N/Bn), ceil(K/B)]`` (FP8_BLOCK)); ``activations``: "token" (dynamic per token,
+    FP8_DYNAMIC), "group" (dynamic per token and 128 features, FP8_BLOCK) or None. Returns the float64
+    weights ``weight * scale``."""
+    rng = np.random.default_rng(seed)
+    tensors, oracle = {}, {}
+    layers = linear_names(float_model, layers)
+    for name in layers:
+        lin = float_model.get_submodule(name)
+        n, k = lin.out_features, lin.in_features
+        weight, values = random_e4m3(rng, (n, k))
+        rows, cols = {"tensor": (n, k), "channel": (1, k), "group": (1, group), "block": block}[strategy]
+        shape = {"tensor": (1,), "channel": (n, 1)}.get(strategy, (-(-n // rows), -(-k // cols)))
+        scale = (rng.random(shape) * 0.01 + 0.001).astype(np.float32)
+        oracle[name] = values * expand_blocks(scale.reshape(-(-n // rows), -(-k // cols)).astype(np.float64),
+                                              rows, cols, n, k)
+        tensors[f"{name}.weight"] = weight
+        tensors[f"{name}.weight_scale"] = torch.from_numpy(scale)
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+               "group_size": group if strategy == "group" else None,
+               "block_structure": list(block) if strategy == "block" else None}
+    input_activations = None if activations is None else {
+        "num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": activations,
+        "group_size": 128 if activations == "group" else None}
+    save_checkpoint(path, tensors, float_model,
+                    {"quant_method": "compressed-tensors", "format": "float-quantized",
+                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                   "input_activations": input_activations}},
+                     "ignore": sorted(set(linear_names(float_model, None)) - set(layers))}, layers=layers)
+    return oracle
