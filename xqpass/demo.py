@@ -5,8 +5,8 @@
 2. The pass: a small Llama-style decoder whose linears dequantize int8 / int4 weights in plain torch
    code; ``xqpass.explain`` it, compile it with ``backend="xq_openxla"``, and compare accuracy against
    the float model and latency against the same model on plain ``openxla``.
-3. Checkpoints: a small decoder saved as GPTQ, AWQ and compressed-tensors checkpoints (written on the
-   first run), loaded with ``load_quantized_checkpoint``, run with ``xq_openxla``, against the format's
+3. Checkpoints: a small decoder saved as GPTQ, AWQ, compressed-tensors (int4, W8A8, FP8_DYNAMIC) and
+   Hugging Face fp8 (e4m3, 128 x 128 blocks) checkpoints (written on the first run), loaded with ``load_quantized_checkpoint``, run with ``xq_openxla``, against the format's
    own dequantization in float64.
 
 Run as ``python -m xqpass.demo`` (``PJRT_DEVICE=CPU`` is set when unset).
@@ -152,6 +152,8 @@ CHECKPOINTS = [
     ("compressed-tensors int4 g32 asym", lambda w, path, model: w.write_ct_checkpoint(path, model, 4, "group", 32, False)),
     ("compressed-tensors W8A8", lambda w, path, model: w.write_ct_checkpoint(
         path, model, 8, "channel", 32, True, fmt="int-quantized")),
+    ("compressed-tensors FP8_DYNAMIC", lambda w, path, model: w.write_ct_fp8_checkpoint(path, model, "channel")),
+    ("hf fp8 e4m3 128x128 blocks", lambda w, path, model: w.write_hf_fp8_checkpoint(path, model, (128, 128))),
 ]
 
 
@@ -180,7 +182,8 @@ def checkpoint_demo(device, root: str | None = None) -> None:
         model = TinyDecoder(cfg)  # a float skeleton, as from_pretrained builds it
         report = load_quantized_checkpoint(model, path)
         lines = str(report).splitlines()
-        print("\n".join(lines[:3] + [f"  ... {len(lines) - 3} more"]))
+        notes = [line for line in lines if line.startswith("  note:")]
+        print("\n".join(lines[:3] + [f"  ... {len(report.layers) - 2} more"] + notes))
         reference = TinyDecoder(cfg).double()  # the format's dequantized weights, float64
         reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()
                                    if not any(k.startswith(f"{layer}.") for layer in oracle)}, strict=False)
@@ -196,7 +199,8 @@ def checkpoint_demo(device, root: str | None = None) -> None:
     for name, weight_bytes, err in rows:
         print(f"{name:34} {weight_bytes:>13,} {err:>27.2e}")
     print("err: relative norm of the XLA output against the float64 model with the format's dequantized "
-          "weights (W8A8 also quantizes its activations, hence its larger figure).")
+          "weights (W8A8 and FP8_DYNAMIC also quantize their activations, int8 / e4m3 per token, hence their "
+          "larger figures; hf fp8's dynamic per-128-group activations stay 16-bit, the report's note says so).")
 
 
 if __name__ == "__main__":
