@@ -130,7 +130,36 @@ class NibblesIntoEmpty(nn.Module):
         return F.linear(x, ((w.to(x.dtype) - 8) * self.scales.to(x.dtype)))
 
 
+class FlatGroups(nn.Module):
+    """HQQ's torch path (axis=1): the weight stored as flat groups ``[N * K/g, g]`` with float scale and
+    zero ``[N * K/g, 1]``, dequantized in that shape and reshaped to ``[N, K]``; 4-bit: two rows a byte
+    (the high nibbles the first half of the rows), unpacked into a float ``empty`` tensor."""
+
+    def __init__(self, k=64, n=24, g=16, bits=8, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.n, self.k, self.g, self.bits = n, k, g, bits
+        rows = n * k // g
+        q = torch.randint(0, 2**bits, (rows, g), generator=gen).to(torch.uint8)
+        self.register_buffer("W_q", q if bits == 8 else (q[: rows // 2] << 4) | q[rows // 2:])
+        self.register_buffer("zero", torch.rand(rows, 1, generator=gen) * 2**bits)
+        self.register_buffer("scale", torch.rand(rows, 1, generator=gen) / 20 + 0.01)
+
+    def forward(self, x):
+        if self.bits == 8:
+            w = self.W_q.to(x.dtype)
+        else:
+            half = self.W_q.shape[0]
+            w = torch.empty([2 * half, self.W_q.shape[1]], dtype=x.dtype, device=x.device)
+            w[:half] = (self.W_q & 240) >> 4
+            w[half:] = self.W_q & 15
+        return torch.matmul(x, ((w - self.zero.to(x.dtype)) * self.scale.to(x.dtype)).reshape(self.n, self.k).t())
+
+
 FORMS = {
+    "hqq flat groups int8": lambda: FlatGroups(),
+    "hqq flat groups int4 into a float empty": lambda: FlatGroups(bits=4, seed=1),
+
     "gptq int4, torch.bitwise_right_shift": lambda: WordsAlongK(),
     "gptq int4, >>": lambda: WordsAlongK(operator_shift=True, seed=1),
     "gptq int8": lambda: WordsAlongK(bits=8, g=32, seed=2),
@@ -186,7 +215,9 @@ def test_unpacked_weights_are_computed_once_into_the_ops_layout(form, dtype):
     rewrites = [r for rep in reports for r in rep.rewrites]
     assert len(rewrites) == 1, "\n".join(map(str, reports))
     fmt = rewrites[0].format
-    assert fmt["unpacked_once"] and fmt["packed"] == (form != "gptq int8"), rewrites[0]
+    assert fmt["unpacked_once"] == (form != "hqq flat groups int8"), rewrites[0]  # a stored byte a weight
+    assert fmt["packed"] == (form not in ("gptq int8", "hqq flat groups int8")), rewrites[0]
+    assert fmt["block_size"] == getattr(module, "g", -1), rewrites[0]
     # the graph that runs has no unpacking left: no shifts, masks, reorders or writes
     (gm,) = recorder.graphs
     assert not _kinds(gm) & {"rshift", "bitand", "lshift"}, gm.code
@@ -198,6 +229,8 @@ def test_unpacked_weights_are_computed_once_into_the_ops_layout(form, dtype):
 
 
 def _in_features(module):
+    if isinstance(module, FlatGroups):
+        return module.k
     if isinstance(module, GroupsRepeated):
         return module.qweight.shape[0]
     if isinstance(module, WordsAlongK):
@@ -294,14 +327,23 @@ class FromTheActivation(nn.Module):
         return F.linear(x, ((self.qweight + offset) & 15).to(x.dtype) * 0.1)
 
 
+class FlatGroupsAcrossN(FlatGroups):
+    """Flat groups reshaped to [K, N] and transposed: row r no longer holds one output feature's group."""
+
+    def forward(self, x):
+        w = (self.W_q.to(x.dtype) - self.zero.to(x.dtype)) * self.scale.to(x.dtype)
+        return torch.matmul(x, w.reshape(self.k, self.n))
+
+
 @pytest.mark.parametrize("module, reason", [
+    (FlatGroupsAcrossN, "a reshape that mixes the weight's axes"),
     (Unprovable, "not provably within int8 or uint8"),
     (RandomBits, "random numbers"),
     (FromTheActivation, "computed from the activation"),
 ])
 def test_unpackings_that_cannot_be_computed_once_are_near_misses(module, reason):
     module = module()
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 64 if isinstance(module, FlatGroups) else 32)
     reports = []
     with torch.no_grad():
         out = compile_eager(module, reports)(x)

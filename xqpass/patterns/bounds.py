@@ -48,10 +48,33 @@ def value_bounds(ctx, node: Any, memo: dict | None = None) -> tuple[int, int] | 
         return None
     memo = {} if memo is None else memo
     if node not in memo:
-        full = _full(ctx.dtype(node))
-        bounds = exact_bounds(ctx, node, memo)
-        memo[node] = full if bounds is None else bounds
+        dtype = ctx.dtype(node)
+        if dtype is not None and dtype.is_floating_point:
+            memo[node] = _integral(ctx, node, dtype, memo)
+        else:
+            bounds = exact_bounds(ctx, node, memo)
+            memo[node] = _full(dtype) if bounds is None else bounds
     return memo[node]
+
+
+_SIGNIFICAND_BITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8,
+                     torch.float8_e4m3fn: 4, torch.float8_e5m2: 3}
+#: what a float tensor holding integers can be computed by and stay exact
+_INTEGRAL_KINDS = ("noop", "reshape", "transpose", "permute", "expand", "convert", "stack", "cat")
+
+
+def _integral(ctx, node: Node, dtype: torch.dtype, memo: dict) -> tuple[int, int] | None:
+    """Bounds of a float tensor proved to hold integers (converted from integers, or an ``empty`` float
+    tensor filled with them), each exactly representable in ``dtype``; None otherwise."""
+    canon = canonical(node)
+    if node.target in _EMPTY:
+        bounds = _filled(ctx, node, memo)
+    elif canon is not None and canon.kind in _INTEGRAL_KINDS or node.target in SELECTIONS:
+        bounds = _derived(ctx, node, memo)
+    else:
+        return None
+    exact = 2 ** _SIGNIFICAND_BITS.get(dtype, 0)  # every integer up to this is exact in dtype
+    return bounds if bounds is not None and -exact <= bounds[0] and bounds[1] <= exact else None
 
 
 def exact_bounds(ctx, node: Node, memo: dict | None = None) -> tuple[int, int] | None:

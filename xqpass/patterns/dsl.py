@@ -7,7 +7,8 @@ shapes of the FakeTensor in ``meta["val"]`` / ``meta["example_value"]``), so a m
 not a resemblance.
 
 Weight-side combinators carry a **weight layout**: a tuple of axis tags for the node's dims, over
-N (output features), K (input features), and G, g (K split into G groups of g). A matmul asks for its
+N (output features), K (input features), G, g (K split into G groups of g), and NG (N and G merged,
+N-major: the flat ``[N * K/g, g]`` storage of HQQ and quanto). A matmul asks for its
 weight operand in ``("N", "K")`` (``linear``) or ``("K", "N")`` (``matmul``); transposes, permutes and
 reshapes met on the way down change the layout asked of their input (so ``w.t().float()`` and
 ``w.float().t()`` are one pattern), and every operand broadcast against the weight (a scale, a zero
@@ -24,7 +25,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from .bounds import exact_bounds
+from .bounds import exact_bounds, value_bounds
 from .spellings import Canon, canonical
 
 Axes = tuple  # axis tags, each "N", "K", "G" or "g" (not xqpass.quant.Layout, the op's layout)
@@ -289,6 +290,11 @@ def child_layout(ctx: Context, node: Node, canon: Canon, layout: Axes) -> Axes |
             return NK
         if layout == ("G", "g", "N") and len(in_shape) == 2 and same_size(in_shape[1], out_shape[2]):
             return KN
+        # flat groups: [N * K/g, g] -> [N, K] (row r holds group r % (K/g) of output feature r // (K/g))
+        if layout == NK and len(in_shape) == 2 and len(out_shape) == 2 and static(in_shape[1]) and \
+                static(out_shape[1]) and static(out_shape[1]) % static(in_shape[1]) == 0 and \
+                same_size(in_shape[0] * in_shape[1], out_shape[0] * out_shape[1]):
+            return ("NG", "g")
         return None
     return None
 
@@ -359,7 +365,8 @@ class IntWeight(Pattern):
         stored = not isinstance(node, Node) or node.op in ("placeholder", "get_attr")
         if dtype in WEIGHT_DTYPES and stored:
             yield st.with_(weight=node, weight_layout=layout, packed=False, unpacked=False)
-        elif dtype is not None and not stored and not dtype.is_floating_point and not dtype.is_complex:
+        elif dtype is not None and not stored and (not dtype.is_floating_point and not dtype.is_complex or
+                                                   value_bounds(ctx, node) is not None):  # integers in floats
             yield st.with_(weight=node, weight_layout=layout, packed=False, unpacked=True)
         elif dtype is not None:
             ctx.fail(f"weight {getattr(node, 'name', node)} is {dtype}, not int8/uint8")
@@ -472,7 +479,7 @@ def classify_operand(ctx: Context, operand: Any, layout: Axes, weight_shape: tup
                     f"weight (layout {'x'.join(layout)}): not a per-channel or per-group scale")
         if not same_size(size, 1):
             varies[tag] = len(varies)
-    if "G" in varies:
+    if "G" in varies or "NG" in varies:
         return ("group", padded)
     if "N" in varies:
         return ("channel", padded)

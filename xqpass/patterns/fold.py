@@ -121,10 +121,12 @@ _VIEWS_AND_CASTS = ("noop", "reshape", "transpose", "permute", "expand", "conver
 # computing a weight once, and again when its sources change
 
 
-def _to_rows(value: torch.Tensor, tags: Axes) -> torch.Tensor:
+def _to_rows(value: torch.Tensor, tags: Axes, n: int) -> torch.Tensor:
     """A weight seen with axis tags ``tags`` as ``[N, K]``."""
     if tags == NK:
         return value
+    if tags == ("NG", "g"):
+        return value.reshape(n, -1)
     if tags == KN:
         return value.t()
     if tags == ("N", "G", "g"):
@@ -165,6 +167,7 @@ class Fold:
     storage: torch.dtype | None = None
     packed: bool = False
     groups: int | None = None
+    n: int | None = None  # output features (a flat [N * G, g] weight does not say)
 
     @classmethod
     def of(cls, subgraph: Subgraph, outputs: Node | tuple, **fields: Any) -> "Fold":
@@ -185,7 +188,7 @@ class Fold:
                 value = sorted_order(value, self.groups)
             elif self.kind == "weight":
                 value, index = value if isinstance(value, tuple) else (value, None)
-                value = _to_rows(value, self.tags)
+                value = _to_rows(value, self.tags, self.n)
                 if index is not None:
                     value = value[:, sorted_order(index, self.groups)]
                 value = value.to(self.storage)  # within the storage's range: proved

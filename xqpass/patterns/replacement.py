@@ -44,7 +44,7 @@ def _weight_to_op_layout(b: "Builder", w: Node, tags: Axes, n: int, k: int, layo
     blockwise by rows ``[N, K]`` from storage with N first, the seed's blockwise ``[K/B, B, N]`` from
     storage with K first; never a per-call transpose of the weight, except for a per-channel weight
     stored ``[K, N]``."""
-    if tags in (NK, ("N", "G", "g")):
+    if tags in (NK, ("N", "G", "g"), ("NG", "g")):
         return w if tags == NK else b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
     if tags in (KN, ("G", "g", "N")) and not layout.packed:
         if layout.block_size == PER_CHANNEL:
@@ -106,11 +106,11 @@ class _Storage:
         raise Rejected(f"the weight {w.name} is unpacked in the graph into values not provably within int8 or "
                        f"uint8 (bounds proved: [{lo}, {hi}])")
 
-    def compute(self, b: "Builder", w: Node, groups: int | None) -> Node:
+    def compute(self, b: "Builder", w: Node, n: int, groups: int | None) -> Node:
         """Compute the weight once into a new buffer of the graph module; returns its ``get_attr`` node."""
         outputs = w if self.k_index is None else (w, self.k_index)
         fold = Fold.of(self.subgraph, outputs, kind="weight", tags=self.seen_tags, storage=self.dtype,
-                       packed=self.packed, groups=groups)
+                       packed=self.packed, groups=groups, n=n)
         return b.computed_once(fold, w, self.subgraph, self.values)
 
     def order(self, b: "Builder", groups: int) -> Node:
@@ -202,7 +202,7 @@ class Builder:
         """A scale / zero point tensor seen with ``padded`` shape against a weight of axis tags ``tags``,
         as the op's ``layout.scale_shape(n, k)``."""
         want = list(layout.scale_shape(n, k))
-        if tuple(self.ctx.shape(node)) != tuple(padded):
+        if tuple(self.ctx.shape(node) or ()) != tuple(padded):
             node = self.call(aten.reshape.default, node, [static(s) for s in padded])
         axes = [tags.index(t) for t in layout.scale_axes if t in tags]
         perm = axes + [i for i in range(len(tags)) if i not in axes]
@@ -247,7 +247,8 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     grouped = [f for f in (m.scale, m.zero) if f is not None and f.granularity == "group"]
     groups, k_index = None, None
     if grouped:
-        counts = {static(f.padded[f.layout.index("G")]) for f in grouped}
+        counts = {static(f.padded[f.layout.index("G")]) if "G" in f.layout else
+                  static(f.padded[f.layout.index("NG")]) // n for f in grouped}
         groups = counts.pop()
         if counts or len({f.k_index for f in grouped}) > 1:
             raise Rejected("the scale and the zero point split K into different groups")
@@ -258,7 +259,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     packed = storage.packed
     if storage.subgraph is not None and packed and (k % 2 or groups is not None and (k // groups) % 2):
         packed = storage.packed = False  # an odd K or group: one value a byte
-    by_rows = groups is not None and storage.tags[0] == "N"  # storage with N first keeps its order
+    by_rows = groups is not None and storage.tags[0] in ("N", "NG")  # storage with N first keeps its order
     try:
         layout = Layout(PER_CHANNEL if groups is None else k // groups, by_rows, packed)
     except ValueError as e:  # packed int4 with an odd group
@@ -273,7 +274,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
     if storage.subgraph is not None:  # the last step that can refuse is behind: compute the weight once
-        w = storage.compute(b, w, groups)
+        w = storage.compute(b, w, n, groups)
     if k_index is not None:  # the op reads x's features sorted by group, as the weight is stored
         x = b.call(aten.index_select.default, x, -1, storage.order(b, groups))
     weight = _weight_to_op_layout(b, w, storage.tags, n, k, layout)
@@ -284,7 +285,12 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
             if not isinstance(factor.value, Node):
                 return b.full(want, float(factor.value))
             return b.call(aten.expand.default, b.call(aten.reshape.default, factor.value, []), want)
-        return b.vector(b.unpacked_once(factor.value), factor.padded, factor.layout, n, k, layout)
+        value, padded, tags = b.unpacked_once(factor.value), factor.padded, factor.layout
+        if "NG" in tags:  # flat groups: the merged axis split into N and G
+            i = tags.index("NG")
+            padded = padded[:i] + (n, static(padded[i]) // n) + padded[i + 1:]
+            tags = tags[:i] + ("N", "G") + tags[i + 1:]
+        return b.vector(value, padded, tags, n, k, layout)  # reshapes value to padded
 
     if m.post_scale is not None:
         scale = b.last_dim_vector(m.post_scale, n)
