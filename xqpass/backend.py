@@ -59,33 +59,70 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
             raise ValueError(f"make_backend: unknown compiler {compiler!r}; expected one of {sorted(COMPILERS)} "
                              f"or a callable compiler(gm, example_inputs)")
         compiler, boxed = COMPILERS[compiler]
-    counter = {"graphs": 0}
+    state = {"graphs": 0, "dynamo_graph": None, "inputs": None}
 
     def after_aot(gm: torch.fx.GraphModule, example_inputs):
-        report = rewrite(gm, name=f"{name} graph {counter['graphs']} (aten)", model_state=aot_static_inputs(gm))
+        real = _real_aot_inputs(gm, state["dynamo_graph"], state["inputs"])
+        report = rewrite(gm, real, name=f"{name} graph {state['graphs']} (aten)", model_state=aot_static_inputs(gm))
         _record(report, reports)
         correct_shifts(gm)
         compiled = compiler(gm, example_inputs)
-        if boxed:
-            return compiled
-        from functorch.compile import make_boxed_func
+        if not boxed:
+            from functorch.compile import make_boxed_func
 
-        return make_boxed_func(compiled)
+            compiled = make_boxed_func(compiled)
+        folds = gm.meta.get(FOLDS)
+        return folds.guard(gm, compiled) if folds else compiled
 
     aot = aot_autograd(fw_compiler=after_aot)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         # Dynamo's example inputs are the real parameters and buffers: weights the graph unpacks from them
         # are computed once here, and again before a call whose sources changed (xqpass.patterns.fold)
-        report = rewrite(gm, example_inputs, name=f"{name} graph {counter['graphs']} (torch)")
-        counter["graphs"] += 1
+        report = rewrite(gm, example_inputs, name=f"{name} graph {state['graphs']} (torch)")
         _record(report, reports)
         correct_shifts(gm)
-        compiled = aot(gm, example_inputs)
+        state.update(dynamo_graph=gm, inputs=example_inputs)
+        try:
+            compiled = aot(gm, example_inputs)
+        finally:
+            state.update(graphs=state["graphs"] + 1, dynamo_graph=None, inputs=None)
         folds = gm.meta.get(FOLDS)
         return folds.guard(gm, compiled) if folds else compiled
 
     return backend
+
+
+def _real_aot_inputs(aot_graph: torch.fx.GraphModule, dynamo_graph, inputs) -> list | None:
+    """The real values of an AOT forward graph's inputs: the Dynamo graph's own parameters and buffers, then
+    its inputs, tensor subclasses (torchao's, quanto's) flattened into their inner tensors as AOT flattens
+    them; None unless every one matches its placeholder's shape and dtype. An unpacking only the aten level
+    sees (inside a subclass) is computed once from them."""
+    if dynamo_graph is None or inputs is None:
+        return None
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    flat = []
+
+    def add(value):
+        if is_traceable_wrapper_subclass(value):
+            for attr in value.__tensor_flatten__()[0]:
+                add(getattr(value, attr))
+        else:
+            flat.append(value)
+
+    for value in (*dict(dynamo_graph.named_parameters(remove_duplicate=False)).values(),
+                  *dict(dynamo_graph.named_buffers(remove_duplicate=False)).values(), *inputs):
+        add(value)
+    placeholders = list(aot_graph.graph.find_nodes(op="placeholder"))
+    if len(flat) != len(placeholders):
+        return None
+    for node, value in zip(placeholders, flat):
+        meta = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and not (isinstance(meta, torch.Tensor) and meta.dtype == value.dtype
+                                                    and meta.dim() == value.dim()):
+            return None
+    return flat
 
 
 #: the right shifts torch_xla 2.9 computes wrong, and whether each is in place. It lowers ``>>`` (every

@@ -44,7 +44,9 @@ class Rewritten:
         act = "A8" if f.get("quantize_activation") else "A16"
         fmt = (f"W{f['bits']}{act}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
                f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]"
-               f"{', unpacked once' if f.get('unpacked_once') else ''}")
+               f"{', unpacked once' if f.get('unpacked_once') else ''}"
+               f"{', unpacked on every call (no values here to unpack it once)' if f.get('unpacked_each_call') else ''}"
+               f"{', input features sorted by group index' if f.get('group_index') else ''}")
         return f"{self.layer or self.node}: {self.pattern} -> xq.quantized_matmul {fmt}"
 
 
@@ -99,6 +101,8 @@ def _propagate_metadata(gm: GraphModule, example_inputs: Iterable[Any]) -> None:
 def _looks_dequantized(node: Node) -> bool:
     """A matmul whose weight operand is computed (cast, scaled, unpacked...): a rewrite candidate."""
     canon = canonical(node)
+    if canon is not None and canon.kind == "scaled_linear":  # a library's quantized matmul op
+        return True
     if canon is None or canon.kind not in _MATMUL_KINDS:
         return False
     weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]

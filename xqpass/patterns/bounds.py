@@ -114,11 +114,19 @@ def _filled(ctx, node: Node, memo: dict) -> tuple[int, int] | None:
     return _union(*(value_bounds(ctx, w.args[2], memo) for w in writes)) if bool(covered.all()) else None
 
 
+#: libraries' unpack ops, by qualified name: the bounds of what they return
+_LIBRARY_BOUNDS = {
+    "quanto::unpack": lambda node: (0, 2 ** node.args[1] - 1),  # unpack(packed, bits): unsigned bits-bit values
+}
+
+
 def _derived(ctx, node: Node, memo: dict) -> tuple[int, int] | None:
     bound = lambda a: value_bounds(ctx, a, memo)  # noqa: E731
     canon = canonical(node)
     if node.target in _EMPTY:
         return _filled(ctx, node, memo)
+    if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name in _LIBRARY_BOUNDS:
+        return _LIBRARY_BOUNDS[node.target._schema.name](node)
     if canon is None:
         if node.target in SELECTIONS or node.target in _COPIES or \
                 node.op == "call_method" and node.target in _SELECTION_METHODS:

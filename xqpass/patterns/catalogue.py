@@ -24,6 +24,7 @@ from .dsl import (
     PerTokenQuantized,
     PostBias,
     PostScale,
+    ScaledLinear,
     Sub,
 )
 
@@ -60,6 +61,12 @@ WEIGHT_FORMS = (
         "scale",
         "w.to(dt) * s[:, None]",
         Named("scale", Mul(CAST, Operand("scale"))),
+    ),
+    WeightForm(
+        "scale by type promotion, then float zero point",
+        "s[:, None] * w - zp[:, None]",
+        Named("scale by type promotion, then float zero point",
+              Sub(Mul(QUANTIZED, Operand("scale")), Operand("zero")), zero_kind="float"),
     ),
     WeightForm(
         "scale by type promotion",
@@ -108,6 +115,11 @@ class ProductForm:
 
 PRODUCT_FORMS = (
     ProductForm(
+        "library op: scaled linear",
+        "quanto.qbytes_mm(x, w, s)  (x @ (s * w).t())",
+        ScaledLinear(Named("int8 weight, scaled in the op", IntWeight())),
+    ),
+    ProductForm(
         "W8A8: per-token int8 activations, bias after",
         "torch._int_mm(x_q, w.t()).to(dt) * x_scale * s + b",
         PostBias(W8A8),
@@ -145,4 +157,4 @@ PRODUCT_FORMS = (
 )
 
 #: the node kinds a product can end in (where the driver starts a match)
-ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add")
+ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add", "scaled_linear")

@@ -730,6 +730,34 @@ class Matmul(Pattern):
             yield s.with_(bias=bias)
 
 
+@dataclass
+class ScaledLinear(Pattern):
+    """A library op computing ``x @ (s * w).t()`` in one node (optimum-quanto's ``qbytes_mm(x, w, s)``):
+    ``w [N, K]`` through ``weight``, ``s`` a per-channel or per-tensor scale; ``x`` must already have
+    ``s``'s dtype (the op casts x to it, the xq op computes in x's)."""
+
+    weight: Pattern
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None or canon.kind != "scaled_linear":
+            return
+        x, w, s = canon.inputs
+        xs, ws = ctx.shape(x), ctx.shape(w)
+        if xs is None or ws is None or len(ws) != 2 or not same_size(ws[1], xs[-1]):
+            return
+        if ctx.dtype(x) != ctx.dtype(s):
+            ctx.fail(f"{node.name}: the activation is {ctx.dtype(x)}, the op computes in the scale's {ctx.dtype(s)}")
+            return
+        for m in self.weight.match(ctx, w, NK, st.with_(node, activation=x, broadcast_shape=ws)):
+            gran = classify_operand(ctx, s, NK, ws)
+            if isinstance(gran, str):
+                ctx.fail(gran)
+                continue
+            yield m.with_(scale=Factor(s, *gran, NK))
+
+
 def _post_op(ctx, node, layout, st, kind: str, product: Pattern, role: str):
     """Matches of ``product <kind> v`` (either order) with ``v`` varying along the output's last dim
     only: yields ``(match, v)``."""

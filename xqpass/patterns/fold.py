@@ -182,7 +182,10 @@ class Fold:
     def compute(self, values: list, device: torch.device) -> torch.Tensor:
         """The tensor from the sources' ``values``, on ``device``; computed on CPU, where torch's integer
         semantics hold."""
-        with torch.no_grad():
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        # real tensors, also when the pass runs inside AOT autograd's fake mode
+        with torch.no_grad(), unset_fake_temporarily():
             value = self.module(*[v.detach().to("cpu") for v in values])
             if self.kind == "order":
                 value = sorted_order(value, self.groups)

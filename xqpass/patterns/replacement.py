@@ -74,6 +74,7 @@ class _Storage:
     values: list | None = None
     seen_tags: Axes = NK  # the computed weight's axis tags, before it is stored [N, K]
     k_index: Node | None = None  # the group index the input features are sorted by
+    each_call: bool = False  # computed by the graph on every call: no values to compute it once here
 
     @classmethod
     def of(cls, ctx: Context, m: Match, k_index: Node | None) -> "_Storage":
@@ -95,7 +96,7 @@ class _Storage:
         values, unknown = _source_values(ctx, subgraph)
         if unknown:
             if ctx.dtype(w) in WEIGHT_DTYPES and k_index is None:  # nothing to compute it from: the graph keeps it
-                return cls(ctx.dtype(w), False, m.weight_layout)
+                return cls(ctx.dtype(w), False, m.weight_layout, each_call=True)
             raise Rejected(f"the weight {w.name} is {'unpacked in the graph' if m.unpacked else 'read by a group index'} "
                            f"from {', '.join(unknown)}, whose values are not known here: pass example_inputs (real "
                            f"tensors), or compile with an xqpass backend")
@@ -331,6 +332,7 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         "packed": packed,
         "unpacked_once": storage.subgraph is not None,
         "group_index": k_index is not None,
+        "unpacked_each_call": storage.each_call,
         "quantize_activation": m.quantize_activation,
         "by_rows": layout.by_rows,
         "N": n,

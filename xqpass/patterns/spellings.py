@@ -46,6 +46,7 @@ KINDS = (
     "amax",  # (src,) {dim, keepdim}
     "dequantize_per_channel",  # (w, scales, zero_points, axis) {dtype: storage dtype, out_dtype}
     "dequantize_per_tensor",  # (w, scale, zero_point) {dtype, out_dtype}
+    "scaled_linear",  # (x, w, s): x @ (s * w).t() in one library op, x cast to s's dtype
 )
 
 
@@ -314,6 +315,13 @@ def _register_pt2e() -> None:
 _register_pt2e()
 
 
+#: library ops with a pure-torch meaning, by their qualified name (the library may be imported after xqpass)
+_LIBRARY_OPS: dict[str, Callable[[Node], Canon | None]] = {
+    # optimum-quanto's W8A16 op: its CPU kernel computes matmul(x.to(s.dtype), (s * w).t())
+    "quanto::qbytes_mm": lambda n: Canon("scaled_linear", (n.args[0], n.args[1], n.args[2])),
+}
+
+
 def canonical(node: Any) -> Canon | None:
     """The :class:`Canon` of an FX node, or None (not a call, or a spelling outside the vocabulary)."""
     if not isinstance(node, Node):
@@ -321,6 +329,9 @@ def canonical(node: Any) -> Canon | None:
     try:
         if node.op == "call_function":
             make = _FUNCTIONS.get(node.target)
+            if make is None and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                make = _LIBRARY_OPS.get(node.target._schema.name if isinstance(node.target, torch._ops.OpOverload)
+                                        else node.target._qualified_op_name)
         elif node.op == "call_method":
             make = _METHODS.get(node.target)
         else:
