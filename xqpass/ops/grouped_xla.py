@@ -1,7 +1,7 @@
 """XLA kernel of ``xq::quantized_grouped_matmul``: checks the call, prepares it and picks a lowering of
 :mod:`.lowering.grouped` by form (canonical / XLA:CPU, as :func:`.xla.lowering_for` says for the matmul
-op, ``xla_lowering`` included) and by route: **gather** the selected experts' bytes while the rows (T
-times top-k) are at most :attr:`GroupedTuning.gather_max_rows`, else **dense** over the whole bank (and
+op, ``xla_lowering`` included) and by route: **one row** / **gather** (the selected experts' bytes) while
+the rows T are at most :attr:`GroupedTuning.gather_max_rows`, else **dense** over the whole bank (and
 always dense while T is symbolic). ``grouped_tuning(GroupedTuning(...))`` sets the threshold while a
 graph is traced (benchmarks/bench_moe.py measures both routes).
 """
@@ -24,8 +24,9 @@ class GroupedTuning:
     """Where the grouped op's XLA lowering turns from gathering experts to the dense bank (measured by
     benchmarks/bench_moe.py, docs/ops.md)."""
 
-    #: rows (T * top_k) up to which each row's experts are gathered; past it every expert meets every row
-    gather_max_rows: int = 8
+    #: rows (T) up to which each row's experts are gathered; past it the whole bank meets every row. 1: on
+    #: XLA:CPU the dense route (split-K over the bank) beats the batched gather from 2 rows (docs/ops.md)
+    gather_max_rows: int = 1
 
 
 _tuning: contextvars.ContextVar[GroupedTuning] = contextvars.ContextVar("xqpass_grouped_tuning",
@@ -42,11 +43,11 @@ def grouped_tuning(tuning: GroupedTuning):
         _tuning.reset(token)
 
 
-def route_for(rows, top_k) -> str:
-    """"gather" or "dense" for ``rows`` (T) of ``top_k`` experts each (a symbolic T: "dense")."""
-    if not isinstance(rows, int) or not isinstance(top_k, int):
+def route_for(rows) -> str:
+    """"one row", "gather" or "dense" for ``rows`` (T; a symbolic T: "dense")."""
+    if not isinstance(rows, int) or rows > _tuning.get().gather_max_rows:
         return "dense"
-    return "gather" if rows * top_k <= _tuning.get().gather_max_rows else "dense"
+    return "one row" if rows == 1 else "gather"
 
 
 @quantized_grouped_matmul.register_kernel("xla")
@@ -61,5 +62,6 @@ def quantized_grouped_matmul_xla(x, expert_ids, w, scale, zero_point=None, block
     e, n, groups = spec.experts, spec.out_features, spec.layout.num_groups(spec.in_features)
     call = GroupedCall(spec=spec, x=x, x_values=x.to(cdt), ids=ids, w=w, scale=scale.to(cdt).reshape(e, n, groups),
                        zero_point=None if zero_point is None else zero_point.to(cdt).reshape(e, n, groups),
-                       bias=None if bias is None else bias.to(cdt), packed=packed, compute_dtype=cdt)
-    return ROUTES[lowering_for(x)][route_for(rows, top_k)](call)
+                       bias=None if bias is None else bias.to(cdt), int4_weight=int4_weight, packed=packed,
+                       compute_dtype=cdt)
+    return ROUTES[lowering_for(x)][route_for(rows)](call)

@@ -1,17 +1,17 @@
-"""The XLA lowerings of ``xq::quantized_grouped_matmul``: two routes, each in the canonical (TPU, GPU) and
-the XLA:CPU form.
+"""The XLA lowerings of ``xq::quantized_grouped_matmul``: three routes, picked by the rows (T) and top-k.
 
-* **gather** (few rows): the stored bytes of the experts the rows name are gathered (``index_select`` on
-  the expert axis: an HLO gather reading ``T * top_k`` experts' bytes, not ``E``), unpacked and converted
-  in the graph, and each row meets its own experts in one dot batched over the rows.
-* **dense** (many rows): every expert's weight meets every row in one dot (``E`` experts' bytes read once,
-  ``E / top_k`` times the products a row needs), and each row's experts are picked from the result by a
-  gather of rows.
+* **one row** (decode at batch 1): the row's ``top_k`` experts' stored bytes gathered (``index_select`` on
+  the expert axis: an HLO gather reading ``top_k`` experts' bytes, not ``E``) and multiplied as one weight
+  ``[top_k * N, K]`` by ``xq::quantized_matmul`` (its forms: XLA:CPU's split-K, the canonical dot).
+* **gather** (a few rows): each row's experts gathered the same way, ``[T * top_k, N, K]``, unpacked and
+  converted in the graph, each row meeting its own experts in one dot batched over the rows (canonical:
+  the weight as stored up to the convert, group scales after; XLA:CPU: dequantized into float32 first,
+  the weight on the dot's left).
+* **dense** (many rows): the bank as one weight ``[E * N, K]`` through ``xq::quantized_matmul`` (``E``
+  experts' bytes read once, ``E / top_k`` times the products a row needs), each row's experts picked from
+  ``[T, E, N]`` by a gather of rows.
 
-Canonical keeps the weight integer (or float8) up to the dot, scales after it; XLA:CPU dequantizes into
-float32 first and puts the weight on the dot's left (as :mod:`.xla_cpu` does: XLA:CPU's integer and
-16-bit dots are slow, and the weight-as-LHS dot is faster). Every layout is seen as groups: ``G`` groups
-of ``B`` values along K (per-channel: one group of K).
+Every layout is seen as groups: ``G`` groups of ``B`` values along K (per-channel: one group of K).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class GroupedCall:
     scale: torch.Tensor  # [E, N, G]
     zero_point: torch.Tensor | None  # [E, N, G]
     bias: torch.Tensor | None  # [E, N] compute dtype
+    int4_weight: bool
     packed: bool
     compute_dtype: torch.dtype
 
@@ -92,19 +93,6 @@ def canonical_gather(call: GroupedCall) -> torch.Tensor:
     return finish(call, acc.sum(dim=1).reshape(rows, top_k, n))
 
 
-def canonical_dense(call: GroupedCall) -> torch.Tensor:
-    """Every expert against every row: ``[T, G, B] . [E, N, G, B] -> [G, T, E, N]`` batched over groups,
-    group scales after it, then each row's experts picked."""
-    rows, (e, n, _), (g, b) = call.x.shape[0], call.w.shape, call.groups
-    x, w = _canonical_operands(call, call.w)
-    acc = dot(x.reshape(rows, g, b), w.reshape(e, n, g, b), ([2], [3]), ([1], [2]))
-    acc = acc.to(call.compute_dtype) * call.scale.permute(2, 0, 1)[:, None]  # [G, 1, E, N]
-    if call.zero_point is not None:
-        sums = call.x_values.reshape(rows, g, b).sum(dim=-1).t()[:, :, None, None]  # [G, T, 1, 1]
-        acc = acc - sums * call.zero_point.permute(2, 0, 1)[:, None]
-    return finish(call, pick(call, acc.sum(dim=0)))
-
-
 # -- XLA:CPU: dequantized into float32, the weight on the dot's left ---------------------------------------------
 
 def _dequantized_halves(call: GroupedCall, w: torch.Tensor, scale: torch.Tensor, zero_point):
@@ -135,18 +123,38 @@ def cpu_gather(call: GroupedCall) -> torch.Tensor:
     return finish(call, functools.reduce(operator.add, dots).reshape(rows, top_k, n))
 
 
-def cpu_dense(call: GroupedCall) -> torch.Tensor:
-    """The bank dequantized, ``[E * N, K] . [T, K] -> [E * N, T]``; each row's experts picked along E of
-    ``[E, N, T]`` (a gather, then the transpose: one right after the dot would be folded into it, making x
-    the left operand)."""
-    (rows, top_k), (e, n, _) = call.ids.shape, call.w.shape
-    halves = _dequantized_halves(call, call.w, call.scale, call.zero_point)
-    dots = (dot(w.reshape(e * n, -1), x, ([1], [1]), out=call.compute_dtype) for w, x in halves)
-    acc = functools.reduce(operator.add, dots).reshape(e, n, rows)
-    index = call.ids.t()[:, None, :].expand(top_k, n, rows)  # [top_k, N, T]: row t's j-th expert
-    return finish(call, torch.gather(acc, 0, index).permute(2, 0, 1))
+# -- both forms: the matmul op on experts flattened into one weight [experts * N, K] ---------------------------
+
+def _matmul(call: GroupedCall, w, scale, zero_point, bias) -> torch.Tensor:
+    """``xq::quantized_matmul`` of the rows with ``w [X, N, K]`` seen as one weight ``[X * N, K]`` (its
+    scales ``[X * N, G]``, bias ``[X * N]``): ``[T, X * N]`` in x's dtype, traced into the same graph in the
+    same form (its XLA:CPU split-K for a few rows, its dots past them), rounded once."""
+    x_experts, n, width = w.shape
+    groups = call.groups[0]
+    flat = (x_experts * n,) if call.spec.layout.block_size == -1 else (x_experts * n, groups)
+    return torch.ops.xq.quantized_matmul(
+        call.x, w.reshape(x_experts * n, width), scale.reshape(flat),
+        None if zero_point is None else zero_point.reshape(flat), call.spec.layout.block_size, call.int4_weight,
+        False, None if bias is None else bias.reshape(x_experts * n), packed=call.packed)
+
+
+def one_row(call: GroupedCall) -> torch.Tensor:
+    """One row (decode at batch 1): its ``top_k`` experts' stored bytes gathered and multiplied as one
+    weight ``[top_k * N, K]`` by the matmul op."""
+    top_k, n = call.ids.shape[1], call.spec.out_features
+    zero_point, bias = (None if t is None else call.selected(t) for t in (call.zero_point, call.bias))
+    out = _matmul(call, call.selected(call.w), call.selected(call.scale), zero_point, bias)
+    return out.reshape(call.spec.out_shape)
+
+
+def dense(call: GroupedCall) -> torch.Tensor:
+    """The whole bank as one weight ``[E * N, K]`` through the matmul op, ``[T, E * N]``; each row's
+    experts picked (the bias rides along per expert: one rounding)."""
+    rows, (e, n, _) = call.x.shape[0], call.w.shape
+    out = _matmul(call, call.w, call.scale, call.zero_point, call.bias).reshape(rows, e, n)
+    return pick(call, out).reshape(call.spec.out_shape)
 
 
 #: form -> route -> lowering
-ROUTES = {"canonical": {"gather": canonical_gather, "dense": canonical_dense},
-          "cpu": {"gather": cpu_gather, "dense": cpu_dense}}
+ROUTES = {"canonical": {"one row": one_row, "gather": canonical_gather, "dense": dense},
+          "cpu": {"one row": one_row, "gather": cpu_gather, "dense": dense}}
