@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Both create .venv on first use, install the package editable with its test extra,
+# Both create .venv on first use, install the package editable with its test extra (hqq without its CUDA
+# kernels, autoawq 0.2.9 with --no-deps),
 # and skip the install on later runs unless setup.cfg / pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,8 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	DISABLE_CUDA=1 $(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps autoawq==0.2.9
 	touch $(STAMP)
 
 demo: setup
@@ -25,7 +27,7 @@ test: setup
 
 # benchmarks (not tests): about 20 minutes on the 2-core machine (bench_generate most of it); results and the plot go to the repo
 bench: setup
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	DISABLE_CUDA=1 $(PY) -m pip install --quiet -e '.[test,bench]'
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/bench_matmul.py --m 1 4 16 32 64 256 --shapes 4096x4096 4096x11008 --json benchmarks/results/matmul.json
 	$(PY) benchmarks/bench_decoder.py --json benchmarks/results/decoder.json

@@ -174,8 +174,13 @@ class Fold:
         graph, env = Graph(), {}
         for source in subgraph.sources:
             env[source] = graph.placeholder(source.name)
+        cpu = torch.device("cpu")
         for n in subgraph.nodes:
-            env[n] = graph.node_copy(n, lambda a: env[a])
+            copy = env[n] = graph.node_copy(n, lambda a: env[a])
+            # computed on CPU: tensors the graph makes on the model's device (an arange of shift amounts) too
+            copy.args = tuple(cpu if isinstance(a, torch.device) else a for a in copy.args)
+            if isinstance(copy.kwargs.get("device"), (torch.device, str)):
+                copy.kwargs = {**copy.kwargs, "device": cpu}
         graph.output(tuple(env[o] for o in outputs) if isinstance(outputs, tuple) else env[outputs])
         return cls(GraphModule(torch.nn.Module(), graph), **fields)
 

@@ -1,0 +1,488 @@
+"""The pass against real quantization libraries' own CPU / torch forwards (issue 15).
+
+Each test builds a quantized linear layer (or a tiny 2-layer model) with the library itself, runs the
+library's own eager forward as the oracle, compiles the same model with the ``xq_eager`` backend and asserts
+
+* the compiled output equals the library's output within the activation dtype's rounding, and
+* every quantized linear was rewritten into ``xq.quantized_matmul`` (by the torch- or the aten-level pass)
+  and no dense matmul is left in the graph handed to the compiler.
+
+Libraries (optional test extras; each test skips when its library is missing):
+
+* hqq 0.2.8.post1 (``DISABLE_CUDA=1 pip install hqq==0.2.8.post1 termcolor``), ``HQQBackend.PYTORCH``;
+* optimum-quanto 0.2.7 (``pip install optimum-quanto==0.2.7 ninja``);
+* autoawq 0.2.9 (``pip install --no-deps autoawq==0.2.9 accelerate``): ``awq/__init__`` imports a model zoo
+  that fails with transformers 5, so ``awq/modules/linear/gemm.py`` is loaded under a bare ``awq`` package;
+* a GPTQ-style torch forward written here from GPTQModel's published torch kernel (no install needed).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import xqpass  # noqa: F401  (registers the backends and the op)
+from xqpass.backend import make_backend
+
+_MATMUL_TARGETS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.matmul.default, torch.ops.aten.linear.default,
+}
+#: library ops that multiply by a quantized weight (quanto's qint8 W8A16 op, the CPU tinygemm op)
+_LIBRARY_MATMULS = ("quanto.qbytes_mm", "_weight_int4pack_mm", "_int_mm")
+#: relative tolerance per activation dtype: a few ulps of the output, as two float programs summing K
+#: products in different orders (and rounding the dequantized weight at different points) differ by
+EPS = {torch.float32: 2e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the harness
+# --------------------------------------------------------------------------------------------------------
+
+class Capture:
+    """Compiles ``model`` with the xq_eager pipeline (``make_backend("eager")``) and records the reports
+    and the aten graphs the compiler got."""
+
+    def __init__(self):
+        self.reports: list = []
+        self.final_graphs: list[torch.fx.GraphModule] = []
+
+        def compiler(gm, example_inputs):
+            self.final_graphs.append(gm)
+            return gm.forward
+
+        self.backend = make_backend(compiler, reports=self.reports, name="xq_eager")
+
+    @property
+    def rewrites(self):
+        return [r for rep in self.reports for r in rep.rewrites]
+
+    @property
+    def misses(self):
+        return [m for rep in self.reports for m in rep.misses]
+
+    def dense_matmuls(self):
+        """matmuls left in the graphs the compiler got, the libraries' own matmul ops included"""
+        return [n for gm in self.final_graphs for n in gm.graph.nodes
+                if n.op == "call_function" and (n.target in _MATMUL_TARGETS
+                                                 or any(s in str(n.target) for s in _LIBRARY_MATMULS))]
+
+    def xq_calls(self):
+        return [n for gm in self.final_graphs for n in gm.graph.nodes
+                if n.op == "call_function" and "quantized_matmul" in str(n.target)]
+
+    def describe(self) -> str:
+        return "\n".join(str(r) for r in self.reports)
+
+
+def run_compiled(model, x):
+    torch._dynamo.reset()
+    cap = Capture()
+    with torch.no_grad():
+        out = torch.compile(model, backend=cap.backend)(x)
+    return out, cap
+
+
+def check(model, x, n_linears, act_dtype, weight_dtype=None):
+    """The library's eager forward is the oracle; the compiled model must match it and rewrite every linear.
+    ``weight_dtype``: the dtype the library rounds the dequantized weight to when it is coarser than the
+    activations' (GPTQ / AWQ keep float16 scales, so their weight is float16 whatever the activations)."""
+    with torch.no_grad():
+        ref = model(x)
+    out, cap = run_compiled(model, x)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    eps = max(EPS[act_dtype], EPS[weight_dtype or act_dtype])
+    scale = ref.float().abs().max().item() + 1e-6
+    torch.testing.assert_close(out.float(), ref.float(), rtol=eps * 4, atol=eps * 4 * scale)
+    rewritten = len(cap.xq_calls())
+    assert rewritten == n_linears and not cap.dense_matmuls(), (
+        f"{rewritten}/{n_linears} linears rewritten, {len(cap.dense_matmuls())} dense matmuls left\n"
+        + cap.describe())
+
+
+def _id(value):
+    return str(value).replace("torch.", "")
+
+
+def two_layer(make_linear, k, hidden, n):
+    """A tiny 2-layer model: linear -> SiLU -> linear, each linear built by the library."""
+    return nn.Sequential(make_linear(k, hidden), nn.SiLU(), make_linear(hidden, n))
+
+
+def float_linear(k, n, seed=0, bias=True):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.05)
+    return lin
+
+
+def activation(k, dtype, shape=(2, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, k, generator=g).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# HQQ (hqq 0.2.8.post1): HQQLinear with the PYTORCH backend, axis=1 (groups along K, what transformers uses)
+# W_q: uint8 [N*K/g, g] (8-bit) or [N*K/(2g), g] (4-bit: rows r and r + N*K/(2g) share a byte, high nibble
+# first); meta["scale"], meta["zero"]: [N*K/g, 1] float in compute_dtype (4-bit zero rounded).
+# --------------------------------------------------------------------------------------------------------
+
+def hqq_linear(k, n, *, bits, group, dtype, seed=0, bias=True):
+    hqq_quantize = pytest.importorskip("hqq.core.quantize")
+    hqq_quantize.HQQLinear.set_backend(hqq_quantize.HQQBackend.PYTORCH)
+    cfg = hqq_quantize.BaseQuantizeConfig(nbits=bits, group_size=group, axis=1)
+    return hqq_quantize.HQQLinear(float_linear(k, n, seed, bias), cfg, compute_dtype=dtype, device="cpu")
+
+
+HQQ_CASES = [(bits, group, dtype) for bits in (4, 8) for group in (64, 128)
+             for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("bits,group,dtype", HQQ_CASES, ids=_id)
+def test_hqq_linear(bits, group, dtype):
+    m = hqq_linear(256, 96, bits=bits, group=group, dtype=dtype)
+    check(m, activation(256, dtype), 1, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hqq_two_layer(bits):
+    dtype = torch.float32
+    m = two_layer(lambda k, n: hqq_linear(k, n, bits=bits, group=64, dtype=dtype, seed=k + n), 256, 128, 64)
+    check(m, activation(256, dtype), 2, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# optimum-quanto 0.2.7: quantize(model, weights=qint4 / qint8) + freeze
+# --------------------------------------------------------------------------------------------------------
+
+def quanto_model(k, hidden, n, *, qtype, dtype, layers=2):
+    quanto = pytest.importorskip("optimum.quanto")
+    torch.manual_seed(0)
+    m = (two_layer(lambda a, b: float_linear(a, b, seed=a + b), k, hidden, n) if layers == 2
+         else nn.Sequential(float_linear(k, hidden)))
+    m = m.to(dtype)
+    quanto.quantize(m, weights=getattr(quanto, qtype))
+    quanto.freeze(m)
+    return m
+
+
+# qint4 with bfloat16 activations and groups of 128 is TinyGemmWeightQBitsTensor on CPU
+# (aten._weight_int4pack_mm_for_cpu, not a dequantization); with torch 2.9 it does not compile under any AOT
+# backend (aot_eager / inductor: "expected scalar type Float but found BFloat16"; before that, AOT's
+# str(fw_metadata) hits quanto's QBitsTensor.__repr__, which reads a `_scale` TinyGemm does not have).
+# float16 keeps the torch dequantization (WeightQBitsTensor) on CPU, so it is the 16-bit qint4 case here.
+_TINYGEMM = pytest.mark.xfail(reason="quanto's CPU tinygemm path does not compile with torch 2.9 AOT", strict=False)
+QUANTO_CASES = [("qint4", torch.float32), ("qint4", torch.float16),
+                pytest.param("qint4", torch.bfloat16, marks=_TINYGEMM),
+                ("qint8", torch.float32), ("qint8", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("qtype,dtype", QUANTO_CASES, ids=_id)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_quanto(qtype, dtype, layers):
+    m = quanto_model(256, 128, 64, qtype=qtype, dtype=dtype, layers=layers)
+    check(m, activation(256, dtype), layers, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# AutoAWQ 0.2.9: WQLinear_GEMM (4-bit, groups of 128) on CPU, the torch "naive" path (dequantize_gemm)
+# --------------------------------------------------------------------------------------------------------
+
+def awq_gemm_module():
+    """``awq.modules.linear.gemm`` without running ``awq/__init__`` (its model zoo needs transformers 4.x)."""
+    if "awq.modules.linear.gemm" in sys.modules:
+        return sys.modules["awq.modules.linear.gemm"]
+    spec = importlib.util.find_spec("awq")
+    if spec is None:
+        pytest.skip("autoawq is not installed")
+    root = spec.submodule_search_locations[0]
+    for name in ("awq", "awq.modules", "awq.modules.linear", "awq.utils"):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [root + "/" + "/".join(name.split(".")[1:])] if "." in name else [root]
+            sys.modules[name] = pkg
+    gemm = importlib.import_module("awq.modules.linear.gemm")
+    gemm.TRITON_AVAILABLE = False  # else CPU tensors go to its triton GPU kernel
+    return gemm
+
+
+def awq_linear(k, n, *, group=128, seed=0, bias=True):
+    gemm = awq_gemm_module()
+    lin = float_linear(k, n, seed, bias)
+    g = torch.Generator().manual_seed(seed + 7)
+    groups = k // group
+    scales = (torch.rand(groups, n, generator=g) * 0.01 + 0.002)
+    zeros = torch.randint(0, 16, (groups, n), generator=g).float()
+    # weights exactly on the grid, so that from_linear's rounding is exact
+    q = torch.randint(0, 16, (n, k), generator=g).float()
+    s_k = scales.repeat_interleave(group, 0).t()
+    z_k = zeros.repeat_interleave(group, 0).t()
+    with torch.no_grad():
+        lin.weight.copy_(((q - z_k) * s_k.half().float()))
+    return gemm.WQLinear_GEMM.from_linear(lin, 4, group, scales=scales, zeros=zeros)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_id)
+def test_awq_gemm_linear(dtype):
+    m = awq_linear(256, 64)
+    # the layer computes in float16 whatever the input dtype (it casts x to half and the output back)
+    check(m, activation(256, dtype), 1, torch.float16)
+
+
+def test_awq_gemm_compiled_before_eager():
+    """Compiled before any eager call, WQLinear_GEMM's one-time ``warnings.warn`` ("Using naive (slow)
+    implementation") breaks the graph: the dequantize -> matmul lands in a graph of its own in which
+    qweight / qzeros / scales are locals (Dynamo records them as data at the torch level; AOT still lists
+    them as static inputs)."""
+    gemm = awq_gemm_module()
+    m = awq_linear(256, 64, seed=3)
+    x = activation(256, torch.float16)
+    gemm.user_has_been_warned = False
+    with pytest.warns(UserWarning):
+        out, cap = run_compiled(m, x)
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=EPS[torch.float16] * 4,
+                               atol=EPS[torch.float16] * 4 * ref.float().abs().max().item())
+    assert len(cap.xq_calls()) == 1 and not cap.dense_matmuls(), cap.describe()
+
+
+def test_awq_gemm_two_layer():
+    m = two_layer(lambda k, n: awq_linear(k, n, seed=k + n), 256, 128, 64)
+    check(m, activation(256, torch.float16), 2, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPTQ-style torch forward, written from GPTQModel's published torch kernel:
+#   ModelCloud/GPTQModel gptqmodel/nn_modules/qlinear/__init__.py (PackableQuantLinear.post_init /
+#   dequantize_weight) and gptqmodel/nn_modules/qlinear/torch.py (TorchQuantLinear.forward / _forward),
+#   v2.x (2025). Buffers: qweight int32 [K/pf, N] (packed along K), qzeros int32 [G, N/pf] (packed along N,
+#   "v2" zeros: no +1), scales float16 [G, N], g_idx int32 [K]; shifts wf as plain tensor attributes.
+# --------------------------------------------------------------------------------------------------------
+
+class GPTQTorchLinear(nn.Module):
+    def __init__(self, bits, group, k, n, bias=True):
+        super().__init__()
+        self.bits, self.group_size, self.in_features, self.out_features = bits, group, k, n
+        self.pack_factor = 32 // bits
+        self.maxq = 2 ** bits - 1
+        self.dequant_dtype = torch.int16 if bits == 8 else torch.int8
+        self.register_buffer("qweight", torch.zeros(k // self.pack_factor, n, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(k // group, n // self.pack_factor, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(k // group, n, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.arange(k, dtype=torch.int32) // group)
+        self.register_buffer("bias", torch.zeros(n, dtype=torch.float16) if bias else None)
+        wf = torch.arange(0, 32, bits, dtype=torch.int32).unsqueeze(0)
+        self.wf_unsqueeze_zero = wf.unsqueeze(0)      # plain attributes, as GPTQModel keeps them
+        self.wf_unsqueeze_neg_one = wf.unsqueeze(-1)
+
+    def dequantize_weight(self):
+        zeros = torch.bitwise_right_shift(
+            torch.unsqueeze(self.qzeros, 2).expand(-1, -1, self.pack_factor), self.wf_unsqueeze_zero
+        ).to(self.dequant_dtype)
+        zeros = torch.bitwise_and(zeros, self.maxq).reshape(self.scales.shape)
+        weight = torch.bitwise_and(
+            torch.bitwise_right_shift(
+                torch.unsqueeze(self.qweight, 1).expand(-1, self.pack_factor, -1), self.wf_unsqueeze_neg_one
+            ).to(self.dequant_dtype), self.maxq)
+        weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
+        g_idx = self.g_idx.long()
+        return self.scales[g_idx] * (weight - zeros[g_idx])          # [K, N]
+
+    def forward(self, x):
+        out_shape = x.shape[:-1] + (self.out_features,)
+        x = x.reshape(-1, x.shape[-1])
+        weights = self.dequantize_weight().to(x.dtype)
+        out = torch.matmul(x, weights).reshape(out_shape)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.to(x.dtype)
+
+    @classmethod
+    def quantized(cls, bits, group, k, n, *, act_order=False, sym=False, seed=0, bias=True):
+        """Random integer weights, scales and zero points packed the way GPTQ packs them (own code)."""
+        g = torch.Generator().manual_seed(seed)
+        m = cls(bits, group, k, n, bias)
+        pf, groups = m.pack_factor, k // group
+        q = torch.randint(0, 2 ** bits, (k, n), generator=g, dtype=torch.int64)          # [K, N]
+        z = (torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int64) if sym
+             else torch.randint(0, 2 ** bits, (groups, n), generator=g, dtype=torch.int64))
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        qweight = (q.view(k // pf, pf, n) << shifts.view(1, pf, 1)).sum(1)               # packed along K
+        qzeros = (z.view(groups, n // pf, pf) << shifts.view(1, 1, pf)).sum(2)           # packed along N
+        to_i32 = lambda t: torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)     # noqa: E731
+        m.qweight.copy_(to_i32(qweight))
+        m.qzeros.copy_(to_i32(qzeros))
+        m.scales.copy_((torch.rand(groups, n, generator=g) * 0.02 + 0.005).half())
+        if act_order:  # desc_act: each group holds `group` input channels, scattered over K
+            perm = torch.randperm(k, generator=g)
+            m.g_idx.copy_((torch.arange(k) // group)[perm].to(torch.int32))
+        if bias:
+            m.bias.copy_((torch.randn(n, generator=g) * 0.05).half())
+        return m
+
+
+GPTQ_CASES = [(bits, act_order, dtype) for bits in (4, 8) for act_order in (False, True)
+              for dtype in (torch.float16, torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("bits,act_order,dtype", GPTQ_CASES, ids=_id)
+def test_gptq_torch_linear(bits, act_order, dtype):
+    m = GPTQTorchLinear.quantized(bits, 32, 256, 64, act_order=act_order)
+    check(m, activation(256, dtype), 1, dtype, weight_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_torch_two_layer(bits):
+    m = two_layer(lambda k, n: GPTQTorchLinear.quantized(bits, 32, k, n, seed=k + n), 256, 128, 64)
+    check(m, activation(256, torch.float16), 2, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What each library's stored tensors mean, in float64 (independent of the library's code): the library's
+# forward must equal x @ W.T + b with this W within its own rounding. These pass today; they pin down the
+# forms the pass must prove (layout, nibble order, zero-point convention) and check the tolerance above is
+# one a correct rewrite can meet.
+# --------------------------------------------------------------------------------------------------------
+
+def _nibbles_by_rows(p, high_first):
+    """uint8 [R/2, g] -> [R, g]: the rows of the low and the high nibbles stacked along dim 0."""
+    p = p.to(torch.int64)
+    hi, lo = p >> 4, p & 15
+    return torch.cat([hi, lo] if high_first else [lo, hi], 0)
+
+
+def hqq_weight64(m):
+    meta = m.meta
+    q = m.W_q.data
+    q = _nibbles_by_rows(q, high_first=True) if meta["nbits"] == 4 else q.to(torch.int64)
+    w = (q.double() - meta["zero"].double()) * meta["scale"].double()       # [N*K/g, g], zero before scale
+    return w.reshape(meta["shape"]), (None if m.bias is None else m.bias.double())
+
+
+def quanto_weight64(lin):
+    t = lin.weight
+    if hasattr(t, "_shift"):                                                # qint4: WeightQBitsTensor
+        q = _nibbles_by_rows(t._data._data, high_first=False)[: t._data.shape[0]]
+        w = t._scale.double() * q.double() - t._shift.double()             # scale, then float "scaled shift"
+    else:                                                                   # qint8: WeightQBytesTensor
+        w = t._scale.double() * t._data.double()
+    return w.reshape(t.shape), lin.bias.double()
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble j of a word holds output channel 8 * word + AWQ_ORDER[j]
+
+
+def awq_weight64(m):
+    k, n, g = m.in_features, m.out_features, m.group_size
+
+    def unpack_n(words):                                                    # int32 [R, N/8] -> [R, N]
+        out = torch.empty(words.shape[0], words.shape[1] * 8, dtype=torch.int64)
+        for j in range(8):
+            out[:, AWQ_ORDER[j]::8] = (words.to(torch.int64) >> (4 * j)) & 15
+        return out
+
+    q, z = unpack_n(m.qweight), unpack_n(m.qzeros)                          # [K, N], [G, N]
+    rows = torch.arange(k) // g
+    w_kn = (q - z[rows]).double() * m.scales.double()[rows]
+    return w_kn.t(), m.bias.double()
+
+
+def gptq_weight64(m):
+    pf, bits = m.pack_factor, m.bits
+    k = torch.arange(m.in_features)
+    q = (m.qweight.to(torch.int64)[k // pf] >> (bits * (k % pf))[:, None]) & m.maxq        # packed along K
+    n = torch.arange(m.out_features)
+    z = (m.qzeros.to(torch.int64)[:, n // pf] >> (bits * (n % pf))[None, :]) & m.maxq      # packed along N
+    g_idx = m.g_idx.long()
+    w_kn = m.scales.double()[g_idx] * (q - z[g_idx]).double()
+    return w_kn.t(), m.bias.double()
+
+
+def check_semantics(model, weight64, x, act_dtype, weight_dtype=None, compute_dtype=None):
+    with torch.no_grad():
+        ref = model(x)
+    w, b = weight64
+    y = x.to(compute_dtype or x.dtype).double() @ w.t()
+    if b is not None:
+        y = y + b
+    eps = max(EPS[act_dtype], EPS[weight_dtype or act_dtype])
+    scale = y.abs().max().item()
+    torch.testing.assert_close(ref.double(), y, rtol=eps * 4, atol=eps * 4 * scale)
+
+
+@pytest.mark.parametrize("bits,group,dtype", HQQ_CASES, ids=_id)
+def test_hqq_semantics(bits, group, dtype):
+    m = hqq_linear(256, 96, bits=bits, group=group, dtype=dtype)
+    check_semantics(m, hqq_weight64(m), activation(256, dtype), dtype)
+
+
+@pytest.mark.parametrize("qtype,dtype", [("qint4", torch.float32), ("qint4", torch.float16),
+                                         ("qint8", torch.float32), ("qint8", torch.bfloat16)], ids=_id)
+def test_quanto_semantics(qtype, dtype):
+    m = quanto_model(256, 128, 64, qtype=qtype, dtype=dtype, layers=1)
+    check_semantics(m, quanto_weight64(m[0]), activation(256, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_id)
+def test_awq_semantics(dtype):
+    m = awq_linear(256, 64)
+    check_semantics(m, awq_weight64(m), activation(256, dtype), torch.float16, compute_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("bits,act_order,dtype", GPTQ_CASES, ids=_id)
+def test_gptq_semantics(bits, act_order, dtype):
+    m = GPTQTorchLinear.quantized(bits, 32, 256, 64, act_order=act_order)
+    check_semantics(m, gptq_weight64(m), activation(256, dtype), dtype, weight_dtype=torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------
+# over shapes, group sizes, bits and act-order; and on XLA with xq_openxla
+# --------------------------------------------------------------------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([8, 16, 32]), groups=st.integers(1, 4),
+       words_n=st.integers(1, 3), act_order=st.booleans(), rows=st.integers(1, 5),
+       dtype=st.sampled_from([torch.float16, torch.float32]))
+def test_gptq_torch_over_shapes(bits, group, groups, words_n, act_order, rows, dtype):
+    k, n = group * groups, words_n * (32 // bits)
+    if k % (32 // bits):
+        k = group * (32 // bits)  # qweight packs K in words of 32 // bits
+    m = GPTQTorchLinear.quantized(bits, group, k, n, act_order=act_order)
+    check(m, activation(k, dtype, shape=(rows,)), 1, dtype, weight_dtype=torch.float16)
+
+
+def test_libraries_on_xla_with_xq_openxla():
+    """The libraries whose modules move to an XLA device, compiled with ``xq_openxla``: every linear rewritten,
+    the output within the activation dtype's rounding of the library's own CPU forward."""
+    import torch_xla
+
+    device = torch_xla.device()
+    cases = [(GPTQTorchLinear.quantized(4, 32, 256, 64, act_order=True), torch.float16, torch.float16)]
+    if importlib.util.find_spec("awq") is not None:
+        cases.append((awq_linear(256, 64), torch.float16, torch.float16))
+    for model, dtype, weight_dtype in cases:
+        x = activation(256, dtype)
+        with torch.no_grad():
+            ref = model(x)
+            reports = []
+            torch._dynamo.reset()
+            model.to(device)
+            for attr in ("wf_unsqueeze_zero", "wf_unsqueeze_neg_one"):  # GPTQ's shifts: plain attributes
+                if hasattr(model, attr):
+                    setattr(model, attr, getattr(model, attr).to(device))
+            compiled = torch.compile(model, backend=make_backend("openxla", reports=reports))
+            out = compiled(x.to(device)).cpu()
+        assert len([r for rep in reports for r in rep.rewrites]) == 1, "\n".join(map(str, reports))
+        eps = max(EPS[dtype], EPS[weight_dtype])
+        torch.testing.assert_close(out.float(), ref.float(), rtol=4 * eps, atol=4 * eps * ref.float().abs().max().item())
