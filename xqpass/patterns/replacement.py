@@ -275,7 +275,10 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
     if storage.subgraph is not None:  # the last step that can refuse is behind: compute the weight once
-        w = storage.compute(b, w, n, groups)
+        try:
+            w = storage.compute(b, w, n, groups)
+        except ValueError as e:  # a group index with groups of unequal size
+            raise Rejected(str(e).removeprefix("xqpass: ")) from None
     if k_index is not None:  # the op reads x's features sorted by group, as the weight is stored
         x = b.call(aten.index_select.default, x, -1, storage.order(b, groups))
     weight = _weight_to_op_layout(b, w, storage.tags, n, k, layout)
