@@ -251,3 +251,72 @@ class DequantMLP(nn.Module):
             if i + 1 < len(self.layers):
                 x = torch.nn.functional.gelu(x)
         return x
+
+
+class GPTQTorchLinear(nn.Module):
+    """A GPTQ-style torch forward, written from GPTQModel's published torch kernel (ModelCloud/GPTQModel v2.x,
+    2025: gptqmodel/nn_modules/qlinear/__init__.py ``PackableQuantLinear.dequantize_weight`` and
+    qlinear/torch.py ``TorchQuantLinear.forward``): qweight int32 [K/pf, N] packed along K, qzeros int32
+    [G, N/pf] packed along N ("v2" zeros: no +1), scales float16 [G, N], g_idx int32 [K], the shift amounts as
+    plain tensor attributes; ``scales[g_idx] * (weight - zeros[g_idx])`` in the graph. For the pass's tests
+    against a real library form and the benchmark of a rewritten library layer."""
+
+    def __init__(self, bits, group, k, n, bias=True):
+        super().__init__()
+        self.bits, self.group_size, self.in_features, self.out_features = bits, group, k, n
+        self.pack_factor = 32 // bits
+        self.maxq = 2 ** bits - 1
+        self.dequant_dtype = torch.int16 if bits == 8 else torch.int8
+        self.register_buffer("qweight", torch.zeros(k // self.pack_factor, n, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(k // group, n // self.pack_factor, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(k // group, n, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.arange(k, dtype=torch.int32) // group)
+        self.register_buffer("bias", torch.zeros(n, dtype=torch.float16) if bias else None)
+        wf = torch.arange(0, 32, bits, dtype=torch.int32).unsqueeze(0)
+        self.wf_unsqueeze_zero = wf.unsqueeze(0)      # plain attributes, as GPTQModel keeps them
+        self.wf_unsqueeze_neg_one = wf.unsqueeze(-1)
+
+    def dequantize_weight(self):
+        zeros = torch.bitwise_right_shift(
+            torch.unsqueeze(self.qzeros, 2).expand(-1, -1, self.pack_factor), self.wf_unsqueeze_zero
+        ).to(self.dequant_dtype)
+        zeros = torch.bitwise_and(zeros, self.maxq).reshape(self.scales.shape)
+        weight = torch.bitwise_and(
+            torch.bitwise_right_shift(
+                torch.unsqueeze(self.qweight, 1).expand(-1, self.pack_factor, -1), self.wf_unsqueeze_neg_one
+            ).to(self.dequant_dtype), self.maxq)
+        weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
+        g_idx = self.g_idx.long()
+        return self.scales[g_idx] * (weight - zeros[g_idx])          # [K, N]
+
+    def forward(self, x):
+        out_shape = x.shape[:-1] + (self.out_features,)
+        x = x.reshape(-1, x.shape[-1])
+        weights = self.dequantize_weight().to(x.dtype)
+        out = torch.matmul(x, weights).reshape(out_shape)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.to(x.dtype)
+
+    @classmethod
+    def quantized(cls, bits, group, k, n, *, act_order=False, sym=False, seed=0, bias=True):
+        """Random integer weights, scales and zero points packed the way GPTQ packs them (own code)."""
+        g = torch.Generator().manual_seed(seed)
+        m = cls(bits, group, k, n, bias)
+        pf, groups = m.pack_factor, k // group
+        q = torch.randint(0, 2 ** bits, (k, n), generator=g, dtype=torch.int64)          # [K, N]
+        z = (torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int64) if sym
+             else torch.randint(0, 2 ** bits, (groups, n), generator=g, dtype=torch.int64))
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        qweight = (q.view(k // pf, pf, n) << shifts.view(1, pf, 1)).sum(1)               # packed along K
+        qzeros = (z.view(groups, n // pf, pf) << shifts.view(1, 1, pf)).sum(2)           # packed along N
+        to_i32 = lambda t: torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)     # noqa: E731
+        m.qweight.copy_(to_i32(qweight))
+        m.qzeros.copy_(to_i32(qzeros))
+        m.scales.copy_((torch.rand(groups, n, generator=g) * 0.02 + 0.005).half())
+        if act_order:  # desc_act: each group holds `group` input channels, scattered over K
+            perm = torch.randperm(k, generator=g)
+            m.g_idx.copy_((torch.arange(k) // group)[perm].to(torch.int32))
+        if bias:
+            m.bias.copy_((torch.randn(n, generator=g) * 0.05).half())
+        return m
