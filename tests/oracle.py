@@ -49,14 +49,18 @@ def dequantized(w, scale, zero_point, block_size, packed):
 
 
 def oracle(x, w, scale, zero_point=None, block_size=-1, int4_weight=False, quantize_activation=False, packed=False,
-           roundings=1):
-    """Returns (expected float64 output, elementwise error allowance) for one call of the op.
+           roundings=1, block_n=1):
+    """Returns (expected float64 output, elementwise error allowance) for one call of the op with an integer
+    weight (``block_n`` 1: one scale an output feature or group; float8 weights have their own oracle in
+    test_op_fp8.py).
 
     W*A16: exact x @ w_deq.T; allowance covers float32 accumulation and ``roundings`` roundings to
     x.dtype (the op's definition rounds once; docs/ops.md allows a fast kernel a second).
     W*A8: the unquantized product; allowance adds the per-token rounding bound
     (x_scale / 2) * sum_k |w_deq[n, k]|, x_scale = amax|x| / 127.
     """
+    if block_n != 1:
+        raise ValueError(f"the integer oracle has one scale an output feature (block_n=1), got block_n={block_n}")
     xd = x.cpu().double().numpy()
     w_deq, w_mag = dequantized(w, scale, zero_point, block_size, packed)
     k = xd.shape[-1]
