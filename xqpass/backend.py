@@ -63,7 +63,8 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
 
     def after_aot(gm: torch.fx.GraphModule, example_inputs):
         real = _real_aot_inputs(gm, state["dynamo_graph"], state["inputs"])
-        report = rewrite(gm, real, name=f"{name} graph {state['graphs']} (aten)", model_state=aot_static_inputs(gm))
+        report = rewrite(gm, real, name=f"{name} graph {state['graphs']} (aten)", model_state=aot_static_inputs(gm),
+                         may_compute_once=_on_one_device)
         _record(report, reports)
         correct_shifts(gm)
         compiled = compiler(gm, example_inputs)
@@ -79,7 +80,8 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
     def backend(gm: torch.fx.GraphModule, example_inputs):
         # Dynamo's example inputs are the real parameters and buffers: weights the graph unpacks from them
         # are computed once here, and again before a call whose sources changed (xqpass.patterns.fold)
-        report = rewrite(gm, example_inputs, name=f"{name} graph {state['graphs']} (torch)")
+        report = rewrite(gm, example_inputs, name=f"{name} graph {state['graphs']} (torch)",
+                         may_compute_once=_on_one_device)
         _record(report, reports)
         correct_shifts(gm)
         state.update(dynamo_graph=gm, inputs=example_inputs)
@@ -91,6 +93,17 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
         return folds.guard(gm, compiled) if folds else compiled
 
     return backend
+
+
+def _on_one_device(values) -> bool:
+    """Whether no tensor is split over devices (torch_xla SPMD): a weight computed once from split sources
+    would be whole on every device, and its computation in the graph keeps the user's shardings."""
+    if not any(isinstance(v, torch.Tensor) and v.device.type == "xla" for v in values):
+        return True
+    import torch_xla
+
+    return not any(isinstance(v, torch.Tensor) and v.device.type == "xla" and
+                   torch_xla._XLAC._get_xla_sharding_spec(v) for v in values)
 
 
 def _real_aot_inputs(aot_graph: torch.fx.GraphModule, dynamo_graph, inputs) -> list | None:

@@ -181,7 +181,7 @@ def _erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
 
 
 def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: str = "",
-            model_state: Iterable[str] = ()) -> RewriteReport:
+            model_state: Iterable[str] = (), may_compute_once=None) -> RewriteReport:
     """Rewrite every dequantize -> matmul in ``graph_module`` (in place) into ``xq.quantized_matmul``.
 
     ``graph_module``: a ``torch.fx.GraphModule`` (torch-level or aten-level) or a
@@ -194,6 +194,10 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
     never the activation's data. Each graph level records which placeholders hold them (Dynamo's sources,
     AOT's descriptors, the export signature); ``model_state`` names more (placeholder names), for graphs
     that do not record it.
+
+    A weight the graph unpacks from parameters and buffers is computed once from ``example_inputs``' real
+    values (docs/patterns.md); ``may_compute_once(values)`` may refuse it for some sources (the backends
+    refuse tensors split over devices), leaving the unpacking in the graph.
     """
     exported = None
     if isinstance(graph_module, torch.export.ExportedProgram):
@@ -209,7 +213,8 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
     report = RewriteReport(graph=name)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     values = dict(zip(placeholders, example_inputs)) if example_inputs and len(example_inputs) == len(placeholders) else {}
-    ctx = Context(gm, model_state=_model_state(gm, exported, model_state), values=values)
+    ctx = Context(gm, model_state=_model_state(gm, exported, model_state), values=values,
+                  may_compute_once=may_compute_once)
     consumed: set[Node] = set()
     failures: dict[Node, list] = {}
 

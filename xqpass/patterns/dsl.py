@@ -156,6 +156,9 @@ class Context:
     #: real tensors of graph inputs (the backend's example inputs), from which a weight the graph unpacks
     #: from the model's state is computed once
     values: dict = field(default_factory=dict)
+    #: whether a tensor computed from these sources' values may be computed once (the backends refuse
+    #: sources split over devices: computed once, the result would be whole on each device)
+    may_compute_once: Any = None
     #: nodes of subgraphs computed once by the rewrite in progress (erased with the match where unused)
     computed_once: set = field(default_factory=set)
 

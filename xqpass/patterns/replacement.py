@@ -122,11 +122,13 @@ class _Storage:
 
 def _source_values(ctx: Context, subgraph: Subgraph) -> tuple[list, list]:
     """The real tensors of a subgraph's sources, and the names of those not known here (a graph traced
-    with fake tensors)."""
+    with fake tensors) or not to be computed from once (``ctx.may_compute_once``: split over devices)."""
     values = [ctx.values.get(s) if s.op == "placeholder" else attribute(ctx.gm, str(s.target))
               for s in subgraph.sources]
     unknown = [s.name for s, v in zip(subgraph.sources, values)
                if not isinstance(v, torch.Tensor) or isinstance(v, torch._subclasses.FakeTensor)]
+    if not unknown and ctx.may_compute_once is not None and not ctx.may_compute_once(values):
+        unknown = [f"{', '.join(s.name for s in subgraph.sources)} (split over devices)"]
     return values, unknown
 
 
