@@ -5,6 +5,7 @@ lowering). torch_xla is imported only when an XLA tensor reaches the op.
 """
 from . import ops  # noqa: F401  (registers torch.ops.xq.quantized_matmul)
 from .nn import QuantizeReport, XlaQuantizedLinear, quantize_model
+from .experts import XlaQuantizedExperts, XlaQuantizedGatedExperts, quantize_expert_bank
 from .quant import QuantizedWeight, dequantize, pack_int4, quantize_per_token, quantize_weight, unpack_int4
 from .rewrite import Missed, RewriteReport, Rewritten, rewrite
 from . import backend  # noqa: E402,F401  (registers the xq_openxla and xq_eager backends)
@@ -25,9 +26,12 @@ __all__ = [
     "RewriteReport",
     "ShardingReport",
     "Rewritten",
+    "XlaQuantizedExperts",
+    "XlaQuantizedGatedExperts",
     "XlaQuantizedLinear",
     "dequantize",
     "pack_int4",
+    "quantize_expert_bank",
     "quantize_model",
     "quantize_per_token",
     "quantize_weight",

@@ -8,6 +8,8 @@ from typing import Callable, Literal, Optional, overload
 import torch
 from torch import nn
 
+from .experts import (QuantizedExpertBanks, XlaQuantizedGatedExperts, check_expert_banks, gated_experts_reason,
+                      is_expert_bank_module)
 from .ops import check_inputs  # importing .ops registers torch.ops.xq.quantized_matmul
 from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, Layout
 from .quant.quantize import check_float8_format, check_format, check_weight, quantize_weight
@@ -238,18 +240,22 @@ class SkippedLayer:
 
 @dataclass
 class QuantizeReport:
-    """What :func:`quantize_model` did: ``quantized`` and ``skipped`` layers in model order, and ``notes``
-    on the other changes it made to keep the model computing the same thing (each says why)."""
+    """What :func:`quantize_model` did: ``quantized`` linears, ``experts`` (MoE expert modules swapped
+    for :class:`~xqpass.experts.XlaQuantizedGatedExperts`) and ``skipped`` layers in model order, and
+    ``notes`` on the other changes it made to keep the model computing the same thing (each says why)."""
 
     format: str
     quantized: list[QuantizedLayer] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    experts: list[QuantizedExpertBanks] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"xqpass: quantize_model {self.format}: {len(self.quantized)} linears quantized, "
+        banks = f", {len(self.experts)} expert modules quantized" if self.experts else ""
+        lines = [f"xqpass: quantize_model {self.format}: {len(self.quantized)} linears quantized{banks}, "
                  f"{len(self.skipped)} left as they are"]
-        lines += [str(layer) for layer in self.quantized] + [str(layer) for layer in self.skipped]
+        lines += [str(layer) for layer in self.quantized] + [str(bank) for bank in self.experts]
+        lines += [str(layer) for layer in self.skipped]
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
@@ -277,6 +283,42 @@ def _linear_sites(model: nn.Module) -> list[_Site]:
             if not any(p is parent and a == attr for p, a in site.places):
                 site.places.append((parent, attr))
     return list(sites.values())
+
+
+def _expert_sites(model: nn.Module) -> list[_Site]:
+    """Every transformers experts module (fused 3-D ``gate_up_proj`` / ``down_proj`` banks) below ``model``
+    once, in model order, with all its names (``_Site.linear`` holds the module)."""
+    sites: dict[int, _Site] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is None or not is_expert_bank_module(child):
+                continue
+            site = sites.setdefault(id(child), _Site(child))
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if name not in site.names:
+                site.names.append(name)
+            if not any(p is parent and a == attr for p, a in site.places):
+                site.places.append((parent, attr))
+    return list(sites.values())
+
+
+def _why_experts_not_swapped(site: _Site, holders: dict, quantize_activation: bool, block_n: int) -> str | None:
+    """Why swapping this experts module would change what the model computes or holds (or the format has
+    no bank layout); None when it is safe."""
+    if quantize_activation:
+        return "the grouped op takes no quantized activations (W8A8): the expert banks stay float"
+    if block_n != 1:
+        return (f"block_n={block_n}: float8 per-tensor and 2-D block scales are not a layout of the grouped op "
+                f"(per-channel or groups by rows are)")
+    reason = gated_experts_reason(site.linear)
+    if reason is not None:
+        return reason
+    for tensor_name in ("gate_up_proj", "down_proj"):
+        others = sorted({name for module, name in holders.get(id(getattr(site.linear, tensor_name)), [])
+                         if module is not site.linear})
+        if others:
+            return f"its {tensor_name} is also {', '.join(others)} (tied): a quantized copy would end the tie"
+    return None
 
 
 def _parameter_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -339,7 +381,7 @@ def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., sym
                    quantize_activation: bool = ..., filter_fn: Optional[Callable[[nn.Module, str], bool]] = ..., *,
                    packed: bool | None = ..., scale_dtype: torch.dtype = ..., block_layout: str = ...,
                    weight_dtype: torch.dtype | None = ..., block_n: int = ...,
-                   return_report: Literal[False] = ...) -> nn.Module: ...
+                   return_report: Literal[False] = ..., experts: bool = ...) -> nn.Module: ...
 
 
 @overload
@@ -347,7 +389,7 @@ def quantize_model(model: nn.Module, bits: int = ..., block_size: int = ..., sym
                    quantize_activation: bool = ..., filter_fn: Optional[Callable[[nn.Module, str], bool]] = ..., *,
                    packed: bool | None = ..., scale_dtype: torch.dtype = ..., block_layout: str = ...,
                    weight_dtype: torch.dtype | None = ..., block_n: int = ...,
-                   return_report: Literal[True]) -> tuple[nn.Module, QuantizeReport]: ...
+                   return_report: Literal[True], experts: bool = ...) -> tuple[nn.Module, QuantizeReport]: ...
 
 
 def quantize_model(
@@ -364,6 +406,7 @@ def quantize_model(
     weight_dtype: torch.dtype | None = None,
     block_n: int = 1,
     return_report: bool = False,
+    experts: bool = True,
 ):
     """Swap the ``nn.Linear`` layers of ``model`` (in place) for :class:`XlaQuantizedLinear` layers.
 
@@ -398,6 +441,15 @@ def quantize_model(
     at INFO, and the layers left alone for safety (not by ``filter_fn``) at WARNING, so that a model
     that is not fully quantized says so by default. It is not stored on the model: an attribute would
     be saved and copied with the model and go stale as soon as the model changes.
+
+    **Mixture-of-experts.** With ``experts=True`` (the default) ``transformers``' fused experts modules
+    (``MixtralExperts``, ``Qwen3MoeExperts``, ...: 3-D ``gate_up_proj`` / ``down_proj`` banks) that
+    ``filter_fn`` picks are swapped for :class:`~xqpass.experts.XlaQuantizedGatedExperts` in the same
+    format, by the same three steps (the report's ``experts``). Expert banks are stored by rows (the
+    grouped op's one blockwise layout, whatever ``block_layout`` says); W8A8 and float8 ``block_n``
+    formats have no bank layout, and a module whose flags describe another forward (gpt-oss) is not
+    swapped: those are left float and reported. The router (``gate``) is an ``nn.Linear`` in some models
+    (quantized with the linears, ``filter_fn`` decides) and a plain parameter in others (left float).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model expects an nn.Module, got {type(model).__name__}")
@@ -450,6 +502,21 @@ def quantize_model(
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_model: {names[0]!r}: {e}; the model is untouched") from e
         to_swap.append(site)
+    expert_swaps: list[_Site] = []
+    for site in _expert_sites(model) if experts else []:
+        names = tuple(site.names)
+        if not all(filter_fn is None or filter_fn(site.linear, name) for name in names):
+            report.skipped.append(SkippedLayer(names, "not picked by filter_fn", by_filter=True))
+            continue
+        reason = _why_experts_not_swapped(site, holders, quantize_activation, block_n)
+        if reason is not None:
+            report.skipped.append(SkippedLayer(names, reason))
+            continue
+        try:
+            check_expert_banks(site.linear, block_size, packed_resolved)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"quantize_model: {names[0]!r}: {e}; the model is untouched") from e
+        expert_swaps.append(site)
 
     # 2. build every replacement (reads the weights: a non-finite value raises here)
     built: list[XlaQuantizedLinear] = []
@@ -459,6 +526,17 @@ def quantize_model(
                 site.linear, bits, block_size, symmetric, quantize_activation, packed=packed,
                 scale_dtype=scale_dtype, block_layout=block_layout, weight_dtype=weight_dtype, block_n=block_n,
             ))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"quantize_model: {site.names[0]!r}: {e}; the model is untouched") from e
+        except Exception as e:
+            e.add_note(f"quantize_model: while quantizing {site.names[0]!r}; the model is untouched")
+            raise
+    built_experts: list[XlaQuantizedGatedExperts] = []
+    for site in expert_swaps:
+        try:
+            built_experts.append(XlaQuantizedGatedExperts.from_float(
+                site.linear, bits, block_size, symmetric, packed=packed, scale_dtype=scale_dtype,
+                weight_dtype=weight_dtype))
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_model: {site.names[0]!r}: {e}; the model is untouched") from e
         except Exception as e:
@@ -474,6 +552,14 @@ def quantize_model(
             report.notes.append(f"{site.names[0]}: a no-op forward pre-hook keeps nn.TransformerEncoderLayer's fused "
                                 f"inference path (which reads the weight as a float matrix) from being taken")
         report.quantized.append(QuantizedLayer(tuple(site.names), site.linear.in_features, site.linear.out_features))
+    for site, new in zip(expert_swaps, built_experts):
+        for parent, attr in site.places:
+            setattr(parent, attr, new.to(site.linear.gate_up_proj.device))
+        report.experts.append(QuantizedExpertBanks(tuple(site.names), new.num_experts, new.hidden_dim,
+                                                   new.intermediate_dim))
+    if built_experts and block_size != PER_CHANNEL and block_layout == "seed":
+        report.notes.append("expert banks are stored blockwise by rows (the grouped op's blockwise layout), the "
+                            "linears in the seed's layout")
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False) and any(
             isinstance(m, XlaQuantizedLinear) for m in module.modules()

@@ -1,0 +1,275 @@
+"""Quantized expert banks: ``XlaQuantizedExperts``, ``XlaQuantizedGatedExperts`` in place of transformers'
+fused experts (Mixtral, Qwen3-MoE), and ``quantize_model``'s swap, against a float64 oracle written
+here (the banks' bytes decoded by hand, transformers' MoE formula in numpy), on CPU and XLA."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+import xqpass
+from oracle import dequantized
+from xqpass import XlaQuantizedExperts, XlaQuantizedGatedExperts, XlaQuantizedLinear
+
+#: name: quantize_model / from_float format arguments
+FORMATS = {
+    "int8": dict(bits=8),
+    "int8 asym": dict(bits=8, symmetric=False),
+    "int4 packed g8": dict(bits=4, block_size=8),
+    "uint4 packed g8 asym": dict(bits=4, block_size=8, symmetric=False),
+    "int4 one a byte": dict(bits=4, packed=False),
+    "e4m3": dict(weight_dtype=torch.float8_e4m3fn),
+}
+
+
+def decoded_bank(bank: XlaQuantizedExperts) -> np.ndarray:
+    """``[E, N, K]`` float64: each expert decoded by the oracle (nibbles by hand; float8 exactly)."""
+    experts = []
+    for e in range(bank.num_experts):
+        w, s = bank.weight[e].cpu(), bank.weight_scaler[e].cpu()
+        z = None if bank.zero_point is None else bank.zero_point[e].cpu()
+        if w.dtype.is_floating_point:  # float8: every value is exact in float64
+            s64 = s.double().numpy()
+            v = w.double().numpy()
+            experts.append(v * (s64[:, None] if bank.block_size == -1 else np.repeat(s64, bank.block_size, axis=1)))
+        else:
+            experts.append(dequantized(w, s, z, bank.block_size, bank.packed)[0])
+    return np.stack(experts)
+
+
+def silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def moe_oracle(gate_up: np.ndarray, down: np.ndarray, x, ids, weights) -> np.ndarray:
+    """transformers' experts forward in float64: for each row t and slot j, expert e = ids[t, j]:
+    gate, up = x[t] @ gate_up[e].T halves; out[t] += weights[t, j] * (silu(gate) * up) @ down[e].T."""
+    x, ids, weights = x.double().numpy(), ids.numpy(), weights.double().numpy()
+    out = np.zeros((x.shape[0], down.shape[1]))
+    inner = down.shape[2]
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            h = gate_up[ids[t, j]] @ x[t]
+            out[t] += weights[t, j] * (down[ids[t, j]] @ (silu(h[:inner]) * h[inner:]))
+    return out
+
+
+def float_experts(experts: int, hidden: int, inner: int, seed: int) -> MixtralExperts:
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=inner, num_local_experts=experts)
+    module = MixtralExperts(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(torch.randn(module.gate_up_proj.shape, generator=gen) / hidden**0.5)
+        module.down_proj.copy_(torch.randn(module.down_proj.shape, generator=gen) / inner**0.5)
+    return module
+
+
+def routing(rows, top_k, used, seed):
+    """Top-k ids drawn from ``used`` only (the other experts receive no row), distinct within a row as
+    topk's are, and weights summing to one."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(used)
+    ids = torch.stack([pool[torch.randperm(len(used), generator=gen)[:top_k]] for _ in range(rows)]) if rows else \
+        torch.empty((0, top_k), dtype=torch.int64)
+    weights = torch.rand((rows, top_k), generator=gen) + 0.1
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+@st.composite
+def cases(draw):
+    experts = draw(st.integers(1, 6))
+    top_k = draw(st.integers(1, min(experts, 3)))
+    used = draw(st.lists(st.integers(0, experts - 1), min_size=top_k, max_size=experts, unique=True))
+    return dict(fmt=draw(st.sampled_from(sorted(FORMATS))), experts=experts, top_k=top_k, used=sorted(used),
+                rows=draw(st.sampled_from([0, 1, 2, 3, 7, 20])), seed=draw(st.integers(0, 2**16)))
+
+
+def check_case(case, device=None, dtype=torch.float32):
+    float_module = float_experts(case["experts"], 32, 16, case["seed"])
+    module = XlaQuantizedGatedExperts.from_float(float_module, **FORMATS[case["fmt"]])
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    x = torch.randn((case["rows"], 32), generator=gen).to(dtype)
+    ids, weights = routing(case["rows"], case["top_k"], case["used"], case["seed"])
+    expected = moe_oracle(decoded_bank(module.gate_up_proj), decoded_bank(module.down_proj), x, ids, weights)
+    if device is not None:
+        module, x, ids, weights = module.to(device), x.to(device), ids.to(device), weights.to(device)
+    with torch.no_grad():
+        out = module(x, ids, weights).cpu()
+    assert out.shape == (case["rows"], 32) and out.dtype == dtype
+    scale = max(np.abs(expected).max(initial=0.0), 1e-3)
+    # float32: a few roundings of ~1e-7 through two products; bfloat16: x, the inner product, the output
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    err = np.abs(out.double().numpy() - expected).max(initial=0.0)
+    assert err <= tolerance * scale, (case, err, scale)
+
+
+@given(cases())
+def test_gated_experts_match_the_float64_oracle_on_cpu(case):
+    check_case(case)
+
+
+@settings(max_examples=12)
+@given(cases())
+def test_gated_experts_match_the_float64_oracle_on_xla(xla_device, case):
+    check_case(case, xla_device)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4 packed g8"])
+def test_bfloat16_activations(fmt, xla_device):
+    case = dict(fmt=fmt, experts=4, top_k=2, used=[0, 2, 3], rows=5, seed=3)
+    check_case(case, dtype=torch.bfloat16)
+    check_case(case, xla_device, dtype=torch.bfloat16)
+
+
+def test_bank_is_each_expert_quantized_alone():
+    bank = torch.randn(3, 24, 32)
+    for kwargs in FORMATS.values():
+        q = XlaQuantizedExperts.from_float(bank, **kwargs)
+        for e in range(3):
+            one = xqpass.quantize_weight(bank[e], **{"block_layout": "rows", **kwargs})
+            assert torch.equal(q.weight[e], one.weight) and torch.equal(q.weight_scaler[e], one.scale)
+            assert (q.zero_point is None) == (one.zero_point is None)
+            if q.zero_point is not None:
+                assert torch.equal(q.zero_point[e], one.zero_point)
+    x, ids = torch.randn(5, 32), torch.tensor([[0, 2], [1, 1], [2, 0], [0, 1], [2, 2]])
+    q = XlaQuantizedExperts.from_float(bank, bits=8, bias=torch.randn(3, 24))
+    want = torch.stack([torch.stack([x[t] @ q.weight[e].float().T * q.weight_scaler[e] + q.bias[e] for e in row])
+                        for t, row in enumerate(ids.tolist())])
+    torch.testing.assert_close(q(x, ids), want, rtol=1e-5, atol=1e-5)
+    assert q(x, ids[:, 0]).shape == (5, 24)
+
+
+def test_bank_errors():
+    with pytest.raises(TypeError, match=r"\[experts, out_features, in_features\] tensor, got torch.float32 2-D"):
+        XlaQuantizedExperts.from_float(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="block_size must be -1 or a positive divisor of in_features=30"):
+        XlaQuantizedExperts.from_float(torch.randn(2, 4, 30), bits=4, block_size=8)
+    q = XlaQuantizedExperts(2, 16, 8)
+    with pytest.raises(ValueError, match=r"expected 2 experts of 8 output features, got 3 of 8"):
+        q.load_quantized_weight(torch.zeros(3, 8, 16, dtype=torch.int8), torch.ones(3, 8))
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 8\)"):
+        q.load_quantized_weight(torch.zeros(2, 8, 16, dtype=torch.int8), torch.ones(2, 4))
+
+
+# -- whole models --------------------------------------------------------------------------------------
+
+def mixtral(seed=0):
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
+
+
+def qwen3_moe(seed=0):
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                            max_position_embeddings=64)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def float64_twin(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """The float model in float64 with every quantized weight replaced by its float64 decoding: the
+    exact value of the quantized model (routing included)."""
+    twin = copy.deepcopy(float_model).double()
+    twin.config._experts_implementation = "eager"  # the loop over experts: torch's grouped_mm takes no float64
+    modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            new = modules.get(name)
+            if isinstance(new, XlaQuantizedLinear):
+                module.weight.copy_(torch.from_numpy(dequantized(new.weight, new.weight_scaler, new.zero_point,
+                                                                 new.block_size, new.packed)[0]))
+            elif isinstance(new, XlaQuantizedGatedExperts):
+                module.gate_up_proj.copy_(torch.from_numpy(decoded_bank(new.gate_up_proj)))
+                module.down_proj.copy_(torch.from_numpy(decoded_bank(new.down_proj)))
+    return twin
+
+
+@pytest.mark.parametrize("make", [mixtral, qwen3_moe])
+@pytest.mark.parametrize("fmt", ["int8", "uint4 packed g8 asym"])
+def test_model_matches_its_float64_decoding_on_cpu_and_xla(make, fmt, xla_device):
+    model = make()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    float_model = copy.deepcopy(model)
+    quantized, report = xqpass.quantize_model(model, **FORMATS[fmt], filter_fn=lambda m, name: name != "lm_head",
+                                              return_report=True)
+    assert len(report.experts) == 2 and all(isinstance(layer.mlp.experts, XlaQuantizedGatedExperts)
+                                            for layer in quantized.model.layers)
+    assert not any(isinstance(m, (nn.Linear, MixtralExperts)) and name.startswith("model.layers")
+                   for name, m in quantized.named_modules())
+    with torch.no_grad():
+        exact = float64_twin(float_model, quantized)(ids).logits
+        on_cpu = quantized(ids).logits
+        on_xla = quantized.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_compiled_model_keeps_one_graph_whatever_the_routing(xla_device):
+    model = xqpass.quantize_model(mixtral(), bits=4, block_size=16, filter_fn=lambda m, name: name != "lm_head")
+    compiled = torch.compile(model.to(xla_device), backend="openxla")
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        compiled(torch.randint(0, 96, (1, 6), generator=gen).to(xla_device)).logits.cpu()
+        before = met.metric_data("CompileTime")[0]
+        for _ in range(2):  # other tokens, other experts
+            compiled(torch.randint(0, 96, (1, 6), generator=gen).to(xla_device)).logits.cpu()
+    assert met.metric_data("CompileTime")[0] == before
+
+
+def test_report_and_the_experts_left_float():
+    model = mixtral()
+    _, report = xqpass.quantize_model(model, bits=8, quantize_activation=True, return_report=True)
+    assert [layer.names for layer in report.skipped] == [("model.layers.0.mlp.experts",), ("model.layers.1.mlp.experts",)]
+    assert "grouped op takes no quantized activations" in str(report) and not report.experts
+    assert isinstance(model.model.layers[0].mlp.experts, MixtralExperts)
+
+    model = mixtral()
+    _, report = xqpass.quantize_model(model, bits=8, experts=False, return_report=True)
+    assert not report.experts and isinstance(model.model.layers[1].mlp.experts, MixtralExperts)
+
+    model = mixtral()
+    _, report = xqpass.quantize_model(model, bits=4, block_size=16, filter_fn=lambda m, name: "experts" in name,
+                                      return_report=True)
+    assert "0 linears quantized, 2 expert modules quantized" in str(report)
+    assert "model.layers.0.mlp.experts: 6 experts, gate_up [96x64], down [64x48]" in str(report)
+    assert any("stored blockwise by rows" in note for note in report.notes)
+
+
+def test_experts_of_another_forward_are_left_alone():
+    class HandWritten(nn.Module):  # 3-D banks, but a forward no flag describes
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
+            self.down_proj = nn.Parameter(torch.randn(2, 4, 4))
+
+    model = nn.Sequential(HandWritten())
+    _, report = xqpass.quantize_model(model, bits=8, return_report=True)
+    assert "is not a transformers experts class" in str(report) and isinstance(model[0], HandWritten)
+
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    model = nn.Sequential(GptOssExperts(GptOssConfig(hidden_size=16, intermediate_size=8, num_local_experts=2)))
+    _, report = xqpass.quantize_model(model, bits=8, return_report=True)
+    assert "describe another forward" in str(report) and isinstance(model[0], GptOssExperts)
+
+
+def test_a_bank_that_does_not_fit_leaves_the_model_untouched():
+    model = mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts': down_proj \(6, 64, 48\): block_size must be "
+                                         r"-1 or a positive divisor of in_features=48.*untouched"):
+        xqpass.quantize_model(model, bits=4, block_size=32, filter_fn=lambda m, name: "experts" in name)
+    assert isinstance(model.model.layers[0].mlp.experts, MixtralExperts)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

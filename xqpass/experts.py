@@ -1,0 +1,290 @@
+"""Quantized expert banks: :class:`XlaQuantizedExperts` (one bank ``[E, N, K]`` on
+``torch.ops.xq.quantized_grouped_matmul``), :class:`XlaQuantizedGatedExperts` (a drop-in for
+``transformers``' fused experts modules) and the part of :func:`xqpass.quantize_model` that swaps them.
+
+One bank is E experts of one linear's shape, stacked on a leading axis, each stored as the grouped op
+takes it (docs/ops.md): per-channel or blockwise **by rows**, int8 / uint8, 4-bit (packed two a byte by
+default), float8 e4m3fn / e5m2 symmetric:
+
+==========================  =======================  ======================  ==========
+layout                      ``weight``               ``weight_scaler``, zp   ``bias``
+==========================  =======================  ======================  ==========
+per-channel (B = -1)        ``[E, N, K]`` (``K/2``)  ``[E, N]``              ``[E, N]``
+blockwise by rows (B)       ``[E, N, K]`` (``K/2``)  ``[E, N, K/B]``         ``[E, N]``
+==========================  =======================  ======================  ==========
+
+``transformers`` 5 keeps a MoE layer's experts as one module with two fused banks (``MixtralExperts``,
+``Qwen3MoeExperts``, ``Qwen2MoeExperts``, ``OlmoeExperts``, ...: every class decorated with
+``use_experts_implementation``): ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` parameters, and
+``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``::
+
+    gate, up = (x @ gate_up_proj[e].T).chunk(2)          for each of the k experts e of a row
+    out      = sum_j top_k_weights[t, j] * (act_fn(gate) * up) @ down_proj[e_j].T
+
+(``_default_apply_gate``). :class:`XlaQuantizedGatedExperts` computes the same with both banks quantized
+and every expert of every row in two grouped calls: no loop over experts, no data-dependent shapes, so
+one XLA graph whatever the routing. A class whose flags say otherwise (``is_transposed``, a bias, no
+gate, ``is_concatenated=False``, a post-expert norm, its own ``_apply_gate`` as gpt-oss has) is left
+alone and reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .ops import check_grouped_inputs  # importing .ops registers torch.ops.xq.quantized_grouped_matmul
+from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, Layout
+from .quant.quantize import QuantizedWeight, check_weight, quantize_weight
+
+
+def quantize_expert_bank(bank: torch.Tensor, bits: int = 8, block_size: int = PER_CHANNEL, symmetric: bool = True,
+                         packed: bool | None = None, scale_dtype: torch.dtype = torch.float32, *,
+                         weight_dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantize a float bank ``[E, N, K]`` into the grouped op's layout, each expert as
+    :func:`~xqpass.quant.quantize_weight` quantizes an ``[N, K]`` weight by rows. Per-channel and
+    by-rows scales belong to one row each, so the bank is quantized as one ``[E * N, K]`` weight and
+    reshaped: the same bytes and scales as expert by expert. Returns a :class:`QuantizedWeight` whose
+    tensors have the expert axis first. Errors as ``quantize_weight``'s (a ``TypeError`` for a bank
+    that is not 3-D)."""
+    if not isinstance(bank, torch.Tensor) or bank.dim() != 3 or not bank.is_floating_point():
+        got = f"{bank.dtype} {bank.dim()}-D tensor" if isinstance(bank, torch.Tensor) else type(bank).__name__
+        raise TypeError(f"quantize_expert_bank expects a floating [experts, out_features, in_features] tensor, got "
+                        f"{got}")
+    experts, n, k = bank.shape
+    if experts == 0 or n == 0:
+        raise ValueError(f"the bank {tuple(bank.shape)} holds no experts or no output features")
+    flat = quantize_weight(bank.reshape(experts * n, k), bits, block_size, symmetric, packed, scale_dtype, "rows",
+                           weight_dtype=weight_dtype)
+
+    def per_expert(t):
+        return None if t is None else t.reshape(experts, n, *t.shape[1:])
+
+    return QuantizedWeight(per_expert(flat.weight), per_expert(flat.scale), per_expert(flat.zero_point),
+                           flat.block_size, flat.int4_weight, flat.packed)
+
+
+class XlaQuantizedExperts(nn.Module):
+    """A bank of ``num_experts`` quantized linears of one shape, run through
+    ``torch.ops.xq.quantized_grouped_matmul``: ``forward(x [T, K], expert_ids [T] or [T, top_k])`` returns
+    ``[*expert_ids.shape, N]``, row ``t`` (slot ``j``) times expert ``expert_ids[t, j]`` (plus its bias).
+
+    Buffers as in the module docstring's table (``weight``, ``weight_scaler``, ``zero_point`` when
+    asymmetric: ``w_deq = weight * weight_scaler - zero_point``, the op's convention); ``bias`` an
+    optional ``[E, N]`` parameter. Build one from a float bank with :meth:`from_float`, or allocate it
+    (``device="meta"``: nothing allocated) and fill it with :meth:`load_quantized_weight`.
+    """
+
+    def __init__(self, num_experts: int, input_dim: int, output_dim: int, is_symmetric: bool = True,
+                 block_size: int = PER_CHANNEL, int4_weight: bool = False, *, packed: bool = False,
+                 bias: bool = False, weight_dtype: torch.dtype | None = None,
+                 scale_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        if weight_dtype in FLOAT8_DTYPES and (not is_symmetric or int4_weight or packed):
+            raise ValueError(f"float8 weights ({weight_dtype}) are symmetric, one value a byte: pass is_symmetric=True, "
+                             f"int4_weight=False, packed=False")
+        if block_size != PER_CHANNEL and (block_size <= 0 or input_dim % block_size):
+            raise ValueError(f"block_size must be -1 or a positive divisor of input_dim={input_dim}, got {block_size}")
+        if packed and not int4_weight:
+            raise ValueError("packed=True holds two 4-bit values a byte; it needs int4_weight=True")
+        self.num_experts = num_experts
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.block_size = block_size
+        self.int4_weight = int4_weight
+        self.packed = packed
+        layout = Layout.of(block_size, packed, "rows")
+        w_shape = (num_experts, *layout.weight_shape(output_dim, input_dim))
+        s_shape = (num_experts, *layout.scale_shape(output_dim, input_dim))
+        if weight_dtype is None:
+            weight_dtype = torch.int8 if is_symmetric else torch.uint8
+        self.register_buffer("weight", torch.zeros(w_shape, dtype=weight_dtype, device=device))
+        self.register_buffer("weight_scaler", torch.zeros(s_shape, dtype=scale_dtype, device=device))
+        if is_symmetric:
+            self.zero_point = None
+        else:
+            self.register_buffer("zero_point", torch.zeros(s_shape, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_experts, output_dim, dtype=scale_dtype, device=device)) if bias else None
+
+    @property
+    def layout(self) -> Layout:
+        """One expert's layout (:mod:`xqpass.quant.layouts`): per-channel or blockwise by rows."""
+        return Layout.recognise(self.weight.shape[1:], self.block_size, self.packed)
+
+    @property
+    def in_features(self) -> int:
+        return self.input_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.output_dim
+
+    @classmethod
+    def from_float(cls, bank: torch.Tensor, bits: int = 8, block_size: int = PER_CHANNEL, symmetric: bool = True,
+                   *, packed: bool | None = None, scale_dtype: torch.dtype = torch.float32,
+                   weight_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None) -> "XlaQuantizedExperts":
+        """Round-to-nearest quantize a float bank ``[E, N, K]`` (:func:`quantize_expert_bank`); ``bias``:
+        an optional float ``[E, N]``. Neither is modified; the new module sits on ``bank``'s device."""
+        qw = quantize_expert_bank(bank, bits, block_size, symmetric, packed, scale_dtype, weight_dtype=weight_dtype)
+        experts, n, k = bank.shape
+        if bias is not None and tuple(bias.shape) != (experts, n):
+            raise ValueError(f"bias must have shape {(experts, n)} [E, N], got {tuple(bias.shape)}")
+        q = cls(experts, k, n, is_symmetric=qw.zero_point is None, block_size=block_size, int4_weight=qw.int4_weight,
+                packed=qw.packed, bias=bias is not None, weight_dtype=qw.weight.dtype, scale_dtype=scale_dtype,
+                device="meta")
+        q.load_quantized_weight(qw.weight, qw.scale, qw.zero_point)
+        if bias is not None:
+            q.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return q
+
+    def load_quantized_weight(self, weight, weight_scaler, zero_point=None) -> None:
+        """Load quantized tensors in this module's layout (checked as the grouped op checks a call: shapes
+        and dtypes, each error naming what was expected)."""
+        probe = torch.empty((0, self.input_dim), dtype=torch.float32, device=weight.device)
+        ids = torch.empty((0,), dtype=torch.int64, device=weight.device)
+        spec = check_grouped_inputs(probe, ids, weight, weight_scaler, zero_point, self.block_size, self.int4_weight,
+                                    None, self.packed)
+        if (spec.experts, spec.out_features) != (self.num_experts, self.output_dim):
+            raise ValueError(f"load_quantized_weight: expected {self.num_experts} experts of {self.output_dim} output "
+                             f"features, got {spec.experts} of {spec.out_features}")
+        self.weight = weight
+        self.weight_scaler = weight_scaler
+        self.zero_point = zero_point
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.xq.quantized_grouped_matmul.default(
+            x, expert_ids, self.weight, self.weight_scaler, self.zero_point, self.block_size, self.int4_weight,
+            self.bias, packed=self.packed)
+
+    def extra_repr(self) -> str:
+        bits = "float8" if self.weight.dtype in FLOAT8_DTYPES else "int4" if self.int4_weight else "int8"
+        if self.int4_weight:
+            bits += " packed" if self.packed else " (one a byte)"
+        return (f"num_experts={self.num_experts}, in_features={self.input_dim}, out_features={self.output_dim}, "
+                f"weight={bits} {self.weight.dtype}, {self.layout.name}"
+                f"{'' if self.block_size == PER_CHANNEL else f'(B={self.block_size})'}, "
+                f"symmetric={self.zero_point is None}, bias={self.bias is not None}")
+
+
+class XlaQuantizedGatedExperts(nn.Module):
+    """Drop-in for ``transformers``' fused experts module (``MixtralExperts``, ``Qwen3MoeExperts``, ...):
+    ``gate_up_proj`` (``[E, 2I, H]``) and ``down_proj`` (``[E, H, I]``) as :class:`XlaQuantizedExperts`,
+    the same ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
+
+    Two grouped calls a layer: the router's ``top_k_index`` as it comes for the gate/up bank (one ``x``
+    row, k experts), then each (row, slot) its own row of the down bank. The k results are weighted and
+    summed in float32 (``top_k_weights``' dtype or wider) and rounded once to ``hidden_states.dtype``
+    (transformers rounds each expert's share, then adds them in that dtype)."""
+
+    def __init__(self, gate_up_proj: XlaQuantizedExperts, down_proj: XlaQuantizedExperts, act_fn: nn.Module):
+        super().__init__()
+        if gate_up_proj.out_features != 2 * down_proj.in_features or gate_up_proj.in_features != down_proj.out_features \
+                or gate_up_proj.num_experts != down_proj.num_experts:
+            raise ValueError(f"gate_up_proj [{gate_up_proj.num_experts}, {gate_up_proj.out_features}, "
+                             f"{gate_up_proj.in_features}] and down_proj [{down_proj.num_experts}, {down_proj.out_features}, "
+                             f"{down_proj.in_features}] are not [E, 2I, H] and [E, H, I]")
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+        self.num_experts = gate_up_proj.num_experts
+        self.hidden_dim = gate_up_proj.in_features
+        self.intermediate_dim = down_proj.in_features
+
+    @classmethod
+    def from_float(cls, experts: nn.Module, bits: int = 8, block_size: int = PER_CHANNEL, symmetric: bool = True, *,
+                   packed: bool | None = None, scale_dtype: torch.dtype = torch.float32,
+                   weight_dtype: torch.dtype | None = None) -> "XlaQuantizedGatedExperts":
+        """Quantize a ``transformers`` experts module (both banks in one format; ``act_fn`` shared, the
+        float module never modified). :func:`gated_experts_reason` says whether it can be swapped."""
+        reason = gated_experts_reason(experts)
+        if reason is not None:
+            raise ValueError(f"{type(experts).__name__}: {reason}")
+        kwargs = dict(packed=packed, scale_dtype=scale_dtype, weight_dtype=weight_dtype)
+        return cls(XlaQuantizedExperts.from_float(experts.gate_up_proj.detach(), bits, block_size, symmetric, **kwargs),
+                   XlaQuantizedExperts.from_float(experts.down_proj.detach(), bits, block_size, symmetric, **kwargs),
+                   experts.act_fn)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        rows, top_k = top_k_index.shape
+        gate, up = self.gate_up_proj(hidden_states, top_k_index).chunk(2, dim=-1)  # [T, k, I] each
+        inner = (self.act_fn(gate) * up).reshape(rows * top_k, self.intermediate_dim)
+        out = self.down_proj(inner, top_k_index.reshape(rows * top_k)).reshape(rows, top_k, self.hidden_dim)
+        weights = top_k_weights.to(torch.promote_types(top_k_weights.dtype, torch.float32))
+        return (out.to(weights.dtype) * weights[..., None]).sum(dim=1).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}"
+
+
+#: the flags of ``transformers``' ``use_experts_implementation`` and the values the gated forward assumes
+_GATED_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
+                "has_post_expert_norm": False}
+
+
+def is_expert_bank_module(module: nn.Module) -> bool:
+    """A module holding fused 3-D banks the way ``transformers`` 5's experts modules do (whether or not
+    :class:`XlaQuantizedGatedExperts` can take it: :func:`gated_experts_reason`)."""
+    return all(isinstance(module._parameters.get(name), torch.Tensor) and module._parameters[name].dim() == 3
+               for name in ("gate_up_proj", "down_proj"))
+
+
+def gated_experts_reason(module: nn.Module) -> str | None:
+    """Why :class:`XlaQuantizedGatedExperts` would not compute what ``module`` computes; None when it would."""
+    if not is_expert_bank_module(module):
+        return "it holds no 3-D gate_up_proj and down_proj parameters"
+    if not hasattr(module, "is_transposed") or not hasattr(module, "_apply_gate"):
+        return (f"its class {type(module).__qualname__} is not a transformers experts class "
+                f"(use_experts_implementation), so its forward is not known")
+    flags = {name: getattr(module, name, None) for name in _GATED_FLAGS}
+    other = {name: value for name, value in flags.items() if value != _GATED_FLAGS[name]}
+    if other:
+        return (f"its flags {other} describe another forward (the swap computes x @ gate_up_proj[e].T, "
+                f"act(gate) * up, @ down_proj[e].T without biases)")
+    from transformers.integrations.moe import _default_apply_gate
+
+    if getattr(type(module)._apply_gate, "__func__", type(module)._apply_gate) is not _default_apply_gate:
+        return f"its class {type(module).__qualname__} has its own _apply_gate, which the swap would drop"
+    if any(module._parameters.get(name) is not None for name in ("gate_up_proj_bias", "down_proj_bias")):
+        return "it has expert biases"
+    if not isinstance(getattr(module, "act_fn", None), nn.Module) and not callable(getattr(module, "act_fn", None)):
+        return "it has no act_fn"
+    experts, two_inner, hidden = module.gate_up_proj.shape
+    if two_inner % 2 or tuple(module.down_proj.shape) != (experts, hidden, two_inner // 2):
+        return (f"gate_up_proj {tuple(module.gate_up_proj.shape)} and down_proj {tuple(module.down_proj.shape)} are "
+                f"not [E, 2I, H] and [E, H, I]")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks or pre-hooks, which the swap would drop"
+    return None
+
+
+def check_expert_banks(module: nn.Module, block_size: int, packed: bool) -> None:
+    """Metadata checks of both banks before anything is built (a ``ValueError`` / ``TypeError`` from
+    :func:`~xqpass.quant.quantize.check_weight`, naming the bank)."""
+    for name in ("gate_up_proj", "down_proj"):
+        bank = module._parameters[name]
+        if nn.parameter.is_lazy(bank):
+            raise ValueError(f"{name} is uninitialized: run one forward pass first")
+        try:
+            check_weight(bank.flatten(0, 1), block_size, packed)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name} {tuple(bank.shape)}: {e}") from e
+
+
+@dataclass
+class QuantizedExpertBanks:
+    """A transformers experts module swapped for an :class:`XlaQuantizedGatedExperts`."""
+
+    names: tuple[str, ...]
+    experts: int
+    hidden: int
+    intermediate: int
+
+    def __str__(self) -> str:
+        return (f"  + {' = '.join(self.names)}: {self.experts} experts, gate_up [{2 * self.intermediate}x{self.hidden}], "
+                f"down [{self.hidden}x{self.intermediate}]")
+
+
+__all__ = ["QuantizedExpertBanks", "XlaQuantizedExperts", "XlaQuantizedGatedExperts", "check_expert_banks",
+           "gated_experts_reason", "is_expert_bank_module", "quantize_expert_bank"]
