@@ -41,3 +41,13 @@ def test_generate(batch):
     out = run_example("generate.py", "--batch", batch, "--new-tokens", "4")
     rows = [line for line in out.splitlines() if line.startswith(("hand-written", "quantize_model", "GPTQ"))]
     assert len(rows) == 3, out  # each row checked by the example itself (logits error, compilations)
+    for row in rows:  # compilations in each of five generate() calls: none after the first
+        assert row.split()[-3].endswith("/0/0/0/0"), row
+
+
+def test_moe():
+    out = run_example("moe.py", "--new-tokens", "4")
+    rows = [line for line in out.splitlines() if line.startswith(("bfloat16", "quantize_model"))]
+    assert len(rows) == 3, out  # each row checked by the example itself (logits error, compilations)
+    for row in rows:  # compilations in each of five generate() calls: none after the first
+        assert row.split()[-3].endswith("/0/0/0/0"), row
