@@ -106,6 +106,9 @@ class XlaQuantizedExperts(nn.Module):
         else:
             self.register_buffer("zero_point", torch.zeros(s_shape, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(num_experts, output_dim, dtype=scale_dtype, device=device)) if bias else None
+        #: set by :func:`xqpass.shard_model`'s "expert" style: the experts are split over devices, and
+        #: forward multiplies every row by every expert (see :meth:`every_expert`)
+        self.expert_parallel = False
 
     @property
     def layout(self) -> Layout:
@@ -153,9 +156,31 @@ class XlaQuantizedExperts(nn.Module):
         self.zero_point = zero_point
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if self.expert_parallel:
+            return self.every_expert(x, expert_ids)
         return torch.ops.xq.quantized_grouped_matmul.default(
             x, expert_ids, self.weight, self.weight_scaler, self.zero_point, self.block_size, self.int4_weight,
             self.bias, packed=self.packed)
+
+    def every_expert(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The expert-parallel form: the bank as one ``[E * N, K]`` weight through
+        ``xq::quantized_matmul`` (every row against every expert, each device its own E/n experts' N
+        columns; the bias per column), then each row's experts picked from ``[T, E, N]``. The grouped
+        op's few-row routes gather the chosen experts' bytes, which GSPMD would fetch from the devices
+        holding them (an integer all-reduce as large as the experts); this form moves activations only.
+        The same value as the grouped op (one rounding to ``x.dtype``, before the pick)."""
+        experts, n = self.num_experts, self.output_dim
+
+        def flat(t):
+            return None if t is None else t.reshape(experts * n, *t.shape[2:])
+
+        y = torch.ops.xq.quantized_matmul.default(x, flat(self.weight), flat(self.weight_scaler), flat(self.zero_point),
+                                                  self.block_size, self.int4_weight, False, flat(self.bias),
+                                                  packed=self.packed)
+        ids = expert_ids if expert_ids.dim() == 2 else expert_ids[:, None]
+        rows, top_k = ids.shape
+        picked = y.reshape(rows, experts, n).gather(1, ids[..., None].expand(rows, top_k, n))
+        return picked.reshape(*expert_ids.shape, n)
 
     def extra_repr(self) -> str:
         bits = "float8" if self.weight.dtype in FLOAT8_DTYPES else "int4" if self.int4_weight else "int8"

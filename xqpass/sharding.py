@@ -14,6 +14,12 @@ e.g. the Llama plan::
      "*.attn.o_proj": "row", "*.mlp.gate_proj": "column", "*.mlp.up_proj": "column",
      "*.mlp.down_proj": "row"}
 
+**Expert parallelism**: ``"expert"`` splits a quantized expert bank's experts (``E``, the leading dim of
+its weight, scales, zero points and bias) over the axis, each device holding ``E / n`` whole experts, for
+an :class:`~xqpass.experts.XlaQuantizedExperts` or both banks of an
+:class:`~xqpass.experts.XlaQuantizedGatedExperts` (``{"*.mlp.experts": "expert"}``): every device
+multiplies the rows by its own experts and GSPMD combines the activations; no weight moves.
+
 The mesh is a ``torch_xla.distributed.spmd.Mesh`` with ``axis`` among its axis names; other mesh axes
 (data parallelism) see the weights replicated. torch_xla's SPMD mode (``xr.use_spmd()``) must be on.
 A spec that leaves a tensor whole on every device (a mesh of one device, or ``axis`` of size 1) places
@@ -28,6 +34,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .experts import XlaQuantizedExperts, XlaQuantizedGatedExperts
 from .nn import XlaQuantizedLinear
 from .quant.layouts import PER_CHANNEL, Layout
 
@@ -37,6 +44,10 @@ QUANTIZED_LINEAR_TENSORS = {"weight": "weight", "weight_scaler": "scale", "zero_
 
 #: Megatron tensor parallelism: "column" splits the output features N, "row" the input features K
 SPLIT_STYLES = ("column", "row")
+#: every style a plan takes: the Megatron splits of linears, and "expert" (a bank's experts over the axis)
+PLAN_STYLES = (*SPLIT_STYLES, "expert")
+#: a quantized expert bank's tensors and the dim "expert" cuts (the leading E of each)
+EXPERT_BANK_TENSORS = ("weight", "weight_scaler", "zero_point", "bias")
 
 
 def tensor_parallel_dims(style: str, layout: Layout) -> dict[str, int | None]:
@@ -69,33 +80,69 @@ class ShardingReport:
 
     def __str__(self) -> str:
         devices = f"{self.axis_size} device{'s' if self.axis_size != 1 else ''}"
-        lines = [f"xqpass: {len(self.layers)} linears split over mesh axis {self.axis!r} ({devices})"]
+        banks = sum(layer.style == "expert" for layer in self.layers)
+        what = f"{len(self.layers) - banks} linears" + (f" and {banks} expert modules" if banks else "")
+        lines = [f"xqpass: {what} split over mesh axis {self.axis!r} ({devices})"]
         lines += [f"  {layer.name}: {layer.style}" for layer in self.layers]
         return "\n".join(lines)
 
 
+def _takes_style(module: nn.Module, style: str) -> bool:
+    """Whether a plan entry of ``style`` applies to ``module``: a linear for "column" / "row", a quantized
+    expert bank (or a gated pair of banks) for "expert"."""
+    if style == "expert":
+        return isinstance(module, (XlaQuantizedExperts, XlaQuantizedGatedExperts))
+    return isinstance(module, (nn.Linear, XlaQuantizedLinear))
+
+
 def resolve_plan(modules: Mapping[str, nn.Module], plan: Mapping[str, str]) -> dict[str, str]:
-    """``{module name: style}`` for the linears (``nn.Linear`` / ``XlaQuantizedLinear``) of ``modules``
-    that ``plan``'s globs match (first matching glob wins). A glob that matches no linear, or a style
-    other than "column" / "row", is a ``ValueError`` (a typo would otherwise leave layers replicated)."""
+    """``{module name: style}`` for the linears (``nn.Linear`` / ``XlaQuantizedLinear``; "column" / "row")
+    and quantized expert modules ("expert") of ``modules`` that ``plan``'s globs match (first matching glob
+    wins; the banks of a gated experts module planned whole are not planned again). A glob that matches
+    nothing it can split, or a style other than "column" / "row" / "expert", is a ``ValueError`` (a typo
+    would otherwise leave layers replicated)."""
     if not isinstance(plan, Mapping):
         raise TypeError(f"plan must be a mapping of module-name globs to 'column' / 'row', got {type(plan).__name__}")
     for glob, style in plan.items():
-        if style not in SPLIT_STYLES:
-            raise ValueError(f"plan[{glob!r}]: expected one of {SPLIT_STYLES}, got {style!r}")
-    styles, used = {}, set()
+        if style not in PLAN_STYLES:
+            raise ValueError(f"plan[{glob!r}]: expected one of {PLAN_STYLES}, got {style!r}")
+    styles, used, whole = {}, set(), []
     for name, module in modules.items():
-        if not isinstance(module, (nn.Linear, XlaQuantizedLinear)):
+        if not isinstance(module, (nn.Linear, XlaQuantizedLinear, XlaQuantizedExperts, XlaQuantizedGatedExperts)):
             continue
+        if any(name.startswith(parent + ".") for parent in whole):
+            continue  # a bank of a gated experts module already planned
         for glob, style in plan.items():
-            if fnmatch.fnmatchcase(name, glob):
+            if _takes_style(module, style) and fnmatch.fnmatchcase(name, glob):
+                if isinstance(module, XlaQuantizedGatedExperts):
+                    whole.append(name)
                 styles[name] = style
                 used.add(glob)
                 break
     unused = [glob for glob in plan if glob not in used]
     if unused:
-        raise ValueError(f"plan entries matched no linear layer: {unused}")
+        experts = " (an 'expert' entry takes a quantized expert module: quantize_model first)" if any(
+            plan[glob] == "expert" for glob in unused) else ""
+        raise ValueError(f"plan entries matched no linear layer: {unused}{experts}")
     return styles
+
+
+def expert_partition_specs(name: str, module: nn.Module, axis: str, axis_size: int) -> dict[str, tuple]:
+    """Partition specs of an expert bank's tensors split by experts (the leading E) over ``axis_size``
+    devices, keyed by attribute (a gated module's by ``"gate_up_proj.weight"`` etc.); E must divide evenly."""
+    banks = ({"gate_up_proj.": module.gate_up_proj, "down_proj.": module.down_proj}
+             if isinstance(module, XlaQuantizedGatedExperts) else {"": module})
+    experts = next(iter(banks.values())).num_experts
+    if experts % axis_size:
+        raise ValueError(f"{name}: expert-parallel over {axis_size} devices needs the experts divisible by "
+                         f"{axis_size}, got {experts}")
+    specs = {}
+    for prefix, bank in banks.items():
+        for attr in EXPERT_BANK_TENSORS:
+            tensor = getattr(bank, attr, None)
+            if tensor is not None:
+                specs[prefix + attr] = (axis,) + (None,) * (tensor.dim() - 1)
+    return specs
 
 
 def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, axis_size: int, *,
@@ -249,12 +296,14 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
     require_spmd()
     modules = dict(model.named_modules())
     styles = resolve_plan(modules, plan)
-    planned = [(name, style, linear_partition_specs(name, modules[name], style, axis, size))
+    planned = [(name, style, expert_partition_specs(name, modules[name], axis, size) if style == "expert"
+                else linear_partition_specs(name, modules[name], style, axis, size))
                for name, style in styles.items()]
     report = ShardingReport(axis, size)
     for name, style, specs in planned:
-        module = modules[name]
-        for attr, spec in specs.items():
+        for path, spec in specs.items():
+            owner, _, attr = path.rpartition(".")
+            module = modules[f"{name}.{owner}" if owner else name]
             tensor = getattr(module, attr)
             placed = _shard_tensor(tensor.data if isinstance(tensor, nn.Parameter) else tensor, mesh, spec)
             if isinstance(tensor, nn.Parameter):
@@ -262,10 +311,14 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
                     setattr(module, attr, nn.Parameter(placed, requires_grad=tensor.requires_grad))
             else:
                 setattr(module, attr, placed)
+        if style == "expert":
+            for bank in modules[name].modules():
+                if isinstance(bank, XlaQuantizedExperts):
+                    bank.expert_parallel = True  # its forward multiplies every expert: no bytes gathered
         report.layers.append(ShardedLayer(name, style, specs))
     return report
 
 
-__all__ = ["SPLIT_STYLES", "ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
+__all__ = ["PLAN_STYLES", "SPLIT_STYLES", "expert_partition_specs", "ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
            "local_shard_indices", "place_sharded", "require_spmd", "resolve_plan", "shard_model",
            "tensor_parallel_dims", "xla_device"]
