@@ -384,7 +384,7 @@ def test_gptq_semantics(bits, act_order, dtype):
 # over shapes, group sizes, bits and act-order; and on XLA with xq_openxla
 # --------------------------------------------------------------------------------------------------------
 
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @given(bits=st.sampled_from([4, 8]), group=st.sampled_from([8, 16, 32]), groups=st.integers(1, 4),
@@ -405,7 +405,7 @@ def test_libraries_on_xla_with_xq_openxla():
 
     device = torch_xla.device()
     cases = [(GPTQTorchLinear.quantized(4, 32, 256, 64, act_order=True), torch.float16, torch.float16)]
-    if importlib.util.find_spec("awq") is not None:
+    if "awq" in sys.modules or importlib.util.find_spec("awq") is not None:  # (a bare awq module has no spec)
         cases.append((awq_linear(256, 64), torch.float16, torch.float16))
     for model, dtype, weight_dtype in cases:
         x = activation(256, dtype)
@@ -422,3 +422,37 @@ def test_libraries_on_xla_with_xq_openxla():
         assert len([r for rep in reports for r in rep.rewrites]) == 1, "\n".join(map(str, reports))
         eps = max(EPS[dtype], EPS[weight_dtype])
         torch.testing.assert_close(out.float(), ref.float(), rtol=4 * eps, atol=4 * eps * ref.float().abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------------------
+# torchao 0.14.1: Int8DynamicActivationInt8WeightConfig (W8A8 with its own per-token chain, at the aten level)
+# --------------------------------------------------------------------------------------------------------
+
+@settings(max_examples=12)  # each example compiles a model
+@given(k=st.sampled_from([64, 96, 128]), n=st.sampled_from([8, 32]), rows=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), layers=st.sampled_from([1, 2]),
+       tiny=st.booleans())
+def test_torchao_w8a8(k, n, rows, dtype, layers, tiny):
+    """torchao's chain (amin/amax, eps-clamped scale, x * reciprocal(scale), + zero point 0, _int_mm) is the
+    op's quantize_activation scheme: each linear rewritten, the output within one int8 step per token of
+    torchao's own (a rounding tie), and, for activations so small torchao's eps clamp decides the scale,
+    within torchao's own quantization bound."""
+    quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(k + n)
+    # (torchao leaves linears with 16 or fewer input features in float)
+    model = (two_layer(lambda a, b: float_linear(a, b, seed=a), k, 64, n) if layers == 2
+             else nn.Sequential(float_linear(k, n))).to(dtype).eval()
+    quantization.quantize_(model, quantization.Int8DynamicActivationInt8WeightConfig())
+    x = activation(k, dtype, shape=(rows,)) * (1e-4 if tiny else 1.0)
+    with torch.no_grad():
+        ref = model(x)
+    out, cap = run_compiled(model, x)
+    assert len(cap.xq_calls()) == layers and not cap.dense_matmuls(), cap.describe()
+    # one int8 step of the activation, per token, through |w| (the first layer's bound; a 2-layer model
+    # compounds it through the second's weights, about as large again)
+    with torch.no_grad():
+        first = model[0]
+        w = first.weight.original_weight_tensor.dequantize().float()
+        step = torch.clamp(x.float().abs().amax(-1, keepdim=True) / 127, min=1e-5) * w.abs().sum(1)
+    bound = (2 if layers == 2 else 1) * step.max().item() + 8 * EPS[dtype] * ref.float().abs().max().item() + 1e-6
+    assert (out.float() - ref.float()).abs().max().item() <= bound * (3 if layers == 2 else 1)

@@ -106,6 +106,9 @@ def _looks_dequantized(node: Node) -> bool:
     if canon is None or canon.kind not in _MATMUL_KINDS:
         return False
     weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]
+    value = weight.meta.get("val", weight.meta.get("example_value")) if isinstance(weight, Node) else None
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.int8, torch.uint8):  # an integer matmul (W8A8)
+        return True
     frontier, seen = [weight], set()
     for _ in range(8):
         nxt = []

@@ -834,15 +834,27 @@ class PerTokenQuantized(Pattern):
         x_q = (x / x_scale).round().clamp(-128 or -127, 127).to(torch.int8)
         out = int_product(x_q, w).to(dt) * x_scale * w_scale       # any order of the two scales
 
-    where ``int_product`` is ``torch._int_mm(x_q, w.t())`` or ``x_q.to(int32) @ w.to(int32).t()``.
-    This is exactly the op's ``quantize_activation=True`` scheme (symmetric, amax / 127, round half to
-    even, int32 accumulation); the weight scale must be per output channel.
+    where ``int_product`` is ``torch._int_mm(x_q, w.t())`` or ``x_q.to(int32) @ w.to(int32).t()``, and as
+    torchao writes it (``Int8DynamicActivationInt8WeightConfig``, at the aten level)::
+
+        x_scale = clamp(maximum(-minimum(amin(x, -1), 0), maximum(amax(x, -1), 0)) / 127, min=eps)
+        x_q = (round(x * (reciprocal(x_scale) * 1.0)) + 0).clamp(-127, 127).to(torch.int8)
+
+    This is the op's ``quantize_activation=True`` scheme (symmetric, amax / 127, round half to even, int32
+    accumulation); the weight scale must be per output channel. Two spellings round differently where the
+    op cannot follow: ``x * (1 / x_scale)`` may differ from ``x / x_scale`` in the last bit (a value at a
+    rounding tie may land one int8 step away), and a ``clamp(min=eps)`` of the scale (eps at most 1e-5)
+    changes tokens whose largest magnitude is below 127 * eps, which the op quantizes finer; both stay
+    within the per-token quantization error bound, and docs/patterns.md says so.
     """
 
     product: Pattern  # a Matmul(int_activation=True)
     through_layout = False
 
     def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is not None and canon.kind == "reshape" and same_shape(ctx.shape(canon.inputs[0]), ctx.shape(node)):
+            st, node = st.with_(node), canon.inputs[0]  # a view that keeps the shape (torchao's)
         out = ctx.shape(node)
         for (factors, inner), (i, cast) in ((f, c) for f in _three_factors(node) for c in enumerate(f[0])):
             canon = canonical(cast)
@@ -858,55 +870,158 @@ class PerTokenQuantized(Pattern):
                     continue
                 x, x_scale, chain = found
                 rest = [f for j, f in enumerate(factors) if j != i]
-                if x_scale not in rest:
+                scaled = [f for f in rest if _base(f) is _base(x_scale)]
+                if not scaled:
                     ctx.fail(f"{node.name}: the output is not rescaled by the activation scale {x_scale.name}")
                     continue
-                (w_scale,) = [f for f in rest if f is not x_scale]
+                (w_scale,) = [f for f in rest if f is not scaled[0]]
                 reason = _vector_along_last(ctx, w_scale, out, x, "scale")
                 if reason:
                     ctx.fail(reason)
                     continue
-                yield m.with_(*inner, *chain, activation=x, post_scale=w_scale, quantize_activation=True)
+                yield m.with_(*inner, *chain, scaled[0], activation=x, post_scale=w_scale, quantize_activation=True)
 
     @staticmethod
     def _activation(ctx, x_q):
         """``x_q`` back to ``(x, x_scale, nodes)`` through the per-token quantization, or a reason."""
-        chain, node = [], x_q
+        chain = []
+        node = _through_views(x_q, chain)
         c = canonical(node)
         if c is not None and c.kind == "convert" and ctx.dtype(node) in (torch.int32, torch.int64):
-            chain, node = [node], c.inputs[0]
-        for kind, holds, reason in _PER_TOKEN_STEPS:
-            c = canonical(node)
-            if c is None or c.kind != kind or not holds(ctx, node, c):
-                return reason
+            chain.append(node)
+            node = _through_views(c.inputs[0], chain)
+        c = canonical(node)
+        if c is None or c.kind != "convert" or ctx.dtype(node) != torch.int8:
+            return "the integer matmul's activation is not cast to int8 from a per-token quantization"
+        chain.append(node)
+        node = _through_views(c.inputs[0], chain)
+        c = canonical(node)
+        if c is None or c.kind != "clamp" or c.params["max"] != 127 or c.params["min"] not in (-127, -128):
+            return "activation quantization is not clamp(-128 or -127, 127)"
+        chain.append(node)
+        node = c.inputs[0]
+        c = canonical(node)
+        if c is not None and c.kind == "add" and _is_zero(c.inputs[1]):  # torchao adds its zero point, 0
             chain.append(node)
             node = c.inputs[0]
-        x, x_scale = c.inputs
-        sc = canonical(x_scale)
+            c = canonical(node)
+        if c is None or c.kind != "round":
+            return "activation quantization does not round to nearest"
+        chain.append(node)
+        node = c.inputs[0]
+        c = canonical(node)
+        divided = _divided(c)
+        if divided is None:
+            return "activation quantization is not x / x_scale"
+        chain.append(node)
+        x, x_scale, steps = divided
+        chain += steps
+        scale = used = _through_views(x_scale, chain)  # ``used``: what rescales the output
+        sc = canonical(scale)
+        if sc is not None and sc.kind == "clamp" and sc.params["max"] is None and \
+                isinstance(sc.params["min"], float) and 0 < sc.params["min"] <= 1e-5:
+            chain.append(scale)
+            scale = sc.inputs[0]
+            sc = canonical(scale)
         amax = None
         if sc is not None and sc.kind == "div" and sc.inputs[1] == 127:
             amax = sc.inputs[0]
         elif sc is not None and sc.kind == "mul" and 1 / 127 in sc.inputs:
             amax = sc.inputs[0] if sc.inputs[1] == 1 / 127 else sc.inputs[1]
-        ac = canonical(amax)
-        if ac is None or ac.kind != "amax" or not ac.params["keepdim"] or \
-                len(ac.params["dim"]) != 1 or ac.params["dim"][0] not in (-1, len(ctx.shape(x)) - 1):
-            return "the activation scale is not amax(|x|, dim=-1, keepdim=True) / 127 (per token, symmetric)"
-        absc = canonical(ac.inputs[0])
-        if absc is None or absc.kind != "abs" or absc.inputs[0] is not x:
-            return "the activation scale is not computed from |x| of the quantized x"
-        return x, x_scale, chain + [x_scale, amax, ac.inputs[0]]
+        found = _largest_magnitude(ctx, amax, x) if amax is not None else None
+        if found is None:
+            return "the activation scale is not amax(|x|, dim=-1) / 127 of the quantized x (per token, symmetric)"
+        return x, used, chain + [scale] + found
 
 
-#: ``x_q`` back to ``x / x_scale``, one op a step: (kind, what must hold of it, the reason when it does not)
-_PER_TOKEN_STEPS = (
-    ("convert", lambda ctx, n, c: ctx.dtype(n) == torch.int8,
-     "the integer matmul's activation is not cast to int8 from a per-token quantization"),
-    ("clamp", lambda ctx, n, c: c.params["max"] == 127 and c.params["min"] in (-127, -128),
-     "activation quantization is not clamp(-128 or -127, 127)"),
-    ("round", lambda ctx, n, c: True, "activation quantization does not round to nearest"),
-    ("div", lambda ctx, n, c: True, "activation quantization is not x / x_scale"),
-)
+def _base(node: Any) -> Any:
+    """``node`` through views, expands and copies (the value they all share)."""
+    while isinstance(node, Node):
+        canon = canonical(node)
+        if canon is None or canon.kind not in ("reshape", "expand", "noop"):
+            break
+        node = canon.inputs[0]
+    return node
+
+
+def _through_views(node: Any, chain: list) -> Any:
+    """``node`` through views that keep its values' order (reshape kinds), adding them to ``chain``."""
+    while isinstance(node, Node):
+        canon = canonical(node)
+        if canon is None or canon.kind not in ("reshape", "noop"):
+            break
+        chain.append(node)
+        node = canon.inputs[0]
+    return node
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    canon = canonical(_base(value))
+    return canon is not None and canon.kind == "zeros_like"
+
+
+def _divided(canon: Canon | None):
+    """``x / s``, or ``x * (1 / s)`` (``reciprocal(s)``, maybe ``* 1.0``): ``(x, s, the nodes of 1 / s)``."""
+    if canon is None:
+        return None
+    if canon.kind == "div":
+        return canon.inputs[0], canon.inputs[1], []
+    if canon.kind != "mul":
+        return None
+    for x, r in (canon.inputs, canon.inputs[::-1]):
+        steps, rc = [], canonical(r)
+        if rc is not None and rc.kind == "mul" and 1.0 in rc.inputs:  # reciprocal(s) * 1.0
+            steps.append(r)
+            r = rc.inputs[0] if rc.inputs[1] == 1.0 else rc.inputs[1]
+            rc = canonical(r)
+        if rc is not None and rc.kind == "reciprocal" and isinstance(x, Node):
+            return x, rc.inputs[0], steps + [r]
+    return None
+
+
+def _largest_magnitude(ctx: Context, node: Any, x: Node) -> list | None:
+    """The nodes computing max |x| along x's last dim, for ``node`` = ``amax(abs(x), -1)`` or torchao's
+    ``maximum(-minimum(amin(x, -1), 0), maximum(amax(x, -1), 0))`` (x through views, keepdim or not), or
+    None."""
+    chain = []
+    node = _through_views(node, chain)
+    xs = ctx.shape(x)
+    last = (-1, len(xs) - 1) if xs is not None else (-1,)
+
+    def reduced(n, kind, of_abs):
+        c = canonical(_through_views(n, chain))
+        if c is None or c.kind != kind or len(c.params["dim"]) != 1 or c.params["dim"][0] not in last:
+            return False
+        src = c.inputs[0]
+        if of_abs:
+            ac = canonical(src)
+            if ac is None or ac.kind != "abs":
+                return False
+            chain.append(src)
+            src = ac.inputs[0]
+        chain.append(_through_views(n, []))
+        return _base(src) is _base(x) and same_shape(ctx.shape(src), xs)
+
+    if reduced(node, "amax", True):
+        return chain
+    c = canonical(node)
+    if c is None or c.kind != "maximum":
+        return None
+    for neg, pos in (c.inputs, c.inputs[::-1]):
+        nc, pc = canonical(neg), canonical(pos)
+        if nc is None or nc.kind != "neg" or pc is None or pc.kind != "maximum":
+            continue
+        mc = canonical(nc.inputs[0])
+        if mc is None or mc.kind != "minimum":
+            continue
+        lows = [a for a in mc.inputs if not _is_zero(a)]
+        highs = [a for a in pc.inputs if not _is_zero(a)]
+        if len(lows) == 1 and len(highs) == 1 and reduced(lows[0], "amin", False) and reduced(highs[0], "amax", False):
+            zeros = [a for a in (*mc.inputs, *pc.inputs) if isinstance(a, Node) and _is_zero(a)]
+            return chain + [node, neg, pos, nc.inputs[0], *zeros]
+    return None
 
 
 def _three_factors(node):

@@ -43,7 +43,10 @@ KINDS = (
     "stack", "cat",  # (tensors-tuple,) {dim}
     "round", "abs",  # (src,)
     "clamp",  # (src,) {min, max}
-    "amax",  # (src,) {dim, keepdim}
+    "amax", "amin",  # (src,) {dim, keepdim}
+    "maximum", "minimum",  # (a, b) elementwise
+    "neg", "reciprocal",  # (src,)
+    "zeros_like",  # (src,)  zeros of src's shape (zeros_like, full_like(src, 0))
     "dequantize_per_channel",  # (w, scales, zero_points, axis) {dtype: storage dtype, out_dtype}
     "dequantize_per_tensor",  # (w, scale, zero_point) {dtype, out_dtype}
     "scaled_linear",  # (x, w, s): x @ (s * w).t() in one library op, x cast to s's dtype
@@ -176,10 +179,20 @@ def _clamp(node: Node):
     return Canon("clamp", (node.args[0],), {"min": _arg(node, 1, "min"), "max": _arg(node, 2, "max")})
 
 
-def _amax(node: Node):
-    dim = _arg(node, 1, "dim", ())
-    dim = tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
-    return Canon("amax", (node.args[0],), {"dim": dim, "keepdim": bool(_arg(node, 2, "keepdim", False))})
+def _reduce(kind: str):
+    def make(node: Node):
+        dim = _arg(node, 1, "dim", ())
+        dim = tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
+        return Canon(kind, (node.args[0],), {"dim": dim, "keepdim": bool(_arg(node, 2, "keepdim", False))})
+
+    return make
+
+
+_amax = _reduce("amax")
+
+
+def _full_like(node: Node):
+    return Canon("zeros_like", (node.args[0],)) if _arg(node, 1, "fill_value") == 0 else None
 
 
 def _max_values(node: Node):
@@ -262,6 +275,13 @@ _register(_FUNCTIONS, [torch.round, *_ops("aten.round")], _unary("round"))
 _register(_FUNCTIONS, [torch.abs, *_ops("aten.abs")], _unary("abs"))
 _register(_FUNCTIONS, [torch.clamp, torch.clip, *_ops("aten.clamp")], _clamp)
 _register(_FUNCTIONS, [torch.amax, *_ops("aten.amax")], _amax)
+_register(_FUNCTIONS, [torch.amin, *_ops("aten.amin")], _reduce("amin"))
+_register(_FUNCTIONS, [torch.maximum, *_ops("aten.maximum")], _binary("maximum"))
+_register(_FUNCTIONS, [torch.minimum, *_ops("aten.minimum")], _binary("minimum"))
+_register(_FUNCTIONS, [torch.neg, operator.neg, *_ops("aten.neg")], _unary("neg"))
+_register(_FUNCTIONS, [torch.reciprocal, *_ops("aten.reciprocal")], _unary("reciprocal"))
+_register(_FUNCTIONS, [torch.zeros_like, *_ops("aten.zeros_like")], _unary("zeros_like"))
+_register(_FUNCTIONS, [torch.full_like, *_ops("aten.full_like")], _full_like)
 _register(_FUNCTIONS, [torch.addmm, *_ops("aten.addmm")], _addmm)
 _register(_FUNCTIONS, [operator.and_, torch.bitwise_and,
                        *_ops("aten.bitwise_and.Scalar", "aten.bitwise_and.Tensor", "aten.__and__.Scalar",
@@ -296,6 +316,11 @@ _register(_METHODS, ["round"], _unary("round"))
 _register(_METHODS, ["abs"], _unary("abs"))
 _register(_METHODS, ["clamp", "clip"], _clamp)
 _register(_METHODS, ["amax"], _amax)
+_register(_METHODS, ["amin"], _reduce("amin"))
+_register(_METHODS, ["maximum"], _binary("maximum"))
+_register(_METHODS, ["minimum"], _binary("minimum"))
+_register(_METHODS, ["neg", "__neg__"], _unary("neg"))
+_register(_METHODS, ["reciprocal"], _unary("reciprocal"))
 _register(_METHODS, ["bitwise_and", "__and__"], _binary("bitand"))
 _register(_METHODS, ["bitwise_right_shift", "__rshift__"], _binary("rshift"))
 _register(_METHODS, ["bitwise_left_shift", "__lshift__"], _binary("lshift"))
