@@ -34,6 +34,8 @@ bench: setup
 	$(PY) benchmarks/bench_load.py --runs 5 --json benchmarks/results/load.json
 	$(PY) benchmarks/bench_pass.py --runs 7 --json benchmarks/results/pass.json
 	$(PY) benchmarks/bench_generate.py --sizes 1024x8 --batches 1 8 --json benchmarks/results/generate.json
+	$(PY) benchmarks/bench_moe.py --tokens 1 16 256 --json benchmarks/results/moe.json
+	$(PY) benchmarks/bench_moe.py --decode --hidden 1024 --n 2816 --layers 2 --runs 3 --json benchmarks/results/moe_decode.json
 	$(PY) benchmarks/plot.py benchmarks/results/matmul.json docs/benchmarks.png
 	$(PY) benchmarks/plot_generate.py benchmarks/results/generate.json docs/generate.png
 

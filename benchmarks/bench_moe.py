@@ -13,6 +13,15 @@ Paths:
   dense bf16 bank               every expert against every row (one dot), then each row's experts picked
 
     python benchmarks/bench_moe.py --tokens 1 16 256 --json out.json
+
+``--decode``: instead, ``generate()`` on a transformers Mixtral built from a config (random weights,
+bfloat16; ``--hidden``, ``--layers``, E = ``--experts`` of ``--n`` x hidden, ``--top-k``), quantized by
+``xqpass.quantize_model`` (int8 per-channel, int4 g128: attention linears and expert banks; the output
+head stays bfloat16) against the bfloat16 model on transformers' ``batched_mm`` experts, each compiled
+with ``openxla``, a static cache and a sync before each forward (examples/moe.py): ms per new token
+(median of ``--runs`` timed calls after one that compiles), the decoder layers' bytes and the experts'.
+
+    python benchmarks/bench_moe.py --decode --hidden 1024 --n 2816 --layers 2 --json out.json
 """
 from __future__ import annotations
 
@@ -114,6 +123,64 @@ def _traced_with(compiled, tuning):
     return call
 
 
+def decode(hidden: int, inner: int, experts: int, top_k: int, layers: int, batch: int, prompt: int, new_tokens: int,
+           runs: int) -> list[dict]:
+    import copy
+    import time
+
+    import torch_xla
+    import torch_xla.debug.metrics as met
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def compilations():
+        data = met.metric_data("CompileTime")
+        return int(data[0]) if data else 0
+
+    def layer_bytes(model):
+        total = expert = 0
+        for name, module in model.named_modules():
+            if name.startswith("model.layers."):
+                size = sum(t.numel() * t.element_size()
+                           for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+                total, expert = total + size, expert + (size if ".experts" in name else 0)
+        return total, expert
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+                           num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+                           num_local_experts=experts, num_experts_per_tok=top_k,
+                           max_position_embeddings=prompt + new_tokens + 16)
+    model = MixtralForCausalLM(config).eval().to(torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt))
+    variants = {"dense bf16 (batched_mm)": None, "xq int8": dict(bits=8), "xq int4 g128": dict(bits=4, block_size=128)}
+    device, results = torch_xla.device(), []
+    for name, fmt in variants.items():
+        m = copy.deepcopy(model)
+        if fmt is None:
+            m.config._experts_implementation = "batched_mm"  # static shapes; grouped_mm is torch's CUDA kernel
+        else:
+            xqpass.quantize_model(m, **fmt, filter_fn=lambda module, layer: layer != "lm_head")
+        m = m.to(device)
+        m.forward = torch.compile(m.forward, backend="openxla")
+        m.register_forward_pre_hook(lambda module, args: torch_xla.sync())
+        seconds, compiles = [], []
+        for call in range(runs + 1):
+            before, start = compilations(), time.perf_counter()
+            out = m.generate(ids.to(device), max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
+                             cache_implementation="static")
+            out.cpu()
+            seconds.append(time.perf_counter() - start)
+            compiles.append(compilations() - before)
+        total, expert = layer_bytes(m)
+        row = dict(path=name, batch=batch, ms_per_token=round(sorted(seconds[1:])[len(seconds[1:]) // 2] / new_tokens * 1e3, 2),
+                   layer_bytes=total, expert_bytes=expert, compilations=compiles)
+        results.append(row)
+        print(f"{name:26s} {row['ms_per_token']:9.2f} ms/token  layers {total / 1e6:7.1f} MB  experts "
+              f"{expert / 1e6:7.1f} MB  compilations {compiles}", flush=True)
+        del m
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=8)
@@ -125,7 +192,21 @@ def main():
     parser.add_argument("--bmm-max-tokens", type=int, default=256,
                         help="skip gather-then-bmm above this many tokens (it materializes [T*top_k, N, K])")
     parser.add_argument("--json")
+    parser.add_argument("--decode", action="store_true", help="generate() on a small Mixtral instead (see above)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
+    if args.decode:
+        results = decode(args.hidden, args.n, args.experts, args.top_k, args.layers, args.batch, 16, args.new_tokens,
+                         args.runs)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                               hidden=args.hidden, inner=args.n, experts=args.experts, top_k=args.top_k,
+                               layers=args.layers, results=results), f, indent=1)
+        return
     results = run(args.experts, args.n, args.k, args.top_k, args.tokens, args.runs, args.bmm_max_tokens)
     if args.json:
         with open(args.json, "w") as f:
