@@ -41,6 +41,8 @@ class Rewritten:
         f = self.format
         layout = f["layout"]
         gran = layout.name if layout.block_size == PER_CHANNEL else f"{layout.name}(B={layout.block_size})"
+        if layout.block_n > 1:
+            gran = f"{layout.name}({layout.block_n}x{layout.block_size})"
         act = "A8" if f.get("quantize_activation") else "A16"
         fmt = (f"W{f['bits']}{act}{' packed' if f['packed'] else ''} ({f['weight_dtype']}) {gran} "
                f"{'asym' if f['zero_point'] else 'sym'} [{f['N']}x{f['K']}]"

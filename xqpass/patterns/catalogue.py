@@ -14,6 +14,7 @@ from .dsl import (
     AnyOf,
     Cast,
     DequantizePT2E,
+    Div,
     IntWeight,
     Matmul,
     Mul,
@@ -72,6 +73,11 @@ WEIGHT_FORMS = (
         "scale by type promotion",
         "w * s[:, None]",
         Named("scale by type promotion", Mul(QUANTIZED, Operand("scale"))),
+    ),
+    WeightForm(
+        "divided by an inverse scale",
+        "w.to(dt) / s_inv[:, None]",
+        Named("divided by an inverse scale", Div(CAST, Operand("scale", inverse=True))),
     ),
     WeightForm(
         "zero point, then scale",

@@ -31,7 +31,9 @@ from .spellings import Canon, canonical
 Axes = tuple  # axis tags, each "N", "K", "G" or "g" (not xqpass.quant.Layout, the op's layout)
 NK: Axes = ("N", "K")
 KN: Axes = ("K", "N")
-WEIGHT_DTYPES = (torch.int8, torch.uint8)
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: stored weights the op reads: integers, and float8 (a float dtype, but storage like an integer here)
+WEIGHT_DTYPES = (torch.int8, torch.uint8, *FLOAT8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +106,7 @@ class Factor:
     padded: tuple
     layout: Axes
     k_index: Any = None
+    inverse: bool = False  # the weight is divided by it (``w.to(dt) / scale_inv``): the op's scale is 1 / value
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,12 @@ def child_layout(ctx: Context, node: Node, canon: Canon, layout: Axes) -> Axes |
             return NK
         if layout == ("G", "g", "N") and len(in_shape) == 2 and same_size(in_shape[1], out_shape[2]):
             return KN
+        # 2-D blocks: [N/b, b, K/g, g] -> [N, K] (DeepSeek-style float8 blocks as views)
+        if layout == NK and len(in_shape) == 4 and same_size(in_shape[0] * in_shape[1], out_shape[0]) and \
+                same_size(in_shape[2] * in_shape[3], out_shape[1]):
+            return ("B", "b", "G", "g")
+        if layout == ("B", "b", "G", "g") and len(in_shape) == 2 and same_size(in_shape[0], out_shape[0] * out_shape[1]):
+            return NK
         # flat groups: [N * K/g, g] -> [N, K] (row r holds group r % (K/g) of output feature r // (K/g))
         if layout == NK and len(in_shape) == 2 and len(out_shape) == 2 and static(in_shape[1]) and \
                 static(out_shape[1]) and static(out_shape[1]) % static(in_shape[1]) == 0 and \
@@ -447,12 +456,12 @@ class Cast(Pattern):
             return
         out, src = ctx.dtype(node), ctx.dtype(canon.inputs[0])
         if self.to_int:
-            if out in (torch.int32, torch.int64) and src in WEIGHT_DTYPES:
+            if out in (torch.int32, torch.int64) and src in (torch.int8, torch.uint8):
                 yield from self.inner.match(ctx, canon.inputs[0], layout, st.with_(node))
             return
         if out is None or not out.is_floating_point:
             return
-        if self.from_float != (src is not None and src.is_floating_point):
+        if self.from_float != (src is not None and src.is_floating_point and src not in FLOAT8):
             if not self.from_float and src is not None:
                 ctx.fail(f"{node.name} casts a {src} tensor: the weight is not int8/uint8")
             return
@@ -462,7 +471,8 @@ class Cast(Pattern):
 def classify_operand(ctx: Context, operand: Any, layout: Axes, weight_shape: tuple) -> tuple | str:
     """How a tensor broadcast against the weight varies: ``(granularity, sizes)`` or a failure reason.
 
-    Granularity: "tensor" (one value), "channel" (along N only), "group" (along G, and maybe N).
+    Granularity: "tensor" (one value), "channel" (along N only), "group" (along G, and maybe N), "block"
+    (along blocks B of output features, and maybe G: 2-D blocks).
     ``sizes`` maps the tags N / G to the operand's (padded) dims that carry them.
     """
     shape = ctx.shape(operand)
@@ -477,11 +487,13 @@ def classify_operand(ctx: Context, operand: Any, layout: Axes, weight_shape: tup
             continue
         if not same_size(size, wsize):
             return f"{getattr(operand, 'name', operand)} {list(shape)} does not broadcast to the weight {list(weight_shape)}"
-        if tag in ("K", "g") and not same_size(size, 1):
+        if tag in ("K", "g", "b") and not same_size(size, 1):
             return (f"{getattr(operand, 'name', operand)} {list(shape)} varies along the input axis of the "
                     f"weight (layout {'x'.join(layout)}): not a per-channel or per-group scale")
         if not same_size(size, 1):
             varies[tag] = len(varies)
+    if "B" in varies:  # along blocks of output features (and groups of input features): 2-D blocks
+        return ("block", padded)
     if "G" in varies or "NG" in varies:
         return ("group", padded)
     if "N" in varies:
@@ -498,6 +510,7 @@ class Operand(Pattern):
     """
 
     role: str = "scale"
+    inverse: bool = False  # divides the weight
     through_layout = False
 
     def here(self, ctx, node, layout, st):
@@ -531,6 +544,8 @@ class Operand(Pattern):
         yield self._bind(st, Factor(node, *gran, layout))
 
     def _bind(self, st: Match, factor: Factor) -> Match:
+        if self.inverse:
+            factor = replace(factor, inverse=True)
         return st.with_(scale=factor) if self.role == "scale" else st.with_(zero=factor)
 
 
@@ -613,6 +628,12 @@ class Mul(_WeightOp):
     kind, commutative = "mul", True
 
 
+class Div(_WeightOp):
+    """``value / operand`` (a scale stored inverted, as ``weight_scale_inv``)."""
+
+    kind = "div"
+
+
 class Sub(_WeightOp):
     """``value - operand`` (in integers: where the bounds prove it exact, :mod:`.bounds`)."""
 
@@ -631,7 +652,7 @@ class DequantizePT2E(Pattern):
         if canon is None or canon.kind != self.kind:
             return
         w, scale, zero = canon.inputs[:3]
-        if ctx.dtype(w) not in WEIGHT_DTYPES or len(layout) != 2:
+        if ctx.dtype(w) not in (torch.int8, torch.uint8) or len(layout) != 2:
             ctx.fail(f"{node.name}: PT2E weight is {ctx.dtype(w)} (int8/uint8 2-D expected)")
             return
         factor = Factor(scale, "tensor", (), layout)

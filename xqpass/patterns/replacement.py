@@ -9,7 +9,7 @@ graphs alike, and carry FakeTensor metadata.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch.fx import Graph, Node
 
 from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
 from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, Layout
-from .dsl import KN, NK, Axes, Context, Factor, Match, same_shape, static
+from .dsl import FLOAT8, KN, NK, Axes, Context, Factor, Match, same_shape, static
 from .fold import Fold, Folds, Subgraph, attribute, state_subgraph, unpacks, value_bounds
 
 aten = torch.ops.aten
@@ -44,7 +44,7 @@ def _weight_to_op_layout(b: "Builder", w: Node, tags: Axes, n: int, k: int, layo
     blockwise by rows ``[N, K]`` from storage with N first, the seed's blockwise ``[K/B, B, N]`` from
     storage with K first; never a per-call transpose of the weight, except for a per-channel weight
     stored ``[K, N]``."""
-    if tags in (NK, ("N", "G", "g"), ("NG", "g")):
+    if tags in (NK, ("N", "G", "g"), ("NG", "g"), ("B", "b", "G", "g")):
         return w if tags == NK else b.call(aten.reshape.default, w, list(layout.weight_shape(n, k)))
     if tags in (KN, ("G", "g", "N")) and not layout.packed:
         if layout.block_size == PER_CHANNEL:
@@ -187,7 +187,7 @@ class Builder:
         """A scale or zero point the graph unpacks from the model's state (integer work on parameters and
         buffers only, e.g. zero points in int32 words) computed once, where its sources' values are known;
         else ``node`` itself."""
-        if not isinstance(node, Node) or node.op in ("placeholder", "get_attr"):
+        if not isinstance(node, Node) or node.op in ("placeholder", "get_attr") or node in self.created:
             return node
         subgraph = state_subgraph(self.ctx, node)
         if isinstance(subgraph, str) or not unpacks(subgraph):
@@ -258,13 +258,25 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         if groups is None or k % groups:
             raise Rejected("groups do not divide K")
         k_index = grouped[0].k_index
+    blocks = [f for f in (m.scale, m.zero) if f is not None and f.granularity == "block"]
+    block_n = 1
+    if blocks:  # 2-D blocks: [N/b, b, K/g, g] views of a float8 weight
+        (f,) = blocks
+        rows, groups = static(f.padded[f.layout.index("B")]), static(f.padded[f.layout.index("G")])
+        if grouped or rows is None or groups is None or n % rows or k % groups:
+            raise Rejected("2-D blocks that do not tile the weight")
+        block_n = n // rows
     storage = _Storage.of(ctx, m, k_index)
     packed = storage.packed
+    if storage.dtype in FLOAT8 and m.zero is not None:
+        raise Rejected(f"a zero point with a {storage.dtype} weight (float8 weights are symmetric in the op)")
+    if blocks and storage.dtype not in FLOAT8:
+        raise Rejected(f"2-D blocks of scales are for float8 weights, not {storage.dtype}")
     if storage.subgraph is not None and packed and (k % 2 or groups is not None and (k // groups) % 2):
         packed = storage.packed = False  # an odd K or group: one value a byte
-    by_rows = groups is not None and storage.tags[0] in ("N", "NG")  # storage with N first keeps its order
+    by_rows = groups is not None and storage.tags[0] in ("N", "NG", "B")  # storage with N first keeps its order
     try:
-        layout = Layout(PER_CHANNEL if groups is None else k // groups, by_rows, packed)
+        layout = Layout(PER_CHANNEL if groups is None else k // groups, by_rows, packed, block_n)
     except ValueError as e:  # packed int4 with an odd group
         raise Rejected(str(e)) from None
     if k % layout.k_unit:
@@ -287,6 +299,14 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     want = list(layout.scale_shape(n, k))
 
     def vec(factor: Factor) -> Node:
+        if factor.inverse:  # w / s: the op multiplies by 1 / s (one rounding of the scale, not of each weight)
+            value = 1.0 / factor.value if not isinstance(factor.value, Node) else \
+                b.call(aten.reciprocal.default, b.unpacked_once(factor.value))
+            factor = replace(factor, value=value, inverse=False)
+        if factor.granularity == "block":  # [N/b, 1, K/g, 1] (1s where it does not vary): the op's [N/b, K/g]
+            value = factor.value
+            return b.call(aten.expand.default, b.call(aten.reshape.default, value, [
+                static(factor.padded[factor.layout.index(t)]) for t in ("B", "G")]), want)
         if factor.granularity == "tensor":  # one value: broadcast it
             if not isinstance(factor.value, Node):
                 return b.full(want, float(factor.value))
@@ -322,14 +342,16 @@ def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     op_val = None
     if isinstance(root_val, torch.Tensor) and x_dtype is not None:
         op_val = root_val if root_val.dtype == x_dtype else root_val.to(x_dtype)
+    extra = {"block_n": block_n} if block_n != 1 else {}
     call = b.call(OP, x, weight, scale, zero, layout.block_size, packed, m.quantize_activation, bias,
-                  packed=packed, val=op_val)
+                  packed=packed, val=op_val, **extra)
     result = call
     if out_dtype is not None and out_dtype != x_dtype:
         result = b.call(aten._to_copy.default, call, dtype=out_dtype, val=root_val)
     wdt = storage.dtype
     desc = {
         "bits": 4 if packed else 8,
+        "block_n": block_n,
         "weight_dtype": str(wdt).replace("torch.", "") if wdt else "?",
         "layout": layout,
         "block_size": layout.block_size,
