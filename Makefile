@@ -30,6 +30,8 @@ bench: setup
 	DISABLE_CUDA=1 $(PY) -m pip install --quiet -e '.[test,bench]'
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/bench_matmul.py --m 1 4 16 32 64 256 --shapes 4096x4096 4096x11008 --json benchmarks/results/matmul.json
+	$(PY) benchmarks/bench_matmul.py --fp8 --m 1 16 256 --shapes 4096x4096 --json benchmarks/results/matmul_fp8.json
+	$(PY) benchmarks/bench_library_layers.py --size 4096 --rows 1 16 --json benchmarks/results/library_layers.json
 	$(PY) benchmarks/bench_decoder.py --json benchmarks/results/decoder.json
 	$(PY) benchmarks/bench_load.py --runs 5 --json benchmarks/results/load.json
 	$(PY) benchmarks/bench_pass.py --runs 7 --json benchmarks/results/pass.json
