@@ -49,6 +49,9 @@ class Rewritten:
                f"{', unpacked once' if f.get('unpacked_once') else ''}"
                f"{', unpacked on every call (no values here to unpack it once)' if f.get('unpacked_each_call') else ''}"
                f"{', input features sorted by group index' if f.get('group_index') else ''}")
+        if f.get("experts"):
+            return (f"{self.layer or self.node}: {self.pattern} -> xq.quantized_grouped_matmul {fmt}, a bank of "
+                    f"{f['experts']} experts")
         return f"{self.layer or self.node}: {self.pattern} -> xq.quantized_matmul {fmt}"
 
 
@@ -105,6 +108,8 @@ def _looks_dequantized(node: Node) -> bool:
     canon = canonical(node)
     if canon is not None and canon.kind == "scaled_linear":  # a library's quantized matmul op
         return True
+    if canon is not None and canon.kind == "einsum":  # with weights gathered by routing ids: an expert bank
+        return any((canonical(a) or canon).kind == "take" for a in canon.inputs[0])
     if canon is None or canon.kind not in _MATMUL_KINDS:
         return False
     weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]

@@ -60,7 +60,7 @@ def value_bounds(ctx, node: Any, memo: dict | None = None) -> tuple[int, int] | 
 _SIGNIFICAND_BITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8,
                      torch.float8_e4m3fn: 4, torch.float8_e5m2: 3}
 #: what a float tensor holding integers can be computed by and stay exact
-_INTEGRAL_KINDS = ("noop", "reshape", "transpose", "permute", "expand", "convert", "stack", "cat")
+_INTEGRAL_KINDS = ("noop", "reshape", "transpose", "permute", "expand", "convert", "stack", "cat", "take")
 
 
 def _integral(ctx, node: Node, dtype: torch.dtype, memo: dict) -> tuple[int, int] | None:
@@ -138,7 +138,7 @@ def _derived(ctx, node: Node, memo: dict) -> tuple[int, int] | None:
             return (0, node.args[1] - 1)
         return None
     kind, ins = canon.kind, canon.inputs
-    if kind in ("noop", "reshape", "transpose", "permute", "expand", "convert"):
+    if kind in ("noop", "reshape", "transpose", "permute", "expand", "convert", "take"):
         return bound(ins[0])
     if kind in ("stack", "cat"):
         return _union(*(bound(t) for t in ins[0]))

@@ -15,6 +15,8 @@ from .dsl import (
     Cast,
     DequantizePT2E,
     Div,
+    ExpertPostScale,
+    ExpertProduct,
     IntWeight,
     Matmul,
     Mul,
@@ -121,6 +123,16 @@ class ProductForm:
 
 PRODUCT_FORMS = (
     ProductForm(
+        "expert bank, scale after",
+        "torch.einsum('ti,taoi->tao', x, w.to(dt)[ids]) * s[ids]",
+        ExpertPostScale(ExpertProduct(Named("cast, scaled after the matmul", CAST))),
+    ),
+    ProductForm(
+        "expert bank",
+        "torch.einsum('ti,taoi->tao', x, deq[ids])",
+        ExpertProduct(DEQUANTIZED),
+    ),
+    ProductForm(
         "library op: scaled linear",
         "quanto.qbytes_mm(x, w, s)  (x @ (s * w).t())",
         ScaledLinear(Named("int8 weight, scaled in the op", IntWeight())),
@@ -163,4 +175,4 @@ PRODUCT_FORMS = (
 )
 
 #: the node kinds a product can end in (where the driver starts a match)
-ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add", "scaled_linear")
+ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add", "scaled_linear", "einsum")

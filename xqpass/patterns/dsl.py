@@ -126,6 +126,8 @@ class Match:
     bias: Any = None  # along the output's last dim: the product's own or added after it
     bias_before_scale: bool = False  # the bias is added before ``post_scale`` (the op gets b * s)
     quantize_activation: bool = False  # per-token int8 activations (W8A8)
+    expert_ids: Any = None  # an expert bank's weights gathered by these routing ids (one row of x each)
+    expert_rows: bool = False  # x holds a row per (token, slot) of expert_ids, not one per token
     form: str = "?"  # the weight form's name, for reports
     broadcast_shape: tuple | None = None  # the weight-side shape the next scale / zero point must fit
     nodes: frozenset = frozenset()  # the nodes the rewrite replaces
@@ -496,7 +498,7 @@ def classify_operand(ctx: Context, operand: Any, layout: Axes, weight_shape: tup
         return ("block", padded)
     if "G" in varies or "NG" in varies:
         return ("group", padded)
-    if "N" in varies:
+    if "N" in varies or "E" in varies:  # (E: the experts of a bank, each its own channels)
         return ("channel", padded)
     return ("tensor", padded)
 
@@ -780,6 +782,84 @@ class ScaledLinear(Pattern):
                 ctx.fail(gran)
                 continue
             yield m.with_(scale=Factor(s, *gran, NK))
+
+
+@dataclass
+class ExpertProduct(Pattern):
+    """An expert bank's weights gathered by routing ids and multiplied per token, one match per bank::
+
+        torch.einsum("ti,taoi->tao", x, bank.to(dt)[ids])     # ids [T, A] (top-k), x [T, K]
+        torch.einsum("tao,taio->tai", h, bank.to(dt)[ids])     # h [T, A, K]: a row per (token, slot)
+        torch.einsum("ti,toi->to", x, deq_bank[ids])          # ids [T]
+
+    (gpt-fast's Mixtral; any letters, either operand order): ``bank [E, N, K]`` through ``weight`` in layout
+    E x N x K, dequantized before the gather."""
+
+    weight: Pattern
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None or canon.kind != "einsum" or len(canon.inputs[0]) != 2:
+            return
+        equation = canon.params["equation"]
+        if equation.count("->") != 1 or "." in equation:
+            return
+        operands, out = equation.split("->")
+        subscripts = operands.split(",")
+        if len(subscripts) != 2:
+            return
+        for (xs, ws), (x, gathered) in ((subscripts, canon.inputs[0]), (subscripts[::-1], canon.inputs[0][::-1])):
+            yield from self._product(ctx, node, x, gathered, xs, ws, out, st)
+
+    def _product(self, ctx, node, x, gathered, xs, ws, out, st):
+        take = canonical(gathered)
+        if take is None or take.kind != "take" or not isinstance(x, Node):
+            return
+        bank, ids = take.inputs
+        id_shape, bank_shape = ctx.shape(ids), ctx.shape(bank)
+        if id_shape is None or bank_shape is None or len(bank_shape) != 3 or ctx.dtype(ids) not in (torch.int32, torch.int64):
+            return
+        routed, (n, k) = ws[:-2], ws[-2:]
+        if len(ws) != len(id_shape) + 2 or out != routed + n or xs not in (routed[:1] + k, routed + k) or \
+                len(set(ws)) != len(ws):
+            ctx.fail(f"{node.name}: einsum {xs},{ws}->{out} is not a product with gathered expert weights "
+                     f"(rows, out features, in features)")
+            return
+        st = st.with_(node, gathered, activation=x, broadcast_shape=bank_shape)
+        for m in self.weight.match(ctx, bank, ("E", "N", "K"), st):
+            yield m.with_(expert_ids=ids, expert_rows=len(routed) > 1 and xs == routed + k)
+
+
+@dataclass
+class ExpertPostScale(Pattern):
+    """``product * s[ids]`` after an :class:`ExpertProduct`: a per-expert, per-channel scale ``s [E, N]``
+    gathered by the same routing ids (gpt-fast's int8 Mixtral)."""
+
+    product: Pattern
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        ops = _binary_operands(ctx, node, "mul")
+        if ops is None:
+            return
+        for a, v in (ops, ops[::-1]):
+            if not isinstance(a, Node) or not same_shape(ctx.shape(a), ctx.shape(node)):
+                continue
+            for m in self.product.match(ctx, a, layout, st.with_(node)):
+                if m.expert_ids is None:
+                    continue
+                nodes, scale = [], v
+                while isinstance(scale, Node) and canonical(scale) is not None and \
+                        canonical(scale).kind in ("convert", "noop"):
+                    nodes.append(scale)
+                    scale = canonical(scale).inputs[0]
+                take = canonical(scale)
+                if take is None or take.kind != "take" or take.inputs[1] is not m.expert_ids or \
+                        not same_shape(ctx.shape(take.inputs[0]), ctx.shape(m.weight)[:2]):
+                    ctx.fail(f"{node.name}: the scale after the experts' product is not s[ids] of one s [E, N]")
+                    continue
+                yield m.with_(*nodes, scale, post_scale=take.inputs[0])
 
 
 def _post_op(ctx, node, layout, st, kind: str, product: Pattern, role: str):

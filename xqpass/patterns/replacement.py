@@ -232,8 +232,75 @@ class Builder:
         return node
 
 
+GROUPED = torch.ops.xq.quantized_grouped_matmul.default
+
+
+def build_grouped_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
+    """Emit the grouped op call equivalent to ``root``, a product with an expert bank's weights gathered by
+    ``m.expert_ids``: the bank as stored ``[E, N, K]``, per-expert per-channel scales ``[E, N]``."""
+    x, w, ids = m.activation, m.weight, m.expert_ids
+    bank, out_shape, x_shape = ctx.shape(w), ctx.shape(root), ctx.shape(x)
+    if m.weight_layout != ("E", "N", "K") or m.packed or m.unpacked or ctx.dtype(w) not in WEIGHT_DTYPES:
+        raise Rejected("an expert bank the grouped op reads is stored [E, N, K] (int8, uint8 or float8)")
+    if bank is None or out_shape is None or x_shape is None or any(static(d) is None for d in bank):
+        raise Rejected("no static shapes for the expert bank")
+    e, n, k = (static(d) for d in bank)
+    for f in (m.scale, m.zero):
+        if f is not None and f.granularity not in ("tensor", "channel"):
+            raise Rejected(f"{f.granularity} scales of an expert bank (per expert and channel only)")
+    if m.quantize_activation or m.bias is not None:
+        raise Rejected("an expert bank with activation quantization or a bias")
+    if ctx.dtype(w) in FLOAT8 and m.zero is not None:
+        raise Rejected(f"a zero point with a {ctx.dtype(w)} weight (float8 weights are symmetric in the op)")
+    reason = ctx.from_activation(w, x, f"the weight {w.name}")
+    if reason:
+        raise Rejected(reason)
+    x_val = ctx.val(x)
+    b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
+
+    def per_expert(factor: Factor) -> Node:
+        value = factor.value
+        if not isinstance(value, Node):
+            return b.full([e, n], float(value))
+        if factor.granularity == "tensor":
+            return b.call(aten.expand.default, b.call(aten.reshape.default, value, []), [e, n])
+        tags, padded = factor.layout, factor.padded  # (E, N, K) with 1s where it does not vary
+        keep = [static(padded[tags.index(t)]) for t in ("E", "N")]
+        return b.call(aten.expand.default, b.call(aten.reshape.default, b.unpacked_once(value), keep), [e, n])
+
+    if m.post_scale is not None:
+        scale = m.post_scale
+    elif m.scale is not None:
+        scale = per_expert(m.scale)
+    else:
+        scale = b.full([e, n], 1.0)
+    zero = None
+    if m.zero is not None and m.zero.value is not None:
+        zero = per_expert(m.zero)
+        if m.zero_kind == "int":
+            zero = b.call(aten.mul.Tensor, zero, scale)
+    rows, row_ids = x, ids
+    if m.expert_rows:  # a row of x per (token, slot): the op's rows, one expert each
+        rows = b.call(aten.reshape.default, x, [-1, k])
+        row_ids = b.call(aten.reshape.default, ids, [-1])
+    root_val, x_dtype, out_dtype = ctx.val(root), ctx.dtype(x), ctx.dtype(root)
+    call = b.call(GROUPED, rows, row_ids, w, scale, zero, PER_CHANNEL, False, None, packed=False)
+    result = call
+    if m.expert_rows:
+        result = b.call(aten.reshape.default, call, [static(d) if static(d) is not None else -1 for d in out_shape])
+    if out_dtype is not None and out_dtype != x_dtype:
+        result = b.call(aten._to_copy.default, result, dtype=out_dtype, val=root_val)
+    wdt = ctx.dtype(w)
+    desc = {"bits": 8, "block_n": 1, "weight_dtype": str(wdt).replace("torch.", ""), "layout": Layout(),
+            "block_size": PER_CHANNEL, "zero_point": zero is not None, "packed": False, "experts": e,
+            "quantize_activation": False, "by_rows": False, "N": n, "K": k}
+    return result, desc
+
+
 def build_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     """Emit the op call equivalent to ``root``; returns the node and a description of the format."""
+    if m.expert_ids is not None:
+        return build_grouped_call(ctx, root, m)
     x, w, packed = m.activation, m.weight, m.packed
     out_shape, x_shape = ctx.shape(root), ctx.shape(x)
     if out_shape is None or x_shape is None:

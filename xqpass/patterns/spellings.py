@@ -50,6 +50,8 @@ KINDS = (
     "dequantize_per_channel",  # (w, scales, zero_points, axis) {dtype: storage dtype, out_dtype}
     "dequantize_per_tensor",  # (w, scale, zero_point) {dtype, out_dtype}
     "scaled_linear",  # (x, w, s): x @ (s * w).t() in one library op, x cast to s's dtype
+    "take",  # (src, index)  src[index] along dim 0, index an integer tensor (expert weights by id)
+    "einsum",  # (operands-tuple,) {equation}
 )
 
 
@@ -150,11 +152,22 @@ def _getitem(node: Node):
         return _max_values(node)
     if not isinstance(src, Node):
         return None
+    if isinstance(index, Node):  # bank[expert_ids]: rows of dim 0 by an index tensor
+        return Canon("take", (src, index))
     index = index if isinstance(index, tuple) else (index,)
     for i in index:
         if not (i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None, None, None))):
             return None
     return Canon("reshape", (src,))
+
+
+def _einsum(node: Node):
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    if not isinstance(equation, str):
+        return None
+    return Canon("einsum", (tuple(operands),), {"equation": equation.replace(" ", "")})
 
 
 def _linear(node: Node):
@@ -295,6 +308,9 @@ _register(_FUNCTIONS, [operator.lshift, torch.bitwise_left_shift,
                              "aten.bitwise_left_shift.Tensor_Scalar", "aten.bitwise_left_shift.Tensor")],
           _binary("lshift"))
 _register(_FUNCTIONS, [torch.stack, *_ops("aten.stack")], _list_op("stack"))
+_register(_FUNCTIONS, [torch.einsum, *_ops("aten.einsum")], _einsum)
+_register(_FUNCTIONS, [torch.index_select, *_ops("aten.index_select")],
+          lambda n: Canon("take", (n.args[0], n.args[2])) if _arg(n, 1, "dim") == 0 else None)
 _register(_FUNCTIONS, [torch.cat, torch.concat, *_ops("aten.cat")], _list_op("cat"))
 
 _register(_METHODS, ["to"], _convert(_to_dtype))
