@@ -424,6 +424,28 @@ def test_libraries_on_xla_with_xq_openxla():
         torch.testing.assert_close(out.float(), ref.float(), rtol=4 * eps, atol=4 * eps * ref.float().abs().max().item())
 
 
+def test_hqq_on_xla_with_xq_openxla():
+    """HQQLinear does not move with .to(); built on the XLA device it is rewritten by xq_openxla, and matches
+    its own eager forward there (unsigned nibbles: XLA's shifts are right for them)."""
+    hqq_quantize = pytest.importorskip("hqq.core.quantize")
+    import torch_xla
+
+    device = torch_xla.device()
+    hqq_quantize.HQQLinear.set_backend(hqq_quantize.HQQBackend.PYTORCH)
+    for bits in (4, 8):
+        cfg = hqq_quantize.BaseQuantizeConfig(nbits=bits, group_size=64, axis=1)
+        model = hqq_quantize.HQQLinear(float_linear(256, 96), cfg, compute_dtype=torch.bfloat16, device=str(device))
+        x = activation(256, torch.bfloat16).to(device)
+        with torch.no_grad():
+            ref = model(x).cpu()
+            reports = []
+            torch._dynamo.reset()
+            out = torch.compile(model, backend=make_backend("openxla", reports=reports))(x).cpu()
+        assert len([r for rep in reports for r in rep.rewrites]) == 1, "\n".join(map(str, reports))
+        eps = EPS[torch.bfloat16]
+        torch.testing.assert_close(out.float(), ref.float(), rtol=4 * eps, atol=4 * eps * ref.float().abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------------------
 # torchao 0.14.1: Int8DynamicActivationInt8WeightConfig (W8A8 with its own per-token chain, at the aten level)
 # --------------------------------------------------------------------------------------------------------
