@@ -268,13 +268,13 @@ class _Site:
     names: list[str] = field(default_factory=list)
 
 
-def _linear_sites(model: nn.Module) -> list[_Site]:
-    """Every nn.Linear below ``model`` once, in model order, with all its names. ``_modules`` rather than
-    ``named_children``, which drops the second name of a module registered twice."""
+def _sites(model: nn.Module, wanted) -> list[_Site]:
+    """Every module ``wanted(module)`` accepts below ``model`` once, in model order, with all its names.
+    ``_modules`` rather than ``named_children``, which drops the second name of a module registered twice."""
     sites: dict[int, _Site] = {}
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         for attr, child in parent._modules.items():
-            if not isinstance(child, nn.Linear):
+            if child is None or not wanted(child):
                 continue
             site = sites.setdefault(id(child), _Site(child))
             name = f"{parent_name}.{attr}" if parent_name else attr
@@ -283,23 +283,17 @@ def _linear_sites(model: nn.Module) -> list[_Site]:
             if not any(p is parent and a == attr for p, a in site.places):
                 site.places.append((parent, attr))
     return list(sites.values())
+
+
+def _linear_sites(model: nn.Module) -> list[_Site]:
+    """Every nn.Linear below ``model`` (:func:`_sites`)."""
+    return _sites(model, lambda module: isinstance(module, nn.Linear))
 
 
 def _expert_sites(model: nn.Module) -> list[_Site]:
     """Every transformers experts module (fused 3-D ``gate_up_proj`` / ``down_proj`` banks) below ``model``
-    once, in model order, with all its names (``_Site.linear`` holds the module)."""
-    sites: dict[int, _Site] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is None or not is_expert_bank_module(child):
-                continue
-            site = sites.setdefault(id(child), _Site(child))
-            name = f"{parent_name}.{attr}" if parent_name else attr
-            if name not in site.names:
-                site.names.append(name)
-            if not any(p is parent and a == attr for p, a in site.places):
-                site.places.append((parent, attr))
-    return list(sites.values())
+    (:func:`_sites`; ``_Site.linear`` holds the module)."""
+    return _sites(model, is_expert_bank_module)
 
 
 def _why_experts_not_swapped(site: _Site, holders: dict, quantize_activation: bool, block_n: int) -> str | None:
