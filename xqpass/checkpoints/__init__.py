@@ -8,7 +8,8 @@ strict ``load_state_dict`` would. Everything is checked before the model is touc
 every tensor's presence, dtype and shape, the files; docs/checkpoints.md, "Errors"): on any error the
 model is left as it was. Supported so far: GPTQ (:mod:`.gptq`), AWQ gemm (:mod:`.awq`),
 compressed-tensors pack-quantized and int-quantized (W8A8) (:mod:`.compressed_tensors`), and float8:
-Hugging Face's native fp8 and compressed-tensors float-quantized (:mod:`.float8`).
+Hugging Face's native fp8 and compressed-tensors float-quantized (:mod:`.float8`). Mixture-of-experts
+checkpoints' per-expert linears load into ``XlaQuantizedGatedExperts`` banks (:mod:`.experts`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..sharding import linear_partition_specs, mesh_axis_size, place_sharded, require_spmd, resolve_plan, xla_device
 from . import awq, compressed_tensors, float8, gptq
+from .experts import naming_for, plan_expert_banks
 from .split import load_layer, load_split_layer
 from .tensors import check_kind
 
@@ -48,6 +50,7 @@ class LoadedLayer:
     quantize_activation: bool = False  # W8A8: int8 activations (float8 weights: e4m3), dynamic per token
     weight_dtype: torch.dtype | None = None  # float8 weights: their dtype; None: integers
     block_n: int = 1  # float8: output features a scale covers (-1 per tensor, Bn 2-D blocks)
+    experts: int = 0  # an expert bank (``<experts module>.gate_up_proj`` / ``.down_proj``): its experts
 
     def __str__(self) -> str:
         if self.weight_dtype is not None:
@@ -58,7 +61,8 @@ class LoadedLayer:
         else:
             weights = f"int{self.bits} group {self.group_size} {'sym' if self.symmetric else 'asym'}"
             activations = " W8A8 (per-token int8 activations)" if self.quantize_activation else ""
-        return (f"  {self.name}: {weights}{' act-order' if self.act_order else ''}{activations}"
+        return (f"  {self.name}: {f'{self.experts} experts, ' if self.experts else ''}{weights}"
+                f"{' act-order' if self.act_order else ''}{activations}"
                 f"{f' {self.split}-parallel' if self.split else ''}")
 
 
@@ -71,8 +75,9 @@ class CheckpointReport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"xqpass: {self.quant_method} checkpoint: {len(self.layers)} quantized linears, "
-                 f"{self.other_tensors} other tensors"]
+        banks = sum(1 for layer in self.layers if layer.experts)
+        lines = [f"xqpass: {self.quant_method} checkpoint: {len(self.layers) - banks} quantized linears, "
+                 f"{f'{banks} expert banks, ' if banks else ''}{self.other_tensors} other tensors"]
         lines += [str(layer) for layer in self.layers]
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
@@ -129,6 +134,7 @@ class _Tensors:
             raise ValueError(f"{path}: expected model.safetensors or model.safetensors.index.json")
         self.files = {}
         self.where = {}
+        self.stored = {}  # a model-side name -> the file's, where a rename differs (:meth:`rename`)
         for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
             full = os.path.join(path, file)
             try:
@@ -147,24 +153,43 @@ class _Tensors:
     def keys(self):
         return self.where.keys()
 
+    def rename(self, rename) -> None:
+        """Address every tensor by ``rename(name in the file)``, the model's name for it (transformers'
+        checkpoint renames, e.g. Mixtral's ``.block_sparse_moe.`` -> ``.mlp.``); two tensors renamed to one
+        name are an error naming both."""
+        renamed = {}
+        for key in self.where:
+            new = rename(key)
+            if new in renamed:
+                raise ValueError(f"tensors {renamed[new]} and {key}: both are the model's {new} "
+                                 f"(the checkpoint holds it under both names)")
+            renamed[new] = key
+        self.stored = {new: key for new, key in renamed.items() if new != key}
+        self.where = {new: self.where[key] for new, key in renamed.items()}
+
+    def stored_name(self, key: str) -> str:
+        """The file's name of the tensor the model calls ``key``."""
+        return self.stored.get(key, key)
+
     def get_shape(self, key: str) -> list[int]:
-        return self.files[self.where[key]].get_slice(key).get_shape()
+        return self.files[self.where[key]].get_slice(self.stored_name(key)).get_shape()
 
     def get_dtype(self, key: str) -> torch.dtype:
-        stored = self.files[self.where[key]].get_slice(key).get_dtype()
+        stored = self.files[self.where[key]].get_slice(self.stored_name(key)).get_dtype()
         if stored not in SAFETENSORS_DTYPES:
-            raise TypeError(f"{key}: stored as {stored}, expected one of {', '.join(SAFETENSORS_DTYPES)}")
+            raise TypeError(f"{self.stored_name(key)}: stored as {stored}, expected one of {', '.join(SAFETENSORS_DTYPES)}")
         return SAFETENSORS_DTYPES[stored]
 
     def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
         """The tensor ``key``, or only its slice ``index`` (a tuple of slices; read without the rest)."""
+        stored = self.stored_name(key)
         try:
             handle = self.files[self.where[key]]
             if index is None or index == ():  # () : a 0-d tensor, which a slice does not read
-                return handle.get_tensor(key)
-            return handle.get_slice(key)[index]
+                return handle.get_tensor(stored)
+            return handle.get_slice(stored)[index]
         except Exception as e:
-            raise ValueError(f"tensor {key}: could not be read ({e})") from e
+            raise ValueError(f"tensor {stored}: could not be read ({e})") from e
 
 
 def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=None, axis: str = "model") -> CheckpointReport:
@@ -191,6 +216,9 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
         raise ValueError(f"{config_path}: quant_method {method!r} is not supported (supported: {sorted(FORMATS)})")
     fmt = FORMATS[method].for_config(qconfig)  # checks the config values the format reads
     tensors = _Tensors(path)
+    naming = naming_for(model, tensors.keys())  # None: no fused experts module in the model
+    if naming is not None:
+        tensors.rename(naming.rename)
     keys = set(tensors.keys())
     styles, axis_size = {}, 0
     if mesh is not None:
@@ -201,6 +229,17 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     # 1. plan everything without touching the model
     replacements, report = {}, CheckpointReport(method, notes=list(fmt.notes))
     used = set()
+    for banks in plan_expert_banks(model, fmt, naming, tensors.get, keys, tensors.stored_name) if naming else ():
+        if banks.name in styles:
+            raise ValueError(f"{banks.name}: expert banks load whole; split them after loading "
+                             f"(xqpass.shard_model's \"expert\" style)")
+        replacements[banks.name] = banks.module.to(xla_device()) if mesh is not None else banks.module
+        used |= banks.used
+        for bank in (banks.module.gate_up_proj, banks.module.down_proj):
+            report.layers.append(LoadedLayer(
+                f"{banks.name}.{'gate_up_proj' if bank is banks.module.gate_up_proj else 'down_proj'}", method,
+                banks.first.bits, bank.in_features if bank.block_size == -1 else bank.block_size, banks.symmetric,
+                False, experts=bank.num_experts))
     # a linear is quantized when any tensor only its format has is there ("weight" and "bias" a float
     # linear has too), so a quantized layer missing one of its tensors is named as such
     markers = [s for s in fmt.TENSORS if s != "weight"]
@@ -237,7 +276,8 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
     rest = keys - used
     missing, unexpected = sorted(set(expected) - rest), sorted(rest - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors "
+                         f"{[tensors.stored_name(k) for k in unexpected[:5]]}")
     split_plain = {f"{name}.{attr}": (name, attr, spec) for name, style in styles.items() if name not in replacements
                    for attr, spec in linear_partition_specs(name, model.get_submodule(name), style, axis, axis_size).items()}
     state, placed = {}, {}

@@ -58,11 +58,12 @@ def gptq_layer(n, k, bits, group, rng, act_order=False, v1=True, bias=None, symm
     return tensors, deq.T  # W [N, K]
 
 
-def save_checkpoint(path, tensors, float_model, quantization_config, shards=1, layers=()):
-    """The float model's other tensors beside the quantized ones, config.json, one file or shards."""
+def save_checkpoint(path, tensors, float_model, quantization_config, shards=1, layers=(), rename=None):
+    """The float model's other tensors beside the quantized ones, config.json, one file or shards;
+    ``rename``: the file's name of a model tensor (a MoE checkpoint's spelling)."""
     for key, value in float_model.state_dict().items():
         if not key.startswith(tuple(f"{name}." for name in layers)):
-            tensors[key] = value.clone()
+            tensors[key if rename is None else rename(key)] = value.clone()
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"quantization_config": quantization_config}, f)
@@ -92,10 +93,13 @@ def write_gptq_checkpoint(path, float_model, bits=4, group=16, act_order=False, 
                               None if lin.bias is None else lin.bias.detach().clone(), symmetric)
         tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         oracle[name] = w
-    save_checkpoint(path, tensors, float_model,
-                    {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": symmetric,
-                     "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2"}, shards, layers)
+    save_checkpoint(path, tensors, float_model, gptq_config(bits, group, act_order, v1, symmetric), shards, layers)
     return oracle
+
+
+def gptq_config(bits=4, group=16, act_order=False, v1=True, symmetric=False):
+    return {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": symmetric, "desc_act": act_order,
+            "checkpoint_format": "gptq" if v1 else "gptq_v2"}
 
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -114,21 +118,27 @@ def write_awq_checkpoint(path, float_model, group=16, seed=0, *, layers=None):
     layers = linear_names(float_model, layers)
     for name in layers:
         lin = float_model.get_submodule(name)
-        n, k = lin.out_features, lin.in_features
-        q = rng.integers(0, 16, size=(k, n))
-        zeros = rng.integers(0, 16, size=(k // group, n))
-        scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
-        g = np.arange(k) // group
-        oracle[name] = ((q - zeros[g]) * scales.astype(np.float64)[g]).T
-        tensors.update({f"{name}.qweight": torch.from_numpy(pack_awq_columns(q)),
-                        f"{name}.qzeros": torch.from_numpy(pack_awq_columns(zeros)),
-                        f"{name}.scales": torch.from_numpy(scales)})
+        layer, oracle[name] = awq_layer(lin.out_features, lin.in_features, group, rng)
+        tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         if lin.bias is not None:
             tensors[f"{name}.bias"] = lin.bias.detach().clone()
-    save_checkpoint(path, tensors, float_model,
-                    {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"},
-                    layers=layers)
+    save_checkpoint(path, tensors, float_model, awq_config(group), layers=layers)
     return oracle
+
+
+def awq_config(group=16):
+    return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+
+
+def awq_layer(n, k, group, rng):
+    """Random AWQ gemm tensors for one linear and the float64 weight ``[N, K]`` they stand for."""
+    q = rng.integers(0, 16, size=(k, n))
+    zeros = rng.integers(0, 16, size=(k // group, n))
+    scales = (rng.random((k // group, n)) * 0.05 + 0.01).astype(np.float16)
+    g = np.arange(k) // group
+    tensors = {"qweight": torch.from_numpy(pack_awq_columns(q)), "qzeros": torch.from_numpy(pack_awq_columns(zeros)),
+               "scales": torch.from_numpy(scales)}
+    return tensors, ((q - zeros[g]) * scales.astype(np.float64)[g]).T
 
 
 def pack_ct_int32(values: np.ndarray, bits: int, dim: int) -> np.ndarray:
@@ -144,39 +154,48 @@ def write_ct_checkpoint(path, float_model, bits, strategy, group, symmetric, see
     :func:`write_gptq_checkpoint`."""
     rng = np.random.default_rng(seed)
     tensors, oracle = {}, {}
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     layers = linear_names(float_model, layers)
     for name in layers:
         lin = float_model.get_submodule(name)
-        n, k = lin.out_features, lin.in_features
-        g = k if strategy == "channel" else group
-        q = rng.integers(lo, hi + 1, size=(n, k))
-        scale = (rng.random((n, k // g)) * 0.05 + 0.01).astype(np.float32)
-        zeros = np.zeros((n, k // g), np.int64) if symmetric else rng.integers(lo, hi + 1, size=(n, k // g))
-        cols = np.arange(k) // g
-        oracle[name] = (q - zeros[:, cols]) * scale.astype(np.float64)[:, cols]
-        tensors[f"{name}.weight_scale"] = torch.from_numpy(scale)
-        if fmt == "int-quantized":  # int8 as it is, one a byte
-            tensors[f"{name}.weight"] = torch.from_numpy(q.astype(np.int8))
-            if not symmetric:
-                tensors[f"{name}.weight_zero_point"] = torch.from_numpy(zeros.astype(np.int8))
-        else:
-            tensors[f"{name}.weight_packed"] = torch.from_numpy(pack_ct_int32(q, bits, 1))
-            tensors[f"{name}.weight_shape"] = torch.tensor([n, k])
-            if not symmetric:
-                tensors[f"{name}.weight_zero_point"] = torch.from_numpy(pack_ct_int32(zeros, bits, 0))
+        layer, oracle[name] = ct_layer(lin.out_features, lin.in_features, bits, strategy, group, symmetric, rng, fmt)
+        tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         if lin.bias is not None:
             tensors[f"{name}.bias"] = lin.bias.detach().clone()
+    config = ct_config(bits, strategy, group, symmetric, fmt)
+    config["ignore"] = sorted(set(linear_names(float_model, None)) - set(layers))
+    save_checkpoint(path, tensors, float_model, config, layers=layers)
+    return oracle
+
+
+def ct_config(bits=4, strategy="group", group=16, symmetric=True, fmt="pack-quantized"):
     weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
                "group_size": group if strategy == "group" else None}
     activations = None if fmt == "pack-quantized" else {
         "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-    save_checkpoint(path, tensors, float_model,
-                    {"quant_method": "compressed-tensors", "format": fmt,
-                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                                   "input_activations": activations}},
-                     "ignore": sorted(set(linear_names(float_model, None)) - set(layers))}, layers=layers)
-    return oracle
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}}}
+
+
+def ct_layer(n, k, bits, strategy, group, symmetric, rng, fmt="pack-quantized"):
+    """Random compressed-tensors tensors for one linear (``fmt``: pack-quantized or int-quantized) and the
+    float64 weight ``[N, K]`` they stand for."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    g = k if strategy == "channel" else group
+    q = rng.integers(lo, hi + 1, size=(n, k))
+    scale = (rng.random((n, k // g)) * 0.05 + 0.01).astype(np.float32)
+    zeros = np.zeros((n, k // g), np.int64) if symmetric else rng.integers(lo, hi + 1, size=(n, k // g))
+    cols = np.arange(k) // g
+    tensors = {"weight_scale": torch.from_numpy(scale)}
+    if fmt == "int-quantized":  # int8 as it is, one a byte
+        tensors["weight"] = torch.from_numpy(q.astype(np.int8))
+        if not symmetric:
+            tensors["weight_zero_point"] = torch.from_numpy(zeros.astype(np.int8))
+    else:
+        tensors["weight_packed"] = torch.from_numpy(pack_ct_int32(q, bits, 1))
+        tensors["weight_shape"] = torch.tensor([n, k])
+        if not symmetric:
+            tensors["weight_zero_point"] = torch.from_numpy(pack_ct_int32(zeros, bits, 0))
+    return tensors, (q - zeros[:, cols]) * scale.astype(np.float64)[:, cols]
 
 
 def decode_e4m3(codes: np.ndarray) -> np.ndarray:
@@ -269,3 +288,71 @@ def write_ct_fp8_checkpoint(path, float_model, strategy="channel", block=(128, 1
                                                    "input_activations": input_activations}},
                      "ignore": sorted(set(linear_names(float_model, None)) - set(layers))}, layers=layers)
     return oracle
+
+
+# -- mixture-of-experts checkpoints ----------------------------------------------------------------------
+
+#: how quantizers name a transformers experts module's per-expert linears: (model-side -> file renames,
+#: gate, up, down), as the original checkpoints of each family (transformers 5.24's conversion_mapping.py)
+MOE_STYLES = {
+    "mixtral": (((".mlp.", ".block_sparse_moe."),), ("w1", "w3", "w2")),
+    "qwen3_moe": ((), ("gate_proj", "up_proj", "down_proj")),
+}
+
+#: format name -> (per-layer writer ``(n, k, rng, **args) -> (tensors, float64 [N, K])``, config builder)
+LAYER_WRITERS = {
+    "gptq": (lambda n, k, rng, bits=4, group=16, act_order=False, v1=True, symmetric=False:
+             gptq_layer(n, k, bits, group, rng, act_order, v1, symmetric=symmetric), gptq_config),
+    "awq": (lambda n, k, rng, group=16: awq_layer(n, k, group, rng), awq_config),
+    "compressed-tensors": (lambda n, k, rng, bits=4, strategy="group", group=16, symmetric=True:
+                           ct_layer(n, k, bits, strategy, group, symmetric, rng), ct_config),
+}
+
+
+def expert_modules(float_model: nn.Module) -> tuple[str, ...]:
+    """The names of every transformers fused experts module (3-D ``gate_up_proj`` / ``down_proj``)."""
+    return tuple(name for name, m in float_model.named_modules()
+                 if all(getattr(m, p, None) is not None and getattr(m, p).dim() == 3 for p in ("gate_up_proj", "down_proj")))
+
+
+def write_moe_checkpoint(path, float_model, fmt="gptq", style="mixtral", seed=0, shards=1, *, linears=(),
+                         **format_args):
+    """A mixture-of-experts checkpoint as quantizers write one: every expert of every fused experts module
+    of ``float_model`` stored as three quantized linears named per ``style`` (:data:`MOE_STYLES`; Mixtral:
+    ``...block_sparse_moe.experts.3.w1``, the router moved to ``block_sparse_moe.gate`` as well), plus the
+    dense ``linears`` quantized alike, in ``fmt`` (:data:`LAYER_WRITERS`; ``format_args`` as its per-layer
+    writer takes). Returns ``{experts module: (gate_up [E, 2I, H], down [E, H, I])}`` and ``{linear: [N, K]}``
+    in float64, the format's own dequantization, fused as transformers fuses float experts (gate rows
+    first)."""
+    rng = np.random.default_rng(seed)
+    layer_writer, config = LAYER_WRITERS[fmt]
+    renames, (gate, up, down) = MOE_STYLES[style]
+
+    def rename(key):
+        for old, new in renames:
+            key = key.replace(old, new)
+        return key
+
+    tensors, banks, dense = {}, {}, {}
+    for name in expert_modules(float_model):
+        module = float_model.get_submodule(name)
+        experts, two_inner, hidden = module.gate_up_proj.shape
+        inner = two_inner // 2
+        gate_up, down_bank = [], []
+        for e in range(experts):
+            weights = {}
+            for proj, (n, k) in ((gate, (inner, hidden)), (up, (inner, hidden)), (down, (hidden, inner))):
+                layer, weights[proj] = layer_writer(n, k, rng, **format_args)
+                tensors.update({f"{rename(name)}.{e}.{proj}.{s}": v for s, v in layer.items()})
+            gate_up.append(np.concatenate([weights[gate], weights[up]], axis=0))
+            down_bank.append(weights[down])
+        banks[name] = (np.stack(gate_up), np.stack(down_bank))
+    for name in linears:
+        lin = float_model.get_submodule(name)
+        layer, dense[name] = layer_writer(lin.out_features, lin.in_features, rng, **format_args)
+        tensors.update({f"{rename(name)}.{s}": v for s, v in layer.items()})
+        if lin.bias is not None:
+            tensors[f"{rename(name)}.bias"] = lin.bias.detach().clone()
+    config_args = {k: v for k, v in format_args.items() if k in config.__code__.co_varnames}
+    save_checkpoint(path, tensors, float_model, config(**config_args), shards, (*banks, *linears), rename)
+    return banks, dense

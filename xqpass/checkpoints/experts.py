@@ -1,0 +1,224 @@
+"""Mixture-of-experts checkpoints: the per-expert quantized linears GPTQ, AWQ and compressed-tensors
+quantizers write for Mixtral / Qwen3-MoE-style models, loaded into the fused banks of
+:class:`~xqpass.experts.XlaQuantizedGatedExperts` in place of ``transformers``' experts module.
+
+Quantizers keep one linear per expert and projection, named as the model's original checkpoints name
+them (transformers 5 fuses them into 3-D banks only as it loads float weights, ``conversion_mapping.py``):
+
+=============================  ==============================================  ===================
+``model_type`` (pattern)       stored per expert                               model after renames
+=============================  ==============================================  ===================
+``mixtral`` (``minimax``, ..)  ``layers.L.block_sparse_moe.experts.E.w1`` gate ``layers.L.mlp.experts``
+                               ``w3`` up, ``w2`` down
+``qwen2_moe`` (``qwen3_moe``,  ``layers.L.mlp.experts.E.gate_proj`` /          ``layers.L.mlp.experts``
+``olmoe``, ``deepseek_v3``..)  ``up_proj`` / ``down_proj``
+=============================  ==============================================  ===================
+
+each with its format's tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``; ``weight_packed``,
+``weight_scale``, ...). transformers' own mapping says how they fuse: ``MergeModulelist(dim=0)`` stacks
+the experts, ``Concatenate(dim=1)`` puts gate before up along N, so ``gate_up_proj[e] = [gate_e; up_e]``
+``[2I, H]`` and ``down_proj[e] = down_e`` ``[H, I]``. :func:`naming_for` reads that mapping
+(``transformers.conversion_mapping.get_checkpoint_conversion_mapping``) for the model's ``model_type``,
+its renames too (Mixtral's ``.block_sparse_moe.`` -> ``.mlp.``, which moves the router's float weight as
+well); a model without a known ``model_type`` is matched against :data:`NAMINGS`.
+
+Every expert linear is converted by its format's own ``convert`` (the checks, the unpacking), then the
+banks are assembled: gate and up concatenated along N, experts stacked. A bank holds one layout, so
+its experts must agree on bits, group size, zero points and dtypes; act-order (a permuted ``g_idx``)
+and quantized activations have no bank form. Each of these is an error naming the tensor, raised
+before the model is touched.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ..experts import XlaQuantizedExperts, XlaQuantizedGatedExperts, gated_experts_reason, is_expert_bank_module
+from .format import CheckpointFormat, ConvertedLayer
+
+
+@dataclass(frozen=True)
+class ExpertNaming:
+    """How a checkpoint names a fused experts module's per-expert linears."""
+    gate: str  # the projection whose rows come first in gate_up_proj
+    up: str
+    down: str
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) from stored names to the model's
+
+    def rename(self, key: str) -> str:
+        for pattern, replacement in self.renames:
+            key = re.sub(pattern, replacement, key)
+        return key
+
+    def linears(self, experts_name: str, expert: int) -> tuple[str, str, str]:
+        """The model-side names of expert ``expert``'s gate, up and down linears."""
+        return tuple(f"{experts_name}.{expert}.{p}" for p in (self.gate, self.up, self.down))
+
+
+#: transformers 5.24's conversion patterns for the fused experts modules xqpass swaps
+NAMINGS = {
+    "mixtral": ExpertNaming("w1", "w3", "w2", ((".block_sparse_moe.", ".mlp."),)),
+    "qwen2_moe": ExpertNaming("gate_proj", "up_proj", "down_proj"),
+}
+
+_PER_EXPERT = re.compile(r"\.experts\.\*\.(\w+)\.weight$")
+
+
+def naming_from_transformers(model_type: str) -> ExpertNaming | None:
+    """The naming transformers' conversion mapping gives ``model_type``: its renames, and the two
+    ``WeightConverter`` s that stack per-expert ``.weight`` s into ``gate_up_proj`` (two sources, gate
+    first, ``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)``) and ``down_proj``. None when the
+    mapping has no such converters (or transformers has no mapping function)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+    except ImportError:
+        return None
+    renames, projections = [], {}
+    for entry in get_checkpoint_conversion_mapping(model_type) or ():
+        sources, targets = list(entry.source_patterns), list(entry.target_patterns)
+        if isinstance(entry, WeightRenaming) and len(sources) == len(targets) == 1:
+            renames.append((sources[0], targets[0]))
+        elif isinstance(entry, WeightConverter) and len(targets) == 1 and targets[0].endswith(("gate_up_proj", "down_proj")):
+            names = [_PER_EXPERT.search(s) for s in sources]
+            ops = [(type(op), getattr(op, "dim", None)) for op in entry.operations]
+            fused = targets[0].endswith("gate_up_proj")
+            if not all(names) or ops != ([(MergeModulelist, 0), (Concatenate, 1)] if fused else [(MergeModulelist, 0)]) \
+                    or len(names) != (2 if fused else 1):
+                return None  # another fusion than the bank's
+            projections["gate_up" if fused else "down"] = [m.group(1) for m in names]
+    if set(projections) != {"gate_up", "down"}:
+        return None
+    (gate, up), (down,) = projections["gate_up"], projections["down"]
+    return ExpertNaming(gate, up, down, tuple(renames))
+
+
+def naming_for(model: nn.Module, keys) -> ExpertNaming | None:
+    """The naming of ``model``'s experts in a checkpoint holding ``keys``: transformers' for the model's
+    ``config.model_type``; otherwise the first of :data:`NAMINGS` whose per-expert names the checkpoint
+    holds. None: the model holds no fused experts module."""
+    banks = [name for name, module in model.named_modules() if is_expert_bank_module(module)]
+    if not banks:
+        return None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    known = naming_from_transformers(model_type) if isinstance(model_type, str) else None
+    if known is not None:
+        return known
+    for naming in NAMINGS.values():
+        renamed = {naming.rename(k) for k in keys}
+        if any(k.startswith(f"{bank}.0.{naming.gate}.") for bank in banks for k in renamed):
+            return naming
+    return NAMINGS["qwen2_moe"]
+
+
+@dataclass(frozen=True)
+class LoadedBanks:
+    """One experts module planned: the swap, the tensors read, and what the report says."""
+    name: str
+    module: XlaQuantizedGatedExperts
+    used: frozenset
+    first: ConvertedLayer  # the gate of expert 0: bits, group, dtypes
+    symmetric: bool
+
+
+def _bank_key(converted: ConvertedLayer) -> tuple:
+    return (converted.bits, converted.group, converted.zero_point is None, converted.weight.dtype,
+            converted.scale.dtype, None if converted.zero_point is None else converted.zero_point.dtype)
+
+
+def _check_bank_form(stored: str, converted: ConvertedLayer) -> None:
+    """What a bank cannot hold at all: act-order, quantized activations, float8 2-D blocks, a bias."""
+    if converted.perm is not None:
+        raise ValueError(f"{stored}.g_idx: act-order (desc_act) experts are not supported: a bank has one input "
+                         f"order for all its experts, each expert's g_idx permutes K its own way")
+    if converted.quantize_activation:
+        raise ValueError(f"{stored}: experts with quantized activations (W8A8) are not supported: the grouped op "
+                         f"takes 16- or 32-bit activations")
+    if converted.block_n != 1:
+        raise ValueError(f"{stored}: float8 weights scaled per tensor or in 2-D blocks (block_n={converted.block_n}) "
+                         f"have no expert bank layout")
+
+
+def _stack(name: str, stored: list[str], converted: list[ConvertedLayer], bank: str,
+           in_features: int) -> XlaQuantizedExperts:
+    """One bank from its experts' converted layers (all the same layout, else an error naming the first
+    expert that differs)."""
+    first = converted[0]
+    for where, layer in zip(stored, converted):
+        if _bank_key(layer) != _bank_key(first):
+            fields = ("bits", "group size", "zero points (asymmetric)", "weight dtype", "scale dtype", "zero point dtype")
+            differ = [f"{f} {a} vs {b}" for f, a, b in zip(fields, _bank_key(layer), _bank_key(first)) if a != b]
+            error = TypeError if any("dtype" in d for d in differ) else ValueError
+            raise error(f"{where}: {name}.{bank} holds one layout for all experts, but this expert differs from "
+                        f"{stored[0]}: {', '.join(differ)}")
+    q = XlaQuantizedExperts(len(converted), in_features, first.weight.shape[0], is_symmetric=first.zero_point is None,
+                            block_size=first.group, int4_weight=first.bits == 4, packed=first.bits == 4,
+                            weight_dtype=first.weight.dtype, scale_dtype=first.scale.dtype, device="meta")
+    zero_point = None if first.zero_point is None else torch.stack([c.zero_point for c in converted])
+    q.load_quantized_weight(torch.stack([c.weight for c in converted]), torch.stack([c.scale for c in converted]),
+                            zero_point)
+    return q
+
+
+def _fuse(gate: ConvertedLayer, up: ConvertedLayer) -> ConvertedLayer:
+    """gate_up_proj's rows of one expert: gate's then up's (transformers' ``Concatenate(dim=1)``)."""
+    def cat(a, b):
+        return None if a is None else torch.cat([a, b], dim=0)
+
+    return replace(gate, weight=cat(gate.weight, up.weight), scale=cat(gate.scale, up.scale),
+                   zero_point=cat(gate.zero_point, up.zero_point))
+
+
+def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNaming, read, keys: set,
+                      stored_name) -> list[LoadedBanks]:
+    """Every fused experts module of ``model`` whose experts the checkpoint stores quantized, converted and
+    assembled without touching the model. ``read(key)`` reads a tensor by its model-side name,
+    ``stored_name(key)`` names it as the file does (for messages)."""
+    markers = [s for s in fmt.TENSORS if s != "weight"]
+    planned = []
+    for name, module in model.named_modules():
+        if not is_expert_bank_module(module):
+            continue
+        prefix = f"{name}."
+        stored = sorted(k for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit())
+        if not stored:
+            continue  # float banks: loaded as the model's own tensors
+        reason = gated_experts_reason(module)
+        if reason is not None:
+            raise ValueError(f"{name}: the checkpoint stores its experts quantized ({stored_name(stored[0])}, ...), "
+                             f"but {reason}")
+        experts, two_inner, hidden = module.gate_up_proj.shape
+        inner = two_inner // 2
+        # the file's spelling of this module (renames touch the names above the experts only)
+        stored_prefix = stored_name(stored[0])[: len(stored_name(stored[0])) - len(stored[0]) + len(name)]
+        used, gate_up, down, every = set(), [], [], []
+        gate_names, down_names = [], []
+        for e in range(experts):
+            layers = []
+            for linear, (k, n) in zip(naming.linears(name, e), ((hidden, inner), (hidden, inner), (inner, hidden))):
+                suffixes = [s for s in fmt.TENSORS if f"{linear}.{s}" in keys]
+                if not any(s in markers for s in suffixes):
+                    suffixes = []  # an expert not stored quantized: convert names its first missing tensor
+                used.update(f"{linear}.{s}" for s in suffixes)
+                where = stored_prefix + linear[len(name):]
+                converted = fmt.convert(where, {s: read(f"{linear}.{s}") for s in suffixes}, k, n)
+                _check_bank_form(where, converted)
+                layers.append((where, converted))
+                every.append(converted)
+            (gate_where, gate), (up_where, up), (down_where, down_layer) = layers
+            if _bank_key(gate) != _bank_key(up):
+                _stack(name, [gate_where, up_where], [gate, up], "gate_up_proj", hidden)  # raises, naming up
+            gate_up.append(_fuse(gate, up))
+            down.append(down_layer)
+            gate_names.append(gate_where)
+            down_names.append(down_where)
+        banks = XlaQuantizedGatedExperts(_stack(name, gate_names, gate_up, "gate_up_proj", hidden),
+                                         _stack(name, down_names, down, "down_proj", inner), module.act_fn)
+        planned.append(LoadedBanks(name, banks, frozenset(used), every[0], all(c.symmetric for c in every)))
+    return planned
+
+
+__all__ = ["ExpertNaming", "LoadedBanks", "NAMINGS", "naming_for", "naming_from_transformers", "plan_expert_banks"]
