@@ -130,7 +130,8 @@ def _bank_key(converted: ConvertedLayer) -> tuple:
 
 
 def _check_bank_form(stored: str, converted: ConvertedLayer) -> None:
-    """What a bank cannot hold at all: act-order, quantized activations, float8 2-D blocks, a bias."""
+    """What a bank cannot hold at all: act-order, quantized activations, float8 per tensor or in 2-D blocks
+    (an expert's bias is not read: it stays among the unexpected tensors)."""
     if converted.perm is not None:
         raise ValueError(f"{stored}.g_idx: act-order (desc_act) experts are not supported: a bank has one input "
                          f"order for all its experts, each expert's g_idx permutes K its own way")
@@ -142,10 +143,9 @@ def _check_bank_form(stored: str, converted: ConvertedLayer) -> None:
                          f"have no expert bank layout")
 
 
-def _stack(name: str, stored: list[str], converted: list[ConvertedLayer], bank: str,
-           in_features: int) -> XlaQuantizedExperts:
-    """One bank from its experts' converted layers (all the same layout, else an error naming the first
-    expert that differs)."""
+def _check_one_layout(name: str, bank: str, stored: list[str], converted: list[ConvertedLayer]) -> None:
+    """A bank holds one layout: every expert's linears as the first's, else an error naming the first
+    that differs (``TypeError`` for a dtype, ``ValueError`` otherwise)."""
     first = converted[0]
     for where, layer in zip(stored, converted):
         if _bank_key(layer) != _bank_key(first):
@@ -154,6 +154,11 @@ def _stack(name: str, stored: list[str], converted: list[ConvertedLayer], bank: 
             error = TypeError if any("dtype" in d for d in differ) else ValueError
             raise error(f"{where}: {name}.{bank} holds one layout for all experts, but this expert differs from "
                         f"{stored[0]}: {', '.join(differ)}")
+
+
+def _stack(converted: list[ConvertedLayer], in_features: int) -> XlaQuantizedExperts:
+    """One bank from its experts' converted layers, one layout (:func:`_check_one_layout`)."""
+    first = converted[0]
     q = XlaQuantizedExperts(len(converted), in_features, first.weight.shape[0], is_symmetric=first.zero_point is None,
                             block_size=first.group, int4_weight=first.bits == 4, packed=first.bits == 4,
                             weight_dtype=first.weight.dtype, scale_dtype=first.scale.dtype, device="meta")
@@ -194,10 +199,8 @@ def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNam
         inner = two_inner // 2
         # the file's spelling of this module (renames touch the names above the experts only)
         stored_prefix = stored_name(stored[0])[: len(stored_name(stored[0])) - len(stored[0]) + len(name)]
-        used, gate_up, down, every = set(), [], [], []
-        gate_names, down_names = [], []
+        used, layers = set(), []  # (file's name, converted) of gate, up, down, expert by expert
         for e in range(experts):
-            layers = []
             for linear, (k, n) in zip(naming.linears(name, e), ((hidden, inner), (hidden, inner), (inner, hidden))):
                 suffixes = [s for s in fmt.TENSORS if f"{linear}.{s}" in keys]
                 if not any(s in markers for s in suffixes):
@@ -207,16 +210,13 @@ def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNam
                 converted = fmt.convert(where, {s: read(f"{linear}.{s}") for s in suffixes}, k, n)
                 _check_bank_form(where, converted)
                 layers.append((where, converted))
-                every.append(converted)
-            (gate_where, gate), (up_where, up), (down_where, down_layer) = layers
-            if _bank_key(gate) != _bank_key(up):
-                _stack(name, [gate_where, up_where], [gate, up], "gate_up_proj", hidden)  # raises, naming up
-            gate_up.append(_fuse(gate, up))
-            down.append(down_layer)
-            gate_names.append(gate_where)
-            down_names.append(down_where)
-        banks = XlaQuantizedGatedExperts(_stack(name, gate_names, gate_up, "gate_up_proj", hidden),
-                                         _stack(name, down_names, down, "down_proj", inner), module.act_fn)
+        gate_up = [layer for i, layer in enumerate(layers) if i % 3 != 2]
+        down = layers[2::3]
+        for bank, members in (("gate_up_proj", gate_up), ("down_proj", down)):
+            _check_one_layout(name, bank, [where for where, _ in members], [c for _, c in members])
+        fused = [_fuse(gate, up) for (_, gate), (_, up) in zip(gate_up[0::2], gate_up[1::2])]
+        banks = XlaQuantizedGatedExperts(_stack(fused, hidden), _stack([c for _, c in down], inner), module.act_fn)
+        every = [c for _, c in layers]
         planned.append(LoadedBanks(name, banks, frozenset(used), every[0], all(c.symmetric for c in every)))
     return planned
 

@@ -302,7 +302,7 @@ MOE_STYLES = {
 #: format name -> (per-layer writer ``(n, k, rng, **args) -> (tensors, float64 [N, K])``, config builder)
 LAYER_WRITERS = {
     "gptq": (lambda n, k, rng, bits=4, group=16, act_order=False, v1=True, symmetric=False:
-             gptq_layer(n, k, bits, group, rng, act_order, v1, symmetric=symmetric), gptq_config),
+             gptq_layer(n, k, bits, k if group == -1 else group, rng, act_order, v1, symmetric=symmetric), gptq_config),
     "awq": (lambda n, k, rng, group=16: awq_layer(n, k, group, rng), awq_config),
     "compressed-tensors": (lambda n, k, rng, bits=4, strategy="group", group=16, symmetric=True:
                            ct_layer(n, k, bits, strategy, group, symmetric, rng), ct_config),

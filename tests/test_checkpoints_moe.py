@@ -1,0 +1,210 @@
+"""Mixture-of-experts checkpoints: per-expert quantized linears as GPTQ, AWQ and compressed-tensors
+quantizers write them for Mixtral (``block_sparse_moe.experts.E.w1/w3/w2``) and Qwen3-MoE
+(``mlp.experts.E.gate_proj/up_proj/down_proj``), written by ``xqpass.testing.checkpoints`` from each
+format's published layout, loaded into ``XlaQuantizedGatedExperts``; the model's output against the
+float64 model holding the format's own dequantization (fused as transformers fuses float experts), on
+CPU and XLA; damaged checkpoints leave the model as it was."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from xqpass import XlaQuantizedGatedExperts, XlaQuantizedLinear, load_quantized_checkpoint
+from xqpass.checkpoints.experts import NAMINGS, naming_from_transformers
+from xqpass.testing import checkpoints as writers
+
+
+def mixtral():
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
+
+
+def qwen3_moe():
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                            max_position_embeddings=64)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
+
+#: name: (writer format, its arguments)
+FORMATS = {
+    "gptq int4 g16": ("gptq", dict(bits=4, group=16)),
+    "gptq int8 per-channel sym v2": ("gptq", dict(bits=8, group=-1, symmetric=True, v1=False)),
+    "awq g16": ("awq", dict(group=16)),
+    "ct int4 g16 sym": ("compressed-tensors", dict(bits=4, group=16, symmetric=True)),
+    "ct int8 channel asym": ("compressed-tensors", dict(bits=8, strategy="channel", symmetric=False)),
+}
+
+
+def float64_twin(float_model, banks, dense):
+    """The float model in float64 with the checkpoint's dequantized weights: the exact value of the loaded
+    model (routing included)."""
+    twin = copy.deepcopy(float_model).double()
+    twin.config._experts_implementation = "eager"  # the loop over experts: grouped_mm takes no float64
+    with torch.no_grad():
+        for name, (gate_up, down) in banks.items():
+            twin.get_submodule(name).gate_up_proj.copy_(torch.from_numpy(gate_up))
+            twin.get_submodule(name).down_proj.copy_(torch.from_numpy(down))
+        for name, weight in dense.items():
+            twin.get_submodule(name).weight.copy_(torch.from_numpy(weight))
+    return twin
+
+
+def test_names_are_transformers_conversion_mapping():
+    assert naming_from_transformers("mixtral") == NAMINGS["mixtral"]
+    assert naming_from_transformers("qwen3_moe") == NAMINGS["qwen2_moe"] == naming_from_transformers("olmoe")
+    assert naming_from_transformers("llama") is None
+
+
+def test_gate_rows_come_first_as_transformers_fuses_float_experts(tmp_path):
+    """transformers' own loading of a float per-expert Mixtral checkpoint puts w1 (gate) before w3 (up)."""
+    model = mixtral()
+    state = {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in model.state_dict().items() if "experts" not in k}
+    gen = torch.Generator().manual_seed(0)
+    per_expert = {p: torch.randn(4, 48 if p != "w2" else 64, 64 if p != "w2" else 48, generator=gen)
+                  for p in ("w1", "w3", "w2")}
+    for layer in range(2):
+        for e in range(4):
+            for p, bank in per_expert.items():
+                state[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{p}.weight"] = bank[e].clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    model.config.save_pretrained(str(tmp_path))
+    loaded = MixtralForCausalLM.from_pretrained(str(tmp_path)).eval()
+    experts = loaded.model.layers[1].mlp.experts
+    assert torch.equal(experts.gate_up_proj, torch.cat([per_expert["w1"], per_expert["w3"]], dim=1))
+    assert torch.equal(experts.down_proj, per_expert["w2"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("make", MODELS)
+def test_moe_checkpoint_loads_and_matches_its_dequantization(tmp_path, make, fmt, xla_device):
+    model = MODELS[make]()
+    reference = copy.deepcopy(model)
+    writer, args = FORMATS[fmt]
+    # Qwen3-MoE: the attention projections quantized too (dense linears beside the banks)
+    linears = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"] if make == "qwen3_moe" else []
+    banks, dense = writers.write_moe_checkpoint(str(tmp_path), reference, writer, make, shards=2, linears=linears,
+                                                **args)
+    keys = set(json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"])
+    stored = "block_sparse_moe.experts.3.w3" if make == "mixtral" else "mlp.experts.3.up_proj"
+    assert any(k.startswith(f"model.layers.1.{stored}.") for k in keys)
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    for i, layer in enumerate(model.model.layers):
+        assert isinstance(layer.mlp.experts, XlaQuantizedGatedExperts)
+        gate_up = banks[f"model.layers.{i}.mlp.experts"][0]
+        assert layer.mlp.experts.gate_up_proj.weight.shape[:2] == gate_up.shape[:2]  # [E, 2I]
+    assert all(isinstance(model.get_submodule(name), XlaQuantizedLinear) for name in linears)
+    assert sum(layer.experts > 0 for layer in report.layers) == 4 and f"{4} expert banks" in str(report)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float64_twin(reference, banks, dense)(ids).logits
+        on_cpu = model(ids).logits
+        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+# -- damaged checkpoints ----------------------------------------------------------------------------------
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.2"
+
+
+def _damage(tensors, damage):
+    if damage == "missing expert":
+        for key in [k for k in tensors if k.startswith(f"{EXPERT}.w3.")]:
+            del tensors[key]
+    elif damage == "missing tensor":
+        del tensors[f"{EXPERT}.w2.scales"]
+    elif damage == "other group size":  # expert 2's gate quantized with groups of 8
+        import numpy as np
+
+        layer, _ = writers.gptq_layer(48, 64, 4, 8, np.random.default_rng(1))
+        tensors.update({f"{EXPERT}.w1.{s}": v for s, v in layer.items()})
+    elif damage == "scale dtype":
+        tensors[f"{EXPERT}.w1.scales"] = tensors[f"{EXPERT}.w1.scales"].float()
+    elif damage == "qweight dtype":
+        tensors[f"{EXPERT}.w2.qweight"] = tensors[f"{EXPERT}.w2.qweight"].to(torch.int64)
+    elif damage == "extra expert":
+        for key in [k for k in tensors if k.startswith(f"{EXPERT}.")]:
+            tensors[key.replace("experts.2.", "experts.4.")] = tensors[key].clone()
+    elif damage == "act-order":
+        g_idx = tensors[f"{EXPERT}.w1.g_idx"]
+        tensors[f"{EXPERT}.w1.g_idx"] = g_idx.flip(0).contiguous()
+    elif damage == "router twice":
+        tensors["model.layers.0.mlp.gate.weight"] = tensors["model.layers.0.block_sparse_moe.gate.weight"].clone()
+    elif damage == "float expert":
+        for key in [k for k in tensors if k.startswith(f"{EXPERT}.w3.")]:
+            del tensors[key]
+        tensors[f"{EXPERT}.w3.weight"] = torch.zeros(48, 64)
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("missing expert", ValueError, rf"missing tensor {EXPERT}.w3.qweight \(GPTQ"),
+    ("missing tensor", ValueError, rf"missing tensor {EXPERT}.w2.scales"),
+    ("other group size", ValueError, rf"{EXPERT}.w1.qzeros: expected shape \(4, 6\)"),
+    ("scale dtype", TypeError, rf"{EXPERT}.w1: model.layers.1.mlp.experts.gate_up_proj holds one layout for all "
+                               rf"experts, but this expert differs from model.layers.1.block_sparse_moe.experts.0.w1: scale dtype torch.float32 vs torch.float16"),
+    ("qweight dtype", TypeError, rf"{EXPERT}.w2.qweight: expected int32 \(GPTQ\), got torch.int64"),
+    ("extra expert", ValueError, r"unexpected tensors \['model.layers.1.block_sparse_moe.experts.4.w1.g_idx'"),
+    ("act-order", ValueError, rf"{EXPERT}.w1.g_idx: act-order \(desc_act\) experts are not supported"),
+    ("router twice", ValueError, r"both are the model's model.layers.0.mlp.gate.weight"),
+    ("float expert", ValueError, rf"missing tensor {EXPERT}.w3.qweight"),
+])
+def test_damaged_moe_checkpoints_leave_the_model_as_it_was(tmp_path, damage, error, message):
+    model = mixtral()
+    writers.write_moe_checkpoint(str(tmp_path), model, "gptq", "mixtral", bits=4, group=16)
+    file = str(tmp_path / "model.safetensors")
+    tensors = load_file(file)
+    _damage(tensors, damage)
+    save_file(tensors, file)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(error, match=message):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_w8a8_experts_are_refused(tmp_path):
+    model = mixtral()
+    writers.write_moe_checkpoint(str(tmp_path), model, "compressed-tensors", "mixtral", bits=8, strategy="channel")
+    config = json.load(open(tmp_path / "config.json"))
+    config["quantization_config"] = writers.ct_config(8, "channel", None, True, "int-quantized")
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    tensors = load_file(str(tmp_path / "model.safetensors"))  # int-quantized stores int8 weights as they are
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        tensors[key.replace("weight_packed", "weight")] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 4,
+                                                                      dtype=torch.int8)
+        del tensors[key], tensors[key.replace("weight_packed", "weight_shape")]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"experts.0.w1: experts with quantized activations \(W8A8\) are not supported"):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert not any(isinstance(m, XlaQuantizedGatedExperts) for m in model.modules())
+
+
+def test_an_experts_module_of_another_forward_is_refused(tmp_path):
+    class HandWritten(nn.Module):  # 3-D banks, but no transformers experts class
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 32, 16))
+            self.down_proj = nn.Parameter(torch.randn(2, 16, 16))
+
+    model = nn.Sequential()
+    model.add_module("experts", HandWritten())
+    writers.write_moe_checkpoint(str(tmp_path), model, "gptq", "qwen3_moe", bits=4, group=16)
+    with pytest.raises(ValueError, match=r"experts: the checkpoint stores its experts quantized \(experts.0."
+                                         r".*is not a transformers experts class"):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert isinstance(model.experts, HandWritten)
