@@ -1,11 +1,13 @@
 """The decode benchmark users compare: ``generate()`` of a transformers Llama-architecture model on the CPU
 and on XLA:CPU, dense and quantized, ms per token and peak host memory.
 
-Per size (hidden x layers, bfloat16, random weights) and batch: a ``--prompt``-token prompt and
-``--new-tokens`` greedy tokens with a static KV cache and a step boundary (examples/generate.py: without
-it generate()'s bookkeeping compiles anew every token of every call), two calls to compile, then
-``--runs`` timed calls (median, every call waited for). Each path runs in a process of its own, so
-that peak host memory (``ru_maxrss``) is its own:
+Per size (hidden x layers, bfloat16, random weights) and batch: a ``--prompt``-token prompt and exactly
+``--new-tokens`` greedy tokens (``eos_token_id=None``: no EOS stopping in any path) with a static KV cache;
+on XLA a step boundary before each forward call (``sync_before_forward`` of examples/generate.py: without
+it the second call compiles its first two steps again) and a sync after each call (the last step's
+bookkeeping). One call to compile, one to check that nothing compiles any more, then ``--runs`` timed
+calls (median, every call waited for). Each path runs in a process of its own, so that peak host memory
+(``ru_maxrss``) is its own:
 
   eager bf16            the float model, eager on the CPU (what a user runs today)
   eager int8            xqpass.quantize_model(bits=8), eager on the CPU (torch's int8 weight-only kernel)
@@ -92,14 +94,15 @@ def build(path: str, hidden: int, layers: int):
 
 
 def measure(path: str, hidden: int, layers: int, batch: int, prompt: int, new_tokens: int, runs: int) -> dict:
-    from generate import StepBoundary, compilations, linear_bytes
-    from transformers import LogitsProcessorList
+    from generate import compilations, linear_bytes, sync_before_forward
 
     model, device, backend = build(path, hidden, layers)
     model = model.to(device)
     if backend is not None:
+        import torch_xla
+
         model.forward = torch.compile(model.forward, backend=backend)
-    processors = LogitsProcessorList([StepBoundary()]) if backend is not None else None
+        sync_before_forward(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     seconds, compiles = [], []
@@ -107,9 +110,11 @@ def measure(path: str, hidden: int, layers: int, batch: int, prompt: int, new_to
         for _ in range(2 + runs):
             before = compilations() if backend is not None else 0
             start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 cache_implementation="static", logits_processor=processors)
-            out.cpu()
+            out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
+                                 cache_implementation="static")
+            if backend is not None:
+                torch_xla.sync()
+            assert out.cpu().shape[1] == prompt + new_tokens
             seconds.append(time.perf_counter() - start)
             compiles.append((compilations() if backend is not None else 0) - before)
     timed = sorted(seconds[2:])
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="every path this many times, interleaved")
     parser.add_argument("--paths", nargs="+", default=list(PATHS))
     parser.add_argument("--json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: "path|hidden|layers|batch"
@@ -134,26 +140,50 @@ def main() -> None:
         print(json.dumps(measure(path, int(hidden), int(layers), int(batch), args.prompt, args.new_tokens, args.runs)))
         return
     results = []
-    print(f"{'size':>8} {'batch':>5} {'path':22} {'ms/token':>9} {'fastest':>8} {'compilations':>14} "
+    print(f"{'size':>8} {'batch':>5} {'path':22} {'round':>5} {'ms/token':>9} {'fastest':>8} {'compilations':>14} "
           f"{'linear bytes':>14} {'peak host MB':>12}", flush=True)
     for size in args.sizes:
         hidden, layers = map(int, size.split("x"))
         for batch in args.batches:
-            for path in args.paths:
-                proc = subprocess.run([sys.executable, __file__, "--one", f"{path}|{hidden}|{layers}|{batch}",
-                                       "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
-                                       "--runs", str(args.runs)], capture_output=True, text=True)
-                if proc.returncode:
-                    print(f"{size:>8} {batch:>5} {path:22} failed: {proc.stderr[-500:]}", flush=True)
-                    continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows = {}
+            for round_ in range(args.rounds):  # the paths interleaved: every path once a round
+                for path in args.paths:
+                    proc = subprocess.run([sys.executable, __file__, "--one", f"{path}|{hidden}|{layers}|{batch}",
+                                           "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
+                                           "--runs", str(args.runs)], capture_output=True, text=True)
+                    if proc.returncode:
+                        print(f"{size:>8} {batch:>5} {path:22} failed: {proc.stderr[-500:]}", flush=True)
+                        continue
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    rows.setdefault(path, []).append(r)
+                    print(f"{size:>8} {batch:>5} {path:22} {round_:>5} {r['ms_per_token']:9.1f} "
+                          f"{r['fastest_ms_per_token']:8.1f} {'/'.join(map(str, r['compilations'])):>14} "
+                          f"{r['linear_bytes']:>14,} {r['peak_host_mb']:12.0f}", flush=True)
+            for path, runs in rows.items():  # a path's row: its median round, every round's ms kept
+                r = dict(sorted(runs, key=lambda r: r["ms_per_token"])[len(runs) // 2])
+                r["rounds_ms_per_token"] = [x["ms_per_token"] for x in runs]
+                r["rounds_compilations"] = [x["compilations"] for x in runs]
                 results.append(r)
-                print(f"{size:>8} {batch:>5} {path:22} {r['ms_per_token']:9.1f} {r['fastest_ms_per_token']:8.1f} "
-                      f"{'/'.join(map(str, r['compilations'])):>14} {r['linear_bytes']:>14,} {r['peak_host_mb']:12.0f}",
-                      flush=True)
+            ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def ratios(rows: dict) -> None:
+    """The issue's speed targets as ratios of paths measured in the same round, each round's, then the median."""
+    def per_round(a: str, b: str) -> str:
+        if a not in rows or b not in rows:
+            return "-"
+        r = [x["ms_per_token"] / y["ms_per_token"] for x, y in zip(rows[a], rows[b])]
+        return f"{sorted(r)[len(r) // 2]:.2f}x (rounds {', '.join(f'{v:.2f}' for v in r)})"
+
+    print(f"  xq int8 speed-up over openxla bf16: {per_round('openxla bf16', 'xq_openxla int8')} "
+          f"(qm {per_round('openxla bf16', 'openxla qm int8')})")
+    print(f"  xq int8 speed-up over eager bf16:   {per_round('eager bf16', 'xq_openxla int8')} "
+          f"(qm {per_round('eager bf16', 'openxla qm int8')})")
+    print(f"  int4 g128 time over int8:           {per_round('xq_openxla int4 g128', 'xq_openxla int8')} "
+          f"(qm {per_round('openxla qm int4 g128', 'openxla qm int8')})", flush=True)
 
 
 if __name__ == "__main__":
