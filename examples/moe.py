@@ -30,15 +30,7 @@ from torch import nn  # noqa: E402
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 import xqpass  # noqa: E402
-from generate import compilations, first_step_logits  # noqa: E402
-
-
-def sync_before_forward(model: nn.Module):
-    """``torch_xla.sync()`` before each forward call of ``generate()`` (a forward pre-hook): generate()'s
-    own bookkeeping between steps (token selection, ``cache_position``) becomes a graph of its own, cut
-    at the same place on every step and every call, so no call after the first compiles
-    (examples/generate.py says why in full)."""
-    return model.register_forward_pre_hook(lambda module, args: torch_xla.sync())
+from generate import compilations, first_step_logits, sync_before_forward  # noqa: E402
 
 
 def layer_bytes(model: nn.Module) -> tuple[int, int]:
@@ -65,6 +57,7 @@ def run(name: str, model: nn.Module, ids: torch.Tensor, reference: torch.Tensor,
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
                              cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+        torch_xla.sync()  # the last step's bookkeeping, as examples/generate.py does (it says why)
         assert out.sequences.cpu().shape[1] == ids.shape[1] + new_tokens  # waits for the device
         seconds.append(time.perf_counter() - start)
         compiles.append(compilations() - before)
