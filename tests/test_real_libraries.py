@@ -399,14 +399,18 @@ def test_gptq_torch_over_shapes(bits, group, groups, words_n, act_order, rows, d
 
 
 def test_libraries_on_xla_with_xq_openxla():
-    """The libraries whose modules move to an XLA device, compiled with ``xq_openxla``: every linear rewritten,
-    the output within the activation dtype's rounding of the library's own CPU forward."""
+    """The libraries whose modules move to an XLA device (GPTQ-style, AutoAWQ, optimum-quanto's weight
+    subclass), compiled with ``xq_openxla``: every linear rewritten, the output within the activation
+    dtype's rounding of the library's own CPU forward."""
     import torch_xla
 
     device = torch_xla.device()
     cases = [(GPTQTorchLinear.quantized(4, 32, 256, 64, act_order=True), torch.float16, torch.float16)]
     if "awq" in sys.modules or importlib.util.find_spec("awq") is not None:  # (a bare awq module has no spec)
         cases.append((awq_linear(256, 64), torch.float16, torch.float16))
+    if importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None:
+        cases += [(quanto_model(256, 128, 64, qtype=qtype, dtype=torch.float32, layers=1), torch.float32, None)
+                  for qtype in ("qint8", "qint4")]
     for model, dtype, weight_dtype in cases:
         x = activation(256, dtype)
         with torch.no_grad():
@@ -420,7 +424,7 @@ def test_libraries_on_xla_with_xq_openxla():
             compiled = torch.compile(model, backend=make_backend("openxla", reports=reports))
             out = compiled(x.to(device)).cpu()
         assert len([r for rep in reports for r in rep.rewrites]) == 1, "\n".join(map(str, reports))
-        eps = max(EPS[dtype], EPS[weight_dtype])
+        eps = max(EPS[dtype], EPS[weight_dtype or dtype])
         torch.testing.assert_close(out.float(), ref.float(), rtol=4 * eps, atol=4 * eps * ref.float().abs().max().item())
 
 
