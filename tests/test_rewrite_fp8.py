@@ -98,3 +98,23 @@ def test_a_zero_point_with_a_float8_weight_is_a_near_miss():
         "\n".join(map(str, reports))
     with torch.no_grad():
         assert torch.equal(out, module(x))
+
+
+def test_torchao_float8_weight_only_is_rewritten():
+    """torchao's Float8WeightOnlyConfig (a weight subclass: e4m3 per-channel, flattened at the aten level)
+    becomes the op with its float8 weight, matching torchao's own forward within bfloat16 rounding."""
+    quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).to(torch.bfloat16).eval()
+    quantization.quantize_(model, quantization.Float8WeightOnlyConfig())
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x).float()
+    reports = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=make_backend("eager", reports=reports))(x).float()
+    rewrites = [r for rep in reports for r in rep.rewrites]
+    assert [r.format["weight_dtype"] for r in rewrites] == ["float8_e4m3fn"] * 2, "\n".join(map(str, reports))
+    eps = EPS[torch.bfloat16]
+    torch.testing.assert_close(out, ref, rtol=4 * eps, atol=4 * eps * ref.abs().max().item())
