@@ -191,6 +191,9 @@ def checkpoint_demo(device, root: str | None = None) -> None:
             reference.get_submodule(layer).weight.data = weight.double()
         with torch.no_grad():
             exact = reference(x.double())
+            # each format a fresh Dynamo cache: the models share one forward, whose cache would otherwise
+            # hit the recompile limit after eight formats and run the rest eagerly
+            torch._dynamo.reset()
             compiled = torch.compile(model.to(device), backend="xq_openxla")
             out = compiled(x.to(device)).cpu()
         weight_bytes = _linear_weight_bytes(model)
