@@ -482,3 +482,13 @@ def test_torchao_w8a8(k, n, rows, dtype, layers, tiny):
         step = torch.clamp(x.float().abs().amax(-1, keepdim=True) / 127, min=1e-5) * w.abs().sum(1)
     bound = (2 if layers == 2 else 1) * step.max().item() + 8 * EPS[dtype] * ref.float().abs().max().item() + 1e-6
     assert (out.float() - ref.float()).abs().max().item() <= bound * (3 if layers == 2 else 1)
+
+
+def test_quanto_int4_is_unpacked_once_at_the_aten_level():
+    """quanto's weight subclass only unfolds inside AOT autograd: the backends give that level the real
+    inner tensors, so ``quanto::unpack`` runs once and the op reads packed int4 (its bounds are the op's)."""
+    m = quanto_model(256, 128, 64, qtype="qint4", dtype=torch.float32, layers=1)
+    out, cap = run_compiled(m, activation(256, torch.float32))
+    formats = [r.format for r in cap.rewrites]
+    assert [(f["unpacked_once"], f["packed"]) for f in formats] == [(True, True)], cap.describe()
+    assert not any(n.op == "call_function" and "quanto" in str(n.target) for gm in cap.final_graphs for n in gm.graph.nodes)

@@ -132,8 +132,11 @@ def _real_aot_inputs(aot_graph: torch.fx.GraphModule, dynamo_graph, inputs) -> l
         return None
     for node, value in zip(placeholders, flat):
         meta = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and not (isinstance(meta, torch.Tensor) and meta.dtype == value.dtype
-                                                    and meta.dim() == value.dim()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not (isinstance(meta, torch.Tensor) and meta.dtype == value.dtype and meta.dim() == value.dim()):
+            return None
+        if any(isinstance(m, int) and m != v for m, v in zip(meta.shape, value.shape)):  # (symbolic dims pass)
             return None
     return flat
 
