@@ -90,14 +90,19 @@ def compilations() -> int:
     return int(data[0]) if data else 0
 
 
-def run(name: str, model: nn.Module, backend: str, ids: torch.Tensor, reference: torch.Tensor, new_tokens: int):
+def compiled_generate(model: nn.Module, backend: str, ids: torch.Tensor, reference: torch.Tensor,
+                      new_tokens: int) -> tuple[nn.Module, float, list, float]:
+    """``model`` on the XLA device, compiled with ``backend`` and synced at each step; five ``generate()``
+    calls (the first compiles, the second checks that nothing does, three timed). Returns the model on
+    the device, ms per token (the median timed call), the compilations of each call, and the first step's
+    logits error against ``reference`` (relative norm)."""
     device = torch_xla.device()
     model = model.to(device)
     model.forward = torch.compile(model.forward, backend=backend)
     sync_before_forward(model)
     ids = ids.to(device)
     compiles, seconds, first_logits = [], [], None
-    for call in range(5):  # the first compiles, the second checks that nothing does, three timed
+    for call in range(5):
         before = compilations()
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
@@ -111,6 +116,11 @@ def run(name: str, model: nn.Module, backend: str, ids: torch.Tensor, reference:
             first_logits = out.logits[0].cpu().float()
     err = ((first_logits - reference).norm() / reference.norm()).item()
     ms = sorted(seconds[2:])[1] / new_tokens * 1e3
+    return model, ms, compiles, err
+
+
+def run(name: str, model: nn.Module, backend: str, ids: torch.Tensor, reference: torch.Tensor, new_tokens: int):
+    model, ms, compiles, err = compiled_generate(model, backend, ids, reference, new_tokens)
     print(f"{name:44} {ms:9.2f} {'/'.join(map(str, compiles)):>14} {linear_bytes(model):>12,} {err:10.2e}")
     return err, compiles
 

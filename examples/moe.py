@@ -20,17 +20,15 @@ and the first step's logits against the float model's (relative norm).
 import argparse
 import copy
 import os
-import time
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 import torch  # noqa: E402
-import torch_xla  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 import xqpass  # noqa: E402
-from generate import compilations, first_step_logits, sync_before_forward  # noqa: E402
+from generate import compiled_generate, first_step_logits  # noqa: E402
 
 
 def layer_bytes(model: nn.Module) -> tuple[int, int]:
@@ -46,25 +44,7 @@ def layer_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def run(name: str, model: nn.Module, ids: torch.Tensor, reference: torch.Tensor, new_tokens: int):
-    device = torch_xla.device()
-    model = model.to(device)
-    model.forward = torch.compile(model.forward, backend="openxla")
-    sync_before_forward(model)
-    ids = ids.to(device)
-    compiles, seconds, first_logits = [], [], None
-    for call in range(5):  # the first compiles, the second checks that nothing does, three timed
-        before = compilations()
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
-                             cache_implementation="static", output_logits=True, return_dict_in_generate=True)
-        torch_xla.sync()  # the last step's bookkeeping, as examples/generate.py does (it says why)
-        assert out.sequences.cpu().shape[1] == ids.shape[1] + new_tokens  # waits for the device
-        seconds.append(time.perf_counter() - start)
-        compiles.append(compilations() - before)
-        if first_logits is None:
-            first_logits = out.logits[0].cpu().float()
-    err = ((first_logits - reference).norm() / reference.norm()).item()
-    ms = sorted(seconds[2:])[1] / new_tokens * 1e3
+    model, ms, compiles, err = compiled_generate(model, "openxla", ids, reference, new_tokens)
     total, experts = layer_bytes(model)
     print(f"{name:34} {ms:9.2f} {'/'.join(map(str, compiles)):>14} {total:>12,} {experts:>12,} {err:10.2e}")
     return err, compiles
