@@ -46,7 +46,7 @@ def value_bounds(ctx, node: Any, memo: dict | None = None) -> tuple[int, int] | 
         return (node, node)
     if not isinstance(node, Node):
         return None
-    memo = {} if memo is None else memo
+    memo = _memo(ctx) if memo is None else memo
     if node not in memo:
         dtype = ctx.dtype(node)
         if dtype is not None and dtype.is_floating_point:
@@ -77,13 +77,20 @@ def _integral(ctx, node: Node, dtype: torch.dtype, memo: dict) -> tuple[int, int
     return bounds if bounds is not None and -exact <= bounds[0] and bounds[1] <= exact else None
 
 
+def _memo(ctx) -> dict:
+    """The context's memo of bounds (a match tries a node many times; an ``empty`` tensor's coverage is a
+    pass over its elements), or a fresh one for a context that keeps none."""
+    memo = getattr(ctx, "bounds_memo", None)
+    return {} if memo is None else memo
+
+
 def exact_bounds(ctx, node: Node, memo: dict | None = None) -> tuple[int, int] | None:
     """The bounds of an integer ``node`` derived from its operands' when they lie within its dtype (it
     computes exactly, without wrapping around); None when they do not, or nothing tighter is known."""
     full = _full(ctx.dtype(node))
     if full is None:
         return None
-    bounds = _derived(ctx, node, {} if memo is None else memo)
+    bounds = _derived(ctx, node, _memo(ctx) if memo is None else memo)
     return None if bounds is None or bounds[0] < full[0] or bounds[1] > full[1] else bounds
 
 

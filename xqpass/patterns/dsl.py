@@ -164,6 +164,8 @@ class Context:
     #: whether a tensor computed from these sources' values may be computed once (the backends refuse
     #: sources split over devices: computed once, the result would be whole on each device)
     may_compute_once: Any = None
+    #: value bounds proved so far (:mod:`.bounds`), by node
+    bounds_memo: dict = field(default_factory=dict)
     #: nodes of subgraphs computed once by the rewrite in progress (erased with the match where unused)
     computed_once: set = field(default_factory=set)
 
