@@ -13,7 +13,7 @@ from torch import nn
 import xqpass
 from xqpass.backend import make_backend
 from xqpass.patterns.dsl import Context
-from xqpass.patterns.fold import value_bounds
+from xqpass.patterns.bounds import value_bounds
 from xqpass.patterns.spellings import canonical
 
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}

@@ -7,7 +7,7 @@ buffers and constants, so its result is a function of the model's state. The pas
 (:class:`Fold`), on CPU with torch's semantics (torch_xla 2.9 gets ``>>`` of negative integers wrong),
 and keeps the result in the op's layout as a buffer of the graph module: ``[N, K]`` int8 / uint8, packed
 two a byte when its values provably fit four bits. The bounds are proved from the graph
-(:func:`value_bounds`), never read from the data, so every recomputation fits the storage chosen at rewrite
+(:func:`.bounds.value_bounds`), never read from the data, so every recomputation fits the storage chosen at rewrite
 time. :class:`Folds` recomputes a weight when a source tensor is replaced or modified in place; the
 backends call it before each call of the compiled graph, and a rewritten ``GraphModule`` before each
 ``forward``.
@@ -22,7 +22,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..quant.layouts import pack_int4
-from .bounds import SELECTIONS, value_bounds  # noqa: F401  (value_bounds: re-exported)
+from .bounds import SELECTIONS
 from .dsl import KN, NK, Axes, Context
 from .spellings import canonical
 

@@ -18,7 +18,8 @@ from torch.fx import Graph, Node
 from ..ops import max_int32_reduction  # importing ..ops registers torch.ops.xq.quantized_matmul
 from ..quant.layouts import PER_CHANNEL, WEIGHT_DTYPES, Layout
 from .dsl import FLOAT8, KN, NK, Axes, Context, Factor, Match, same_shape, static
-from .fold import Fold, Folds, Subgraph, attribute, state_subgraph, unpacks, value_bounds
+from .bounds import value_bounds
+from .fold import Fold, Folds, Subgraph, attribute, state_subgraph, unpacks
 
 aten = torch.ops.aten
 OP = torch.ops.xq.quantized_matmul.default
