@@ -147,6 +147,128 @@ def test_fake_kernel_gives_the_shape():
     assert out.shape == (7, 2, 5) and out.dtype == torch.bfloat16
 
 
+# -- float8 in 2-D blocks ------------------------------------------------------------------------------------
+
+class BlockCase:
+    """A bank of float8 experts in 2-D blocks of ``block_n`` x ``block_size`` (N and K need not be multiples:
+    each expert's last blocks are partial), scale ``[E, ceil(N/Bn), ceil(K/B)]``."""
+
+    def __init__(self, wdtype, experts, n, k, block_n, block_size, rows, top_k, with_bias, dtype, used, seed):
+        self.name = (f"{wdtype} E={experts} N={n} K={k} blocks {block_n}x{block_size} T={rows} top_k={top_k} "
+                     f"{dtype}")
+        gen = torch.Generator().manual_seed(seed)
+        w = random_fp8((experts, n, k), wdtype, gen)
+        scale = torch.rand((experts, -(-n // block_n), -(-k // block_size)), generator=gen) * 0.1 + 0.01
+        pool = torch.tensor(used)  # the experts rows may go to: the others receive none
+        ids = pool[torch.randint(0, len(used), (rows,) if top_k is None else (rows, top_k), generator=gen)]
+        self.x = torch.randn((rows, k), generator=gen).to(dtype)
+        self.kwargs = dict(expert_ids=ids, w=w, scale=scale, zero_point=None, block_size=block_size,
+                           int4_weight=False, bias=torch.randn((experts, n), generator=gen) if with_bias else None,
+                           packed=False, block_n=block_n)
+
+    call = Case.call
+
+
+def block_oracle(case, roundings=1):
+    """(expected, allowance) in float64: each expert dequantized by hand, its block scale repeated over its
+    Bn rows and B columns (``repeat_interleave``, the partial ends cut), float8 bytes decoded from their bits."""
+    kw = case.kwargs
+    w, scale = kw["w"], kw["scale"].double()
+    experts, n, k = w.shape
+    full = scale.repeat_interleave(kw["block_n"], dim=1)[:, :n].repeat_interleave(kw["block_size"], dim=2)[:, :, :k]
+    values = torch.from_numpy(decode(w))
+    w_deq, w_mag = values * full, (values * full).abs()
+    ids = kw["expert_ids"] if kw["expert_ids"].dim() == 2 else kw["expert_ids"][:, None]
+    x = case.x.double()
+    bias = torch.zeros(experts, n, dtype=torch.float64) if kw["bias"] is None else kw["bias"].double()
+    expected = torch.einsum("tk,tjnk->tjn", x, w_deq[ids]) + bias[ids]
+    mag = torch.einsum("tk,tjnk->tjn", x.abs(), w_mag[ids]) + bias[ids].abs()
+    allowance = (roundings * EPS[case.x.dtype] + 8 * k * 2.0**-24) * mag + roundings * SUBNORMAL[case.x.dtype] / 2
+    shape = (*kw["expert_ids"].shape, n)
+    return expected.reshape(shape).numpy(), allowance.reshape(shape).numpy() + 1e-30
+
+
+@st.composite
+def block_cases(draw, dtypes=(torch.float32, torch.bfloat16), rows=(0, 1, 2, 3, 7, 20)):
+    block_n, block_size = draw(st.sampled_from([2, 4, 8])), draw(st.sampled_from([4, 8, 16]))
+    experts = draw(st.integers(1, 6))
+    used = sorted(draw(st.sets(st.integers(0, experts - 1), min_size=1)))  # the others receive no row
+    n = draw(st.integers(1, 3 * block_n))  # a partial last block of rows, or one smaller than a block
+    k = draw(st.integers(1, 3 * block_size))
+    return BlockCase(draw(st.sampled_from([E4M3, E5M2])), experts, n, k, block_n, block_size,
+                     draw(st.sampled_from(rows)), draw(st.sampled_from([None, 1, 2, 3])), draw(st.booleans()),
+                     draw(st.sampled_from(dtypes)), used, draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=25)
+@given(case=block_cases())
+def test_2d_blocks_cpu_match_the_float64_oracle(case):
+    out = case.call()
+    assert out.dtype == case.x.dtype
+    expected, allowance = block_oracle(case)
+    assert_within(out, expected, allowance, case.name)
+
+
+@pytest.mark.parametrize("route", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["cpu", "canonical"])
+@settings(max_examples=8)
+@given(case=block_cases(rows=(1, 3, 7)))
+def test_2d_blocks_on_xla_match_the_oracle(form, route, case, xla_device):
+    with xla_lowering(form), grouped_tuning(ROUTES[route]):
+        out = case.call(xla_device).cpu()
+    expected, allowance = block_oracle(case, roundings=2)
+    assert_within(out, expected, allowance, f"{form} {route} {case.name}")
+
+
+@pytest.mark.parametrize("n,k", [(32, 48), (30, 40), (6, 20)])  # whole blocks; partial N and K; one partial block
+@pytest.mark.parametrize("route", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["cpu", "canonical"])
+def test_2d_blocks_on_xla_whole_and_partial(form, route, n, k, xla_device):
+    case = BlockCase(E4M3, 5, n, k, 16, 16, 4, 2, True, torch.bfloat16, [0, 2, 3], seed=n + k)
+    with xla_lowering(form), grouped_tuning(ROUTES[route]):
+        out = case.call(xla_device).cpu()
+    expected, allowance = block_oracle(case, roundings=2)
+    assert_within(out, expected, allowance, f"{form} {route} {case.name}")
+
+
+def test_2d_blocks_fake_kernel_and_empty_calls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = BlockCase(E4M3, 3, 10, 20, 4, 8, 7, 2, True, torch.bfloat16, [0, 2], seed=3)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
+        out = op(mode.from_tensor(case.x), **fake)
+    assert out.shape == (7, 2, 10) and out.dtype == torch.bfloat16
+    empty = BlockCase(E4M3, 3, 10, 20, 4, 8, 0, 2, False, torch.float32, [1], seed=4)
+    assert empty.call().shape == (0, 2, 10)
+
+
+BLOCK_BAD = [
+    (dict(w=torch.zeros(3, 4, 16, dtype=torch.int8), scale=torch.ones(3, 1, 2)), ValueError,
+     "block_n=4 (2-D block scales) is for float8 weights; torch.int8 weights take block_n=1"),
+    (dict(block_n=-1, block_size=-1, scale=torch.ones(3)), ValueError,
+     "block_n=-1 (per-tensor) has no bank form: an expert's one scale is one 2-D block, pass block_n=N"),
+    (dict(scale=torch.ones(3, 4, 2)), ValueError,
+     "2-D blocks scale must have shape (3, 1, 2) [E, ceil(N=4/block_n=4), ceil(K=16/block_size=8)], got (3, 4, 2)"),
+    (dict(block_size=-1, scale=torch.ones(3, 1, 1)), ValueError, "2-D blocks (block_n=4) need a block_size"),
+]
+
+
+@pytest.mark.parametrize("change,kind,message", BLOCK_BAD, ids=[b[2][:30] for b in BLOCK_BAD])
+def test_2d_block_mistakes_are_named(change, kind, message):
+    kw = _base() | dict(w=torch.zeros(3, 4, 16, dtype=E4M3), scale=torch.ones(3, 1, 2), block_size=8, block_n=4)
+    with pytest.raises(kind, match=re.escape(message)):
+        op(**kw | change)
+
+
+def test_a_block_n_that_is_no_int_is_named():
+    from xqpass.ops import check_grouped_inputs  # the dispatcher refuses a float before the kernel runs
+
+    kw = _base() | dict(w=torch.zeros(3, 4, 16, dtype=E4M3), scale=torch.ones(3, 1, 2), block_size=8)
+    with pytest.raises(TypeError, match="block_n must be an int, got float"):
+        check_grouped_inputs(**kw, block_n=4.0)
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 
 def _base():

@@ -5,20 +5,21 @@ Schema::
     xq::quantized_grouped_matmul(Tensor x, Tensor expert_ids, Tensor w, Tensor scale,
                                  Tensor? zero_point=None, SymInt block_size=-1,
                                  bool int4_weight=False, Tensor? bias=None, *,
-                                 bool packed=False) -> Tensor
+                                 bool packed=False, SymInt block_n=1) -> Tensor
 
 ``x [T, K]`` float (T rows: tokens); ``expert_ids`` int32 / int64, ``[T]`` (one expert a row) or
 ``[T, k]`` (the router's top-k indices as they come: k experts a row, no copy of ``x``); the weights are
 ``E`` experts stacked on a leading axis, each one in a layout of :mod:`xqpass.quant.layouts` stored by
 rows (the layouts the op's weights take, the expert axis first):
 
-==========================  ====================  =====================  ============
-one expert's layout         ``w``                 ``scale``, zero point  ``bias``
-==========================  ====================  =====================  ============
-per-channel                 ``[E, N, K]``         ``[E, N]``             ``[E, N]``
-blockwise by rows (B)       ``[E, N, K]``         ``[E, N, K/B]``        ``[E, N]``
-packed int4 (either)        ``[E, N, K/2]``       as above               ``[E, N]``
-==========================  ====================  =====================  ============
+============================  ====================  ============================  ============
+one expert's layout           ``w``                 ``scale``, zero point         ``bias``
+============================  ====================  ============================  ============
+per-channel                   ``[E, N, K]``         ``[E, N]``                    ``[E, N]``
+blockwise by rows (B)         ``[E, N, K]``         ``[E, N, K/B]``               ``[E, N]``
+packed int4 (either)          ``[E, N, K/2]``       as above                      ``[E, N]``
+2-D blocks (float8, Bn x B)   ``[E, N, K]``         ``[E, ceil(N/Bn), ceil(K/B)]`` ``[E, N]``
+============================  ====================  ============================  ============
 
 with the op's storage (int8 / uint8, 4-bit one a byte or packed two a byte along K, float8 e4m3fn /
 e5m2 symmetric) and zero-point convention. Returns ``[*expert_ids.shape, N]`` in ``x.dtype``::
@@ -31,6 +32,12 @@ Float work is float32 (float64 for float64 ``x``), rounded once to ``x.dtype``. 
 row dequantized exactly as :meth:`Layout.dequantize` does, then its rows multiplied; expert ids outside
 ``[0, E)`` are a ``ValueError`` there (a check of values: the XLA kernel cannot make it without a
 host round trip, and leaves such rows unspecified). The XLA kernel: :mod:`xqpass.ops.grouped_xla`.
+
+``block_n`` means what it means to ``xq::quantized_matmul``: 1 (a scale a row), or Bn > 1 for float8
+weights in 2-D blocks of Bn output x ``block_size`` input features (HF fp8 / DeepSeek: 128 x 128); N and
+K need not be multiples of the block, each expert's last blocks are partial. Per-tensor (-1) has no
+bank form here: one expert's tensor scale is its one 2-D block, ``block_n=N, block_size=K`` with
+``scale[:, None, None]``.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, WEIGHT_DTYPES, Layout
+from ..quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, WEIGHT_DTYPES, Layout
 from .checks import ACTIVATION_DTYPES, compute_dtype
 
 EXPERT_ID_DTYPES = (torch.int32, torch.int64)
@@ -60,7 +67,7 @@ def _fail(kind, message: str):
     raise kind(f"{_NAME}: {message}")
 
 
-def _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_weight, packed) -> None:
+def _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_weight, packed, block_n) -> None:
     for name, t in (("x", x), ("expert_ids", expert_ids), ("w", w), ("scale", scale)):
         if not isinstance(t, torch.Tensor):
             _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -87,13 +94,21 @@ def _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_wei
         _fail(ValueError, f"float8 weights ({w.dtype}) are one symmetric value a byte: int4_weight and packed must "
                           f"be False and zero_point None, got int4_weight={int4_weight}, packed={packed}, zero_point "
                           f"{'None' if zero_point is None else 'given'}")
+    if not isinstance(block_n, (int, torch.SymInt)):
+        _fail(TypeError, f"block_n must be an int, got {type(block_n).__name__}")
+    if block_n == PER_TENSOR:
+        _fail(ValueError, "block_n=-1 (per-tensor) has no bank form: an expert's one scale is one 2-D block, pass "
+                          "block_n=N, block_size=K and scale[:, None, None]")
+    if block_n != 1 and w.dtype not in FLOAT8_DTYPES:
+        _fail(ValueError, f"block_n={block_n} (2-D block scales) is for float8 weights; {w.dtype} weights take "
+                          f"block_n=1 (per-channel or blockwise by rows)")
 
 
 def check_grouped_inputs(x, expert_ids, w, scale, zero_point=None, block_size: int = PER_CHANNEL,
-                         int4_weight: bool = False, bias=None, packed: bool = False) -> GroupedSpec:
+                         int4_weight: bool = False, bias=None, packed: bool = False, block_n: int = 1) -> GroupedSpec:
     """Validate one call on shapes and dtypes only (every kernel, so at trace time): ``TypeError`` for a
     wrong kind, ``ValueError`` for a wrong shape or value, each naming what was expected and what came."""
-    _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_weight, packed)
+    _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_weight, packed, block_n)
     if x.dim() != 2:
         _fail(ValueError, f"x must be 2-D [T, K] (rows, in features), got shape {tuple(x.shape)}"
                           + (" (flatten the leading dims: x.reshape(-1, K))" if x.dim() > 2 else ""))
@@ -115,10 +130,10 @@ def check_grouped_inputs(x, expert_ids, w, scale, zero_point=None, block_size: i
         if t is not None and t.device != device:
             _fail(ValueError, f"{name} is on {t.device}, expected x's device {device}")
     try:
-        layout = Layout.recognise(w.shape[1:], block_size, packed)
+        layout = Layout.recognise(w.shape[1:], block_size, packed, block_n)
     except ValueError as e:
         _fail(ValueError, str(e))
-    if block_size != PER_CHANNEL and k % block_size:
+    if block_size != PER_CHANNEL and k % block_size and block_n == 1:  # 2-D blocks may end partial
         _fail(ValueError, f"block_size={block_size} does not divide K={k}")
     n, stored_k = layout.features(tuple(w.shape[1:]))
     if stored_k != k:
@@ -130,7 +145,9 @@ def check_grouped_inputs(x, expert_ids, w, scale, zero_point=None, block_size: i
                           f"K={w.shape[2] * pack}{hint}")
     expected = (experts, *layout.scale_shape(n, k))
     if tuple(scale.shape) != expected:
-        per = "[E, N]" if block_size == PER_CHANNEL else "[E, N, K/B]"
+        per = ("[E, N]" if block_size == PER_CHANNEL else
+               f"[E, ceil(N={n}/block_n={block_n}), ceil(K={k}/block_size={block_size})]" if block_n > 1 else
+               "[E, N, K/B]")
         _fail(ValueError, f"{layout.name} scale must have shape {expected} {per}, got {tuple(scale.shape)}")
     if zero_point is not None and tuple(zero_point.shape) != expected:
         _fail(ValueError, f"zero_point must have shape {expected} like scale, got {tuple(zero_point.shape)}")
@@ -150,10 +167,10 @@ def check_expert_ids(expert_ids: Tensor, experts: int) -> None:
 
 
 def quantized_grouped_matmul_reference(x, expert_ids, w, scale, zero_point=None, block_size=PER_CHANNEL,
-                                       int4_weight=False, bias=None, packed=False) -> Tensor:
+                                       int4_weight=False, bias=None, packed=False, block_n=1) -> Tensor:
     """Each expert that receives a row dequantized exactly (:meth:`Layout.dequantize` in the compute
     dtype), its rows multiplied by it, its bias added; one rounding to ``x.dtype``."""
-    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed)
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n)
     check_expert_ids(expert_ids, spec.experts)
     cdt = compute_dtype(x.dtype)
     ids = expert_ids if expert_ids.dim() == 2 else expert_ids[:, None]  # [T, k]
@@ -164,6 +181,48 @@ def quantized_grouped_matmul_reference(x, expert_ids, w, scale, zero_point=None,
         y = x[rows].to(cdt) @ w_deq.t()
         out[rows, slots] = y if bias is None else y + bias[e].to(cdt)
     return out.reshape(spec.out_shape).to(x.dtype)
+
+
+class FlatBank(NamedTuple):
+    """Experts ``[X, N, K]`` seen as one weight ``[X * N, K]`` of ``xq::quantized_matmul``: its arguments."""
+
+    x: Tensor  # [T, K], or K padded with zeros to whole blocks
+    w: Tensor  # [X * N, K] (or padded as x)
+    scale: Tensor  # the matmul op's layout: [X * N], [X * N, G] or 2-D blocks [X * N/Bn, G]
+    zero_point: Optional[Tensor]
+    bias: Optional[Tensor]  # [X * N]
+    block_size: int
+    block_n: int
+
+
+def flat_bank(layout: Layout, x: Tensor, w: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None) -> FlatBank:
+    """``w [X, N, K]`` (one expert's ``layout``, scales as the bank stores them) as one weight ``[X * N, K]``:
+    every row against every expert in one matmul call (the dense route, expert parallelism).
+
+    2-D blocks of Bn rows tile ``X * N`` only when Bn divides N; otherwise a block would hold the last
+    rows of one expert and the first of the next, so each scale is repeated over its rows instead
+    (blockwise by rows, ``block_n=1``) and K, which by rows holds whole blocks, is padded with zeros to
+    them (the zeros add nothing to any product)."""
+    experts, n = w.shape[0], w.shape[1]
+
+    def flat(t):
+        return None if t is None else t.reshape(experts * t.shape[1], *t.shape[2:])
+
+    if layout.block_n > 1 and n % layout.block_n:
+        k = x.shape[-1]
+        padding = layout.num_groups(k) * layout.block_size - k
+        if padding:  # a concatenate: torch_xla pads a float8 array with a float64 constant, which XLA refuses
+            x = torch.cat([x, x.new_zeros((x.shape[0], padding))], dim=1)
+            w = torch.cat([w, w.new_zeros((experts, n, padding))], dim=2)
+        return FlatBank(x, flat(w), flat(layout.rows_of_blocks(scale, n)), None, flat(bias), layout.block_size, 1)
+    return FlatBank(x, flat(w), flat(scale), flat(zero_point), flat(bias), layout.block_size, layout.block_n)
+
+
+def flat_bank_matmul(bank: FlatBank, int4_weight: bool, packed: bool) -> Tensor:
+    """``xq::quantized_matmul`` of :func:`flat_bank`'s arguments: ``[T, X * N]`` in x's dtype."""
+    return torch.ops.xq.quantized_matmul.default(bank.x, bank.w, bank.scale, bank.zero_point, bank.block_size,
+                                                 int4_weight, False, bank.bias, packed=packed, block_n=bank.block_n)
 
 
 @torch.library.custom_op("xq::quantized_grouped_matmul", mutates_args=())
@@ -178,14 +237,15 @@ def quantized_grouped_matmul(
     bias: Optional[Tensor] = None,
     *,
     packed: bool = False,
+    block_n: int = 1,
 ) -> Tensor:
     """Row ``t`` (slot ``j``) times expert ``expert_ids[t, j]``'s dequantized weight, plus its bias."""
     return quantized_grouped_matmul_reference(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias,
-                                              packed)
+                                              packed, block_n)
 
 
 @quantized_grouped_matmul.register_fake
 def _quantized_grouped_matmul_fake(x, expert_ids, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                                   bias=None, *, packed=False):
-    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed)
+                                   bias=None, *, packed=False, block_n=1):
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n)
     return x.new_empty(spec.out_shape)

@@ -52,16 +52,19 @@ def route_for(rows) -> str:
 
 @quantized_grouped_matmul.register_kernel("xla")
 def quantized_grouped_matmul_xla(x, expert_ids, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                                 bias=None, *, packed=False):
-    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed)
+                                 bias=None, *, packed=False, block_n=1):
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n)
     ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, 1)  # [T, top_k]
     rows, top_k = ids.shape
     if (isinstance(rows, int) and rows == 0) or (isinstance(top_k, int) and top_k == 0):
         return x.new_empty(spec.out_shape)  # XLA has no implementation of the views of an empty tensor
     cdt = compute_dtype(x.dtype)
-    e, n, groups = spec.experts, spec.out_features, spec.layout.num_groups(spec.in_features)
-    call = GroupedCall(spec=spec, x=x, x_values=x.to(cdt), ids=ids, w=w, scale=scale.to(cdt).reshape(e, n, groups),
+    layout = spec.layout
+    e, n, groups = spec.experts, spec.out_features, layout.num_groups(spec.in_features)
+    block_scale = scale.to(cdt) if layout.block_n > 1 else None  # [E, ceil(N/Bn), G]
+    rows_scale = layout.rows_of_blocks(block_scale, n) if block_scale is not None else scale.to(cdt).reshape(e, n, groups)
+    call = GroupedCall(spec=spec, x=x, x_values=x.to(cdt), ids=ids, w=w, scale=rows_scale,
                        zero_point=None if zero_point is None else zero_point.to(cdt).reshape(e, n, groups),
                        bias=None if bias is None else bias.to(cdt), int4_weight=int4_weight, packed=packed,
-                       compute_dtype=cdt)
+                       compute_dtype=cdt, block_scale=block_scale)
     return ROUTES[lowering_for(x)][route_for(rows)](call)

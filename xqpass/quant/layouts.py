@@ -321,6 +321,17 @@ class Layout:
             return grouped
         return grouped.repeat_interleave(self.group_size(k), dim=1)[:, :k]
 
+    def rows_of_blocks(self, scale: torch.Tensor, n: int) -> torch.Tensor:
+        """A 2-D block scale ``[..., ceil(N/Bn), G]`` (any leading dims: an expert bank's ``[E, ...]``) as
+        one scale a row, ``[..., N, G]``: each repeated over its Bn rows, the partial last block cut. A
+        broadcast, a reshape and a slice (``slice_copy``): no gather on XLA."""
+        *lead, blocks, groups = scale.shape
+        repeated = scale.unsqueeze(-2).expand(*lead, blocks, self.block_n, groups)
+        repeated = repeated.reshape(*lead, blocks * self.block_n, groups)
+        if blocks * self.block_n == n:
+            return repeated
+        return torch.ops.aten.slice_copy.Tensor(repeated, len(lead), 0, n)
+
     def dequantize(self, w, scale, zero_point=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` in ``dtype``: ``w * scale - zero_point``."""
         if self.block_n != 1:  # scales shared across rows: expanded, not grouped

@@ -12,6 +12,9 @@
   ``[T, E, N]`` by a gather of rows.
 
 Every layout is seen as groups: ``G`` groups of ``B`` values along K (per-channel: one group of K).
+Float8 2-D blocks (Bn x B) are groups too, each scale repeated over its Bn rows (the gather routes), or
+as blocks of the flattened bank where Bn divides N (the matmul op's 2-D lowering: one row, dense); a
+partial last block along K is padded with zeros where a route needs whole groups.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ...quant.layouts import unpack_int4
-from ..grouped import GroupedSpec
+from ..grouped import GroupedSpec, flat_bank, flat_bank_matmul
 from .common import dot, nibbles, take
 from .xla_cpu import values
 
@@ -36,12 +39,13 @@ class GroupedCall:
     x_values: torch.Tensor  # [T, K] compute dtype
     ids: torch.Tensor  # [T, top_k]
     w: torch.Tensor  # [E, N, K or K/2] as stored
-    scale: torch.Tensor  # [E, N, G]
+    scale: torch.Tensor  # [E, N, G] (2-D blocks: each block's scale repeated over its rows)
     zero_point: torch.Tensor | None  # [E, N, G]
     bias: torch.Tensor | None  # [E, N] compute dtype
     int4_weight: bool
     packed: bool
     compute_dtype: torch.dtype
+    block_scale: torch.Tensor | None = None  # 2-D blocks: [E, ceil(N/Bn), G] as stored, compute dtype
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -52,6 +56,17 @@ class GroupedCall:
     def selected(self, t: torch.Tensor) -> torch.Tensor:
         """``t [E, ...]``'s entries of each row's experts, ``[T * top_k, ...]``: a gather on the expert axis."""
         return torch.index_select(t, 0, self.ids.reshape(-1))
+
+    def whole_groups(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [T, K]`` and ``w [..., K]`` with K padded by zeros to ``G * B`` (2-D blocks may end partial
+        along K; the zeros add nothing): the shapes the group-batched dots reshape to."""
+        (g, b), k = self.groups, self.spec.in_features
+        padding = g * b - k
+        if not padding:
+            return x, w
+        # a concatenate: torch_xla pads a float8 array with a float64 constant, which XLA refuses
+        return (torch.cat([x, x.new_zeros((x.shape[0], padding))], dim=1),
+                torch.cat([w, w.new_zeros((*w.shape[:-1], padding))], dim=-1))
 
 
 def finish(call: GroupedCall, out: torch.Tensor) -> torch.Tensor:
@@ -84,7 +99,7 @@ def canonical_gather(call: GroupedCall) -> torch.Tensor:
     """Each row's experts gathered as stored ``[T, top_k * N, G, B]``; one dot batched over rows and groups
     ``[T, G, B] . [T, top_k * N, G, B] -> [T, G, top_k * N]``; group scales after it."""
     (rows, top_k), n, (g, b) = call.ids.shape, call.spec.out_features, call.groups
-    x, w = _canonical_operands(call, call.selected(call.w))
+    x, w = call.whole_groups(*_canonical_operands(call, call.selected(call.w)))
     acc = dot(x.reshape(rows, g, b), w.reshape(rows, top_k * n, g, b), ([2], [3]), ([0, 1], [0, 2]))
     acc = acc.to(call.compute_dtype) * call.selected(call.scale).reshape(rows, top_k * n, g).permute(0, 2, 1)
     if call.zero_point is not None:
@@ -103,7 +118,8 @@ def _dequantized_halves(call: GroupedCall, w: torch.Tensor, scale: torch.Tensor,
         low, high = nibbles(w)
         parts = ((low, take(call.x_values, 1, 0, k, 2)), (high, take(call.x_values, 1, 1, k, 2)))
     else:
-        parts = ((w, call.x_values),)
+        x, w = call.whole_groups(call.x_values, w)
+        parts = ((w, x),)
 
     def dequantized(part):
         deq = values(part, cdt).reshape(*part.shape[:-1], g, -1) * scale[..., None]
@@ -126,24 +142,23 @@ def cpu_gather(call: GroupedCall) -> torch.Tensor:
 # -- both forms: the matmul op on experts flattened into one weight [experts * N, K] ---------------------------
 
 def _matmul(call: GroupedCall, w, scale, zero_point, bias) -> torch.Tensor:
-    """``xq::quantized_matmul`` of the rows with ``w [X, N, K]`` seen as one weight ``[X * N, K]`` (its
-    scales ``[X * N, G]``, bias ``[X * N]``): ``[T, X * N]`` in x's dtype, traced into the same graph in the
-    same form (its XLA:CPU split-K for a few rows, its dots past them), rounded once."""
-    x_experts, n, width = w.shape
-    groups = call.groups[0]
-    flat = (x_experts * n,) if call.spec.layout.block_size == -1 else (x_experts * n, groups)
-    return torch.ops.xq.quantized_matmul(
-        call.x, w.reshape(x_experts * n, width), scale.reshape(flat),
-        None if zero_point is None else zero_point.reshape(flat), call.spec.layout.block_size, call.int4_weight,
-        False, None if bias is None else bias.reshape(x_experts * n), packed=call.packed)
+    """``xq::quantized_matmul`` of the rows with ``w [X, N, K]`` seen as one weight ``[X * N, K]``
+    (:func:`~xqpass.ops.grouped.flat_bank`; ``scale`` and ``zero_point`` ``[X, N, G]``, 2-D blocks
+    ``[X, ceil(N/Bn), G]``): ``[T, X * N]`` in x's dtype, traced into the same graph in the same form (its
+    XLA:CPU split-K for a few rows, its dots past them), rounded once."""
+    layout = call.spec.layout
+    if layout.block_size == -1:  # per-channel: the stored [X, N]
+        scale, zero_point = (None if t is None else t.reshape(t.shape[:2]) for t in (scale, zero_point))
+    bank = flat_bank(layout, call.x, w, scale, zero_point, bias)
+    return flat_bank_matmul(bank, call.int4_weight, call.packed)
 
 
 def one_row(call: GroupedCall) -> torch.Tensor:
     """One row (decode at batch 1): its ``top_k`` experts' stored bytes gathered and multiplied as one
     weight ``[top_k * N, K]`` by the matmul op."""
-    top_k, n = call.ids.shape[1], call.spec.out_features
     zero_point, bias = (None if t is None else call.selected(t) for t in (call.zero_point, call.bias))
-    out = _matmul(call, call.selected(call.w), call.selected(call.scale), zero_point, bias)
+    scale = call.selected(call.scale if call.block_scale is None else call.block_scale)
+    out = _matmul(call, call.selected(call.w), scale, zero_point, bias)
     return out.reshape(call.spec.out_shape)
 
 
@@ -151,7 +166,8 @@ def dense(call: GroupedCall) -> torch.Tensor:
     """The whole bank as one weight ``[E * N, K]`` through the matmul op, ``[T, E * N]``; each row's
     experts picked (the bias rides along per expert: one rounding)."""
     rows, (e, n, _) = call.x.shape[0], call.w.shape
-    out = _matmul(call, call.w, call.scale, call.zero_point, call.bias).reshape(rows, e, n)
+    scale = call.scale if call.block_scale is None else call.block_scale
+    out = _matmul(call, call.w, scale, call.zero_point, call.bias).reshape(rows, e, n)
     return pick(call, out).reshape(call.spec.out_shape)
 
 
