@@ -2,6 +2,7 @@
 fused experts (Mixtral, Qwen3-MoE), and ``quantize_model``'s swap, against a float64 oracle written
 here (the banks' bytes decoded by hand, transformers' MoE formula in numpy), on CPU and XLA."""
 import copy
+from re import escape as re_escape
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ FORMATS = {
     "uint4 packed g8 asym": dict(bits=4, block_size=8, symmetric=False),
     "int4 one a byte": dict(bits=4, packed=False),
     "e4m3": dict(weight_dtype=torch.float8_e4m3fn),
+    "e4m3 blocks 8x16": dict(weight_dtype=torch.float8_e4m3fn, block_size=16, block_n=8),
+    "e5m2 blocks 12x12 partial": dict(weight_dtype=torch.float8_e5m2, block_size=12, block_n=12),
 }
 
 
@@ -38,6 +41,11 @@ def decoded_bank(bank: XlaQuantizedExperts) -> np.ndarray:
         if w.dtype.is_floating_point:  # float8: every value is exact in float64
             s64 = s.double().numpy()
             v = w.double().numpy()
+            if bank.block_n > 1:  # 2-D blocks: each scale over its Bn rows and B columns, the partial ends cut
+                n, k = v.shape
+                s64 = np.repeat(np.repeat(s64, bank.block_n, axis=0), bank.block_size, axis=1)[:n, :k]
+                experts.append(v * s64)
+                continue
             experts.append(v * (s64[:, None] if bank.block_size == -1 else np.repeat(s64, bank.block_size, axis=1)))
         else:
             experts.append(dequantized(w, s, z, bank.block_size, bank.packed)[0])
@@ -146,6 +154,32 @@ def test_bank_is_each_expert_quantized_alone():
     assert q(x, ids[:, 0]).shape == (5, 24)
 
 
+def test_2d_blocks_belong_to_one_expert_and_expert_parallel_agrees():
+    bank = torch.randn(3, 20, 28)  # 20 rows in blocks of 8: a block of the flattened bank would straddle experts
+    q = XlaQuantizedExperts.from_float(bank, weight_dtype=torch.float8_e4m3fn, block_size=16, block_n=8)
+    assert q.weight_scaler.shape == (3, 3, 2) and q.block_n == 8 and "2-D blocks(8x16)" in repr(q)
+    gen = torch.Generator().manual_seed(4)
+    x, ids = torch.randn(6, 28, generator=gen), torch.randint(0, 3, (6, 2), generator=gen)
+    expected = np.einsum("tk,tjnk->tjn", x.double().numpy(), decoded_bank(q)[ids.numpy()])
+    grouped = q(x, ids)
+    q.expert_parallel = True  # every row against every expert through the matmul op, blocks by rows
+    every = q(x, ids)
+    for out in (grouped, every):
+        assert np.abs(out.double().numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_2d_block_bank_errors():
+    with pytest.raises(ValueError, match=r"block_n=-1 \(per-tensor\) has no expert bank layout"):
+        XlaQuantizedExperts.from_float(torch.randn(2, 8, 16), weight_dtype=torch.float8_e4m3fn, block_n=-1)
+    with pytest.raises(ValueError, match="expert banks take 2-D blocks .* of float8 weights only, got weight_dtype=None"):
+        XlaQuantizedExperts(2, 16, 8, block_size=8, block_n=8)
+    with pytest.raises(ValueError, match="is for float8 weights: pass weight_dtype"):
+        XlaQuantizedExperts.from_float(torch.randn(2, 8, 16), bits=8, block_size=8, block_n=8)
+    q = XlaQuantizedExperts(2, 16, 8, block_size=8, block_n=4, weight_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=re_escape("scale must have shape (2, 2, 2) [E, ceil(N=8/block_n=4)")):
+        q.load_quantized_weight(torch.zeros(2, 8, 16, dtype=torch.float8_e4m3fn), torch.ones(2, 8, 2))
+
+
 def test_bank_errors():
     with pytest.raises(TypeError, match=r"\[experts, out_features, in_features\] tensor, got torch.float32 2-D"):
         XlaQuantizedExperts.from_float(torch.randn(4, 8))
@@ -193,6 +227,22 @@ def float64_twin(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
                 module.gate_up_proj.copy_(torch.from_numpy(decoded_bank(new.gate_up_proj)))
                 module.down_proj.copy_(torch.from_numpy(decoded_bank(new.down_proj)))
     return twin
+
+
+@pytest.mark.parametrize("make", [mixtral, qwen3_moe])
+@pytest.mark.parametrize("fmt", ["e4m3 blocks 8x16", "e5m2 blocks 12x12 partial"])
+def test_model_with_2d_block_banks_matches_its_float64_decoding(make, fmt, xla_device):
+    model = make()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    float_model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        layer.mlp.experts = XlaQuantizedGatedExperts.from_float(layer.mlp.experts, **FORMATS[fmt])
+    with torch.no_grad():
+        exact = float64_twin(float_model, model)(ids).logits
+        on_cpu = model(ids).logits
+        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
 
 
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe])

@@ -6,12 +6,16 @@ One bank is E experts of one linear's shape, stacked on a leading axis, each sto
 takes it (docs/ops.md): per-channel or blockwise **by rows**, int8 / uint8, 4-bit (packed two a byte by
 default), float8 e4m3fn / e5m2 symmetric:
 
-==========================  =======================  ======================  ==========
-layout                      ``weight``               ``weight_scaler``, zp   ``bias``
-==========================  =======================  ======================  ==========
-per-channel (B = -1)        ``[E, N, K]`` (``K/2``)  ``[E, N]``              ``[E, N]``
-blockwise by rows (B)       ``[E, N, K]`` (``K/2``)  ``[E, N, K/B]``         ``[E, N]``
-==========================  =======================  ======================  ==========
+===========================  =======================  ==============================  ==========
+layout                       ``weight``               ``weight_scaler``, zp           ``bias``
+===========================  =======================  ==============================  ==========
+per-channel (B = -1)         ``[E, N, K]`` (``K/2``)  ``[E, N]``                      ``[E, N]``
+blockwise by rows (B)        ``[E, N, K]`` (``K/2``)  ``[E, N, K/B]``                 ``[E, N]``
+2-D blocks (float8, Bn x B)  ``[E, N, K]``            ``[E, ceil(N/Bn), ceil(K/B)]``  ``[E, N]``
+===========================  =======================  ==============================  ==========
+
+2-D blocks (``block_n=Bn``, HF fp8 / DeepSeek 128 x 128) are each expert's own: a block never holds rows
+of two experts, and N and K need not be multiples of the block.
 
 ``transformers`` 5 keeps a MoE layer's experts as one module with two fused banks (``MixtralExperts``,
 ``Qwen3MoeExperts``, ``Qwen2MoeExperts``, ``OlmoeExperts``, ...: every class decorated with
@@ -35,19 +39,21 @@ import torch
 from torch import nn
 
 from .ops import check_grouped_inputs  # importing .ops registers torch.ops.xq.quantized_grouped_matmul
-from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, Layout
+from .ops.grouped import flat_bank, flat_bank_matmul
+from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, Layout
 from .quant.quantize import QuantizedWeight, check_weight, quantize_weight
 
 
 def quantize_expert_bank(bank: torch.Tensor, bits: int = 8, block_size: int = PER_CHANNEL, symmetric: bool = True,
                          packed: bool | None = None, scale_dtype: torch.dtype = torch.float32, *,
-                         weight_dtype: torch.dtype | None = None) -> QuantizedWeight:
+                         weight_dtype: torch.dtype | None = None, block_n: int = 1) -> QuantizedWeight:
     """Round-to-nearest quantize a float bank ``[E, N, K]`` into the grouped op's layout, each expert as
     :func:`~xqpass.quant.quantize_weight` quantizes an ``[N, K]`` weight by rows. Per-channel and
     by-rows scales belong to one row each, so the bank is quantized as one ``[E * N, K]`` weight and
-    reshaped: the same bytes and scales as expert by expert. Returns a :class:`QuantizedWeight` whose
-    tensors have the expert axis first. Errors as ``quantize_weight``'s (a ``TypeError`` for a bank
-    that is not 3-D)."""
+    reshaped: the same bytes and scales as expert by expert. 2-D blocks (float8, ``block_n=Bn``) belong
+    to one expert each, so those experts are quantized one by one. Returns a :class:`QuantizedWeight`
+    whose tensors have the expert axis first. Errors as ``quantize_weight``'s (a ``TypeError`` for a bank
+    that is not 3-D); per-tensor (``block_n=-1``) has no bank layout (a ``ValueError``)."""
     if not isinstance(bank, torch.Tensor) or bank.dim() != 3 or not bank.is_floating_point():
         got = f"{bank.dtype} {bank.dim()}-D tensor" if isinstance(bank, torch.Tensor) else type(bank).__name__
         raise TypeError(f"quantize_expert_bank expects a floating [experts, out_features, in_features] tensor, got "
@@ -55,6 +61,14 @@ def quantize_expert_bank(bank: torch.Tensor, bits: int = 8, block_size: int = PE
     experts, n, k = bank.shape
     if experts == 0 or n == 0:
         raise ValueError(f"the bank {tuple(bank.shape)} holds no experts or no output features")
+    if block_n == PER_TENSOR:
+        raise ValueError("block_n=-1 (per-tensor) has no expert bank layout: pass block_n=out_features and "
+                         "block_size=in_features for one scale an expert, or 2-D blocks")
+    if block_n != 1:
+        each = [quantize_weight(expert, bits, block_size, symmetric, packed, scale_dtype, "rows",
+                                weight_dtype=weight_dtype, block_n=block_n) for expert in bank]
+        return QuantizedWeight(torch.stack([q.weight for q in each]), torch.stack([q.scale for q in each]), None,
+                               block_size, False, False, block_n)
     flat = quantize_weight(bank.reshape(experts * n, k), bits, block_size, symmetric, packed, scale_dtype, "rows",
                            weight_dtype=weight_dtype)
 
@@ -79,12 +93,16 @@ class XlaQuantizedExperts(nn.Module):
     def __init__(self, num_experts: int, input_dim: int, output_dim: int, is_symmetric: bool = True,
                  block_size: int = PER_CHANNEL, int4_weight: bool = False, *, packed: bool = False,
                  bias: bool = False, weight_dtype: torch.dtype | None = None,
-                 scale_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 scale_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 block_n: int = 1):
         super().__init__()
         if weight_dtype in FLOAT8_DTYPES and (not is_symmetric or int4_weight or packed):
             raise ValueError(f"float8 weights ({weight_dtype}) are symmetric, one value a byte: pass is_symmetric=True, "
                              f"int4_weight=False, packed=False")
-        if block_size != PER_CHANNEL and (block_size <= 0 or input_dim % block_size):
+        if block_n != 1 and (weight_dtype not in FLOAT8_DTYPES or block_n <= 0 or block_size == PER_CHANNEL):
+            raise ValueError(f"block_n={block_n}: expert banks take 2-D blocks (block_n > 1 with a block_size) of "
+                             f"float8 weights only, got weight_dtype={weight_dtype}, block_size={block_size}")
+        if block_n == 1 and block_size != PER_CHANNEL and (block_size <= 0 or input_dim % block_size):
             raise ValueError(f"block_size must be -1 or a positive divisor of input_dim={input_dim}, got {block_size}")
         if packed and not int4_weight:
             raise ValueError("packed=True holds two 4-bit values a byte; it needs int4_weight=True")
@@ -94,7 +112,8 @@ class XlaQuantizedExperts(nn.Module):
         self.block_size = block_size
         self.int4_weight = int4_weight
         self.packed = packed
-        layout = Layout.of(block_size, packed, "rows")
+        self.block_n = block_n
+        layout = Layout.of(block_size, packed, "rows", block_n)
         w_shape = (num_experts, *layout.weight_shape(output_dim, input_dim))
         s_shape = (num_experts, *layout.scale_shape(output_dim, input_dim))
         if weight_dtype is None:
@@ -112,8 +131,8 @@ class XlaQuantizedExperts(nn.Module):
 
     @property
     def layout(self) -> Layout:
-        """One expert's layout (:mod:`xqpass.quant.layouts`): per-channel or blockwise by rows."""
-        return Layout.recognise(self.weight.shape[1:], self.block_size, self.packed)
+        """One expert's layout (:mod:`xqpass.quant.layouts`): per-channel, blockwise by rows or 2-D blocks."""
+        return Layout.recognise(self.weight.shape[1:], self.block_size, self.packed, self.block_n)
 
     @property
     def in_features(self) -> int:
@@ -126,16 +145,19 @@ class XlaQuantizedExperts(nn.Module):
     @classmethod
     def from_float(cls, bank: torch.Tensor, bits: int = 8, block_size: int = PER_CHANNEL, symmetric: bool = True,
                    *, packed: bool | None = None, scale_dtype: torch.dtype = torch.float32,
-                   weight_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None) -> "XlaQuantizedExperts":
-        """Round-to-nearest quantize a float bank ``[E, N, K]`` (:func:`quantize_expert_bank`); ``bias``:
-        an optional float ``[E, N]``. Neither is modified; the new module sits on ``bank``'s device."""
-        qw = quantize_expert_bank(bank, bits, block_size, symmetric, packed, scale_dtype, weight_dtype=weight_dtype)
+                   weight_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
+                   block_n: int = 1) -> "XlaQuantizedExperts":
+        """Round-to-nearest quantize a float bank ``[E, N, K]`` (:func:`quantize_expert_bank`; float8 in 2-D
+        blocks: ``weight_dtype=torch.float8_e4m3fn, block_size=128, block_n=128``); ``bias``: an optional
+        float ``[E, N]``. Neither is modified; the new module sits on ``bank``'s device."""
+        qw = quantize_expert_bank(bank, bits, block_size, symmetric, packed, scale_dtype, weight_dtype=weight_dtype,
+                                  block_n=block_n)
         experts, n, k = bank.shape
         if bias is not None and tuple(bias.shape) != (experts, n):
             raise ValueError(f"bias must have shape {(experts, n)} [E, N], got {tuple(bias.shape)}")
         q = cls(experts, k, n, is_symmetric=qw.zero_point is None, block_size=block_size, int4_weight=qw.int4_weight,
                 packed=qw.packed, bias=bias is not None, weight_dtype=qw.weight.dtype, scale_dtype=scale_dtype,
-                device="meta")
+                device="meta", block_n=qw.block_n)
         q.load_quantized_weight(qw.weight, qw.scale, qw.zero_point)
         if bias is not None:
             q.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -147,7 +169,7 @@ class XlaQuantizedExperts(nn.Module):
         probe = torch.empty((0, self.input_dim), dtype=torch.float32, device=weight.device)
         ids = torch.empty((0,), dtype=torch.int64, device=weight.device)
         spec = check_grouped_inputs(probe, ids, weight, weight_scaler, zero_point, self.block_size, self.int4_weight,
-                                    None, self.packed)
+                                    None, self.packed, self.block_n)
         if (spec.experts, spec.out_features) != (self.num_experts, self.output_dim):
             raise ValueError(f"load_quantized_weight: expected {self.num_experts} experts of {self.output_dim} output "
                              f"features, got {spec.experts} of {spec.out_features}")
@@ -160,7 +182,7 @@ class XlaQuantizedExperts(nn.Module):
             return self.every_expert(x, expert_ids)
         return torch.ops.xq.quantized_grouped_matmul.default(
             x, expert_ids, self.weight, self.weight_scaler, self.zero_point, self.block_size, self.int4_weight,
-            self.bias, packed=self.packed)
+            self.bias, packed=self.packed, block_n=self.block_n)
 
     def every_expert(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The expert-parallel form: the bank as one ``[E * N, K]`` weight through
@@ -170,25 +192,24 @@ class XlaQuantizedExperts(nn.Module):
         holding them (an integer all-reduce as large as the experts); this form moves activations only.
         The same value as the grouped op (one rounding to ``x.dtype``, before the pick)."""
         experts, n = self.num_experts, self.output_dim
-
-        def flat(t):
-            return None if t is None else t.reshape(experts * n, *t.shape[2:])
-
-        y = torch.ops.xq.quantized_matmul.default(x, flat(self.weight), flat(self.weight_scaler), flat(self.zero_point),
-                                                  self.block_size, self.int4_weight, False, flat(self.bias),
-                                                  packed=self.packed)
+        bank = flat_bank(self.layout, x, self.weight, self.weight_scaler, self.zero_point, self.bias)
+        y = flat_bank_matmul(bank, self.int4_weight, self.packed)
         ids = expert_ids if expert_ids.dim() == 2 else expert_ids[:, None]
         rows, top_k = ids.shape
         picked = y.reshape(rows, experts, n).gather(1, ids[..., None].expand(rows, top_k, n))
         return picked.reshape(*expert_ids.shape, n)
+
+    def _blocks(self) -> str:
+        if self.block_n > 1:
+            return f"({self.block_n}x{self.block_size})"
+        return "" if self.block_size == PER_CHANNEL else f"(B={self.block_size})"
 
     def extra_repr(self) -> str:
         bits = "float8" if self.weight.dtype in FLOAT8_DTYPES else "int4" if self.int4_weight else "int8"
         if self.int4_weight:
             bits += " packed" if self.packed else " (one a byte)"
         return (f"num_experts={self.num_experts}, in_features={self.input_dim}, out_features={self.output_dim}, "
-                f"weight={bits} {self.weight.dtype}, {self.layout.name}"
-                f"{'' if self.block_size == PER_CHANNEL else f'(B={self.block_size})'}, "
+                f"weight={bits} {self.weight.dtype}, {self.layout.name}{self._blocks()}, "
                 f"symmetric={self.zero_point is None}, bias={self.bias is not None}")
 
 
@@ -219,13 +240,13 @@ class XlaQuantizedGatedExperts(nn.Module):
     @classmethod
     def from_float(cls, experts: nn.Module, bits: int = 8, block_size: int = PER_CHANNEL, symmetric: bool = True, *,
                    packed: bool | None = None, scale_dtype: torch.dtype = torch.float32,
-                   weight_dtype: torch.dtype | None = None) -> "XlaQuantizedGatedExperts":
+                   weight_dtype: torch.dtype | None = None, block_n: int = 1) -> "XlaQuantizedGatedExperts":
         """Quantize a ``transformers`` experts module (both banks in one format; ``act_fn`` shared, the
         float module never modified). :func:`gated_experts_reason` says whether it can be swapped."""
         reason = gated_experts_reason(experts)
         if reason is not None:
             raise ValueError(f"{type(experts).__name__}: {reason}")
-        kwargs = dict(packed=packed, scale_dtype=scale_dtype, weight_dtype=weight_dtype)
+        kwargs = dict(packed=packed, scale_dtype=scale_dtype, weight_dtype=weight_dtype, block_n=block_n)
         return cls(XlaQuantizedExperts.from_float(experts.gate_up_proj.detach(), bits, block_size, symmetric, **kwargs),
                    XlaQuantizedExperts.from_float(experts.down_proj.detach(), bits, block_size, symmetric, **kwargs),
                    experts.act_fn)
@@ -284,15 +305,17 @@ def gated_experts_reason(module: nn.Module) -> str | None:
     return None
 
 
-def check_expert_banks(module: nn.Module, block_size: int, packed: bool) -> None:
+def check_expert_banks(module: nn.Module, block_size: int, packed: bool, block_n: int = 1) -> None:
     """Metadata checks of both banks before anything is built (a ``ValueError`` / ``TypeError`` from
-    :func:`~xqpass.quant.quantize.check_weight`, naming the bank)."""
+    :func:`~xqpass.quant.quantize.check_weight`, naming the bank; 2-D blocks may end partial along K, so
+    only the bank itself is checked there)."""
+    checked_block_size = PER_CHANNEL if block_n > 1 else block_size
     for name in ("gate_up_proj", "down_proj"):
         bank = module._parameters[name]
         if nn.parameter.is_lazy(bank):
             raise ValueError(f"{name} is uninitialized: run one forward pass first")
         try:
-            check_weight(bank.flatten(0, 1), block_size, packed)
+            check_weight(bank.flatten(0, 1), checked_block_size, packed)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name} {tuple(bank.shape)}: {e}") from e
 
