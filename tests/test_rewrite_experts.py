@@ -3,6 +3,7 @@ with einsum (gpt-fast's int8 Mixtral, written from its published ConditionalFeed
 ``xq.quantized_grouped_matmul`` per bank. The oracle is the module's own forward in float64."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
@@ -131,3 +132,185 @@ def test_a_scale_gathered_by_other_ids_stays_outside_the_op():
     out, rewrites, reports = run(module, x, ids)
     assert [r.pattern for r in rewrites] == ["expert bank / cast only"], "\n".join(map(str, reports))
     assert_close_to_float64(module, x, ids, out)
+
+
+# ---- transformers' batched_mm experts: bmm over banks gathered by flat ids --------------------------------
+
+
+def quantize_bank(bank: torch.Tensor, asymmetric: bool):
+    """Per expert and channel round to nearest: (q, s, z) with bank ~ (q - z) * s (z None: symmetric)."""
+    bank = bank.double()
+    if not asymmetric:
+        s = bank.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
+        return torch.round(bank / s).clamp(-127, 127).to(torch.int8), s.float(), None
+    lo, hi = bank.amin(-1, keepdim=True), bank.amax(-1, keepdim=True)
+    s = (hi - lo).clamp_min(1e-8) / 255
+    z = torch.round(-lo / s).clamp(0, 255)
+    return torch.round(bank / s + z).clamp(0, 255).to(torch.uint8), s.float(), z.float()
+
+
+class DequantizingBanks:
+    """Mixed into a transformers experts class: ``gate_up_proj`` / ``down_proj`` are int8 (or uint8 with a
+    zero point) banks dequantized on each read, per expert and channel, the form a weight-only quantizer
+    that keeps the model's own experts class leaves in the graph."""
+
+    def _bank(self, name):
+        q, s, z = (getattr(self, f"{name}_{part}") for part in ("q", "s", "z"))
+        w = q.to(s.dtype)
+        return (w if z is None else w - z) * s
+
+    @property
+    def gate_up_proj(self):
+        return self._bank("gate_up")
+
+    @property
+    def down_proj(self):
+        return self._bank("down")
+
+
+def with_dequantizing_banks(model: nn.Module, asymmetric: bool) -> nn.Module:
+    """``model`` (changed in place) with every experts module's banks stored quantized (DequantizingBanks)."""
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter):
+            for name in ("gate_up", "down"):
+                q, s, z = quantize_bank(getattr(module, f"{name}_proj").data, asymmetric)
+                delattr(module, f"{name}_proj")
+                module.register_buffer(f"{name}_q", q)
+                module.register_buffer(f"{name}_s", s)
+                module.register_buffer(f"{name}_z", z)
+            module.__class__ = type(f"Dequantizing{type(module).__name__}", (DequantizingBanks, type(module)), {})
+    return model
+
+
+def tiny_moe(arch: str, seed: int = 0) -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, num_experts_per_tok=2, max_position_embeddings=64)
+    if arch == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=48, num_local_experts=6, **common)).eval()
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                                              norm_topk_prob=True, **common)).eval()
+
+
+def float64_twin(model: nn.Module) -> nn.Module:
+    """The model in float64 with plain banks holding the exact decoding of the quantized ones, run by
+    transformers' eager loop over experts (not the batched_mm code the pass rewrites)."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, DequantizingBanks):
+            banks = {name: nn.Parameter(module._bank(name).double()) for name in ("gate_up", "down")}
+            module.__class__ = type(module).__mro__[2]
+            for name, bank in banks.items():
+                for part in ("q", "s", "z"):
+                    delattr(module, f"{name}_{part}")
+                module.register_parameter(f"{name}_proj", bank)
+    twin = twin.double()
+    twin.config._experts_implementation = "eager"
+    return twin
+
+
+def grouped_calls(model, *inputs):
+    """Compile ``model`` with the pass (eager compiler); returns (output, reports, the shapes of the expert
+    ids each grouped op call reads)."""
+    reports, id_shapes = [], []
+
+    def compiler(gm, example_inputs):
+        id_shapes.extend(tuple(n.args[1].meta["val"].shape) for n in gm.graph.nodes
+                         if n.target is torch.ops.xq.quantized_grouped_matmul.default)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=make_backend(compiler, reports=reports))(*inputs)
+    return out, reports, id_shapes
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_transformers_batched_mm_experts_are_one_grouped_op_per_bank(arch, asymmetric):
+    model = with_dequantizing_banks(tiny_moe(arch), asymmetric)
+    model.config._experts_implementation = "batched_mm"
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    out, reports, _ = grouped_calls(model, ids)
+    rewrites = [r for rep in reports for r in rep.rewrites]
+    assert sorted(r.layer for r in rewrites) == sorted(f"model.layers.{i}.mlp.experts.{b}_q"
+                                                       for i in range(2) for b in ("gate_up", "down")), \
+        "\n".join(map(str, reports))
+    assert all(r.format["zero_point"] == asymmetric for r in rewrites)
+    with torch.no_grad():
+        exact = float64_twin(model)(ids).logits
+        original = (model(ids).logits.double() - exact).abs().max().item()
+    err, scale = (out.logits.double() - exact).abs().max().item(), exact.abs().max().item()
+    assert err <= 4 * max(original, EPS[torch.float32] * scale) + 1e-9, (err, original, scale)
+
+
+class BatchedLinearExperts(nn.Module):
+    """transformers' batched_mm experts written out (``_batched_linear``, not transposed): each token
+    repeated top-k times, flat ids, ``bmm(bank[ids], x.unsqueeze(-1)).squeeze(-1)`` for both banks."""
+
+    def __init__(self, experts, dim, inner, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for name, shape in (("gate_up", (experts, 2 * inner, dim)), ("down", (experts, dim, inner))):
+            self.register_buffer(f"{name}_q", torch.randint(-127, 128, shape, generator=g, dtype=torch.int8))
+            self.register_buffer(f"{name}_s", torch.rand(*shape[:2], 1, generator=g) / 300 + 1e-4)
+
+    def forward(self, h, top_k):
+        x = h.repeat_interleave(top_k.shape[-1], dim=0)
+        ids = top_k.reshape(-1)
+        gate_up = (self.gate_up_q.to(h.dtype) * self.gate_up_s.to(h.dtype))[ids]
+        gate, up = torch.bmm(gate_up, x.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        down = (self.down_q.to(h.dtype) * self.down_s.to(h.dtype))[ids]
+        out = torch.bmm(down, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        return out.view(h.shape[0], top_k.shape[-1], -1).sum(1)
+
+
+@settings(max_examples=12)
+@given(experts=st.integers(1, 6), top_k=st.integers(1, 3), tokens=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_batched_linear_experts_read_each_token_once(experts, top_k, tokens, dtype, seed):
+    module = BatchedLinearExperts(experts, 32, 24, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 32, generator=gen).to(dtype)
+    ids = torch.randint(0, experts, (tokens, top_k), generator=gen)  # experts without a token included
+    out, rewrites, reports = run(module, x, ids)
+    assert len(rewrites) == 2 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
+    assert_close_to_float64(module, x, ids, out)
+    # the up projection reads the token once with its top-k ids (the op's one-row route at one token); the
+    # down projection a row per (token, slot)
+    with torch.no_grad():
+        _, _, id_shapes = grouped_calls(module, x, ids)
+    assert sorted(id_shapes) == sorted([(tokens, top_k), (tokens * top_k,)]), id_shapes
+
+
+class TransposedBank(BatchedLinearExperts):
+    """transformers' ``is_transposed=True`` form: ``bmm(x.unsqueeze(1), bank_t[ids]).squeeze(1)``, the bank
+    stored [E, K, N]."""
+
+    def forward(self, h, top_k):
+        ids = top_k.reshape(-1)
+        bank_t = (self.gate_up_q.to(h.dtype) * self.gate_up_s.to(h.dtype)).transpose(1, 2).contiguous()
+        return torch.bmm(h.repeat_interleave(top_k.shape[-1], dim=0).unsqueeze(1), bank_t[ids]).squeeze(1)
+
+
+def test_a_transposed_bank_in_bmm_is_a_near_miss():
+    module, ids = TransposedBank(3, 32, 24), torch.tensor([[0, 1], [2, 2]])
+    x = torch.randn(2, 32)
+    out, rewrites, reports = run(module, x, ids)
+    assert not rewrites
+    assert any("transposed bank" in m.reason for rep in reports for m in rep.misses), "\n".join(map(str, reports))
+    with torch.no_grad():
+        assert torch.equal(out, module(x, ids))
+
+
+def test_batched_mm_experts_on_xla_with_xq_openxla():
+    import torch_xla
+
+    device = torch_xla.device()
+    module = BatchedLinearExperts(4, 64, 48, seed=2)
+    x, ids = torch.randn(1, 64), torch.tensor([[3, 1]])  # one token: the up projection's one-row route
+    out, rewrites, reports = run(copy.deepcopy(module).to(device), x.to(device), ids.to(device), "openxla")
+    assert len(rewrites) == 2, "\n".join(map(str, reports))
+    assert_close_to_float64(module, x, ids, out.cpu())

@@ -82,15 +82,26 @@ class RewriteReport:
         return "\n".join(lines)
 
 
-def _layer_name(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])  # e.g. "L['self'].layers[0].mlp" -> "layers.0.mlp"
+def _dotted(path: str) -> str:
+    """A Dynamo source or module path as the model names it: "L['self'].layers[0].mlp" -> "layers.0.mlp"."""
     path = re.sub(r"^L\['[^']*'\]\.?|^L__self___", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    return path.replace("_modules.", "").strip(".")
+    return re.sub(r"(^|\.)_(modules|parameters|buffers)\.", r"\1", path).strip(".")
+
+
+def _layer_name(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return _dotted(str(list(stack.values())[-1][0])) if stack else ""
+
+
+def _state_name(node: Any) -> str:
+    """The model's name of the tensor ``node`` reads: an expert bank is named by its weight, since one experts
+    module holds several banks."""
+    if isinstance(node, Node) and node.op == "get_attr":
+        return str(node.target)
+    source = getattr(node.meta.get("grapharg"), "source", None) if isinstance(node, Node) else None
+    return _dotted(source.name()) if source is not None else ""
 
 
 def _propagate_metadata(gm: GraphModule, example_inputs: Iterable[Any]) -> None:
@@ -246,7 +257,7 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
                     continue
                 result.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
                                     if k in node.meta})
-                layer = _layer_name(node)
+                layer = (match.expert_ids is not None and _state_name(match.weight)) or _layer_name(node)
                 record = Rewritten(result.name, layer, f"{product.name} / {match.form}", desc)
                 node.replace_all_uses_with(result)
                 consumed.update(match.nodes | {node})

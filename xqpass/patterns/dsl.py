@@ -802,6 +802,9 @@ class ExpertProduct(Pattern):
 
     def here(self, ctx, node, layout, st):
         canon = canonical(node)
+        if canon is not None and canon.kind == "reshape":
+            yield from self._bmm(ctx, node, canon.inputs[0], st)
+            return
         if canon is None or canon.kind != "einsum" or len(canon.inputs[0]) != 2:
             return
         equation = canon.params["equation"]
@@ -831,6 +834,55 @@ class ExpertProduct(Pattern):
         st = st.with_(node, gathered, activation=x, broadcast_shape=bank_shape)
         for m in self.weight.match(ctx, bank, ("E", "N", "K"), st):
             yield m.with_(expert_ids=ids, expert_rows=len(routed) > 1 and xs == routed + k)
+
+    def _bmm(self, ctx, node, product, st):
+        """``bmm(deq_bank[ids], x.unsqueeze(-1)).squeeze(-1)``: transformers' ``batched_mm`` experts
+        (``_batched_linear``, not transposed), ids ``[S]`` and a row of ``x [S, K]`` each; where ``x`` is
+        ``h.repeat_interleave(k, 0)`` and ids ``top_k.reshape(-1)`` (``top_k [T, k]``), the op reads ``h`` and
+        ``top_k`` as they come, so that one token's experts take the op's one-row route."""
+        inner = canonical(product) if isinstance(product, Node) else None
+        if inner is None or inner.kind != "matmul":
+            return
+        gathered, column = inner.inputs
+        take, col = canonical(gathered) if isinstance(gathered, Node) else None, \
+            canonical(column) if isinstance(column, Node) else None
+        shapes = [ctx.shape(v) for v in (gathered, column, product, node)]
+        if take is None or take.kind != "take" or col is None or col.kind != "reshape" or \
+                any(s is None for s in shapes):
+            if col is not None and col.kind == "take" and (take is None or take.kind != "take"):
+                ctx.fail(f"{product.name}: bmm(x, bank[ids]) reads a transposed bank [E, K, N]; the grouped op "
+                         f"reads [E, N, K] banks (transformers' is_transposed=False)")
+            return
+        (gs, cs, ps, out), (bank, ids), x = shapes, take.inputs, col.inputs[0]
+        xs, bank_shape, id_shape = ctx.shape(x), ctx.shape(bank), ctx.shape(ids)
+        if xs is None or bank_shape is None or id_shape is None or len(gs) != 3 or len(bank_shape) != 3 or \
+                len(id_shape) != 1 or len(xs) != 2 or ctx.dtype(ids) not in (torch.int32, torch.int64) or \
+                not same_shape(cs, (*xs, 1)) or not same_shape(ps, (*gs[:2], 1)) or not same_shape(out, gs[:2]) or \
+                not same_size(xs[0], id_shape[0]):
+            return
+        st = st.with_(node, product, gathered, column, broadcast_shape=bank_shape)
+        rows = _repeated_rows(ctx, x, ids)
+        if rows is not None:  # h [T, K] once and top_k [T, k]: the graph's copies of h are left unused
+            x, ids = rows
+        for m in self.weight.match(ctx, bank, ("E", "N", "K"), st.with_(activation=x)):
+            yield m.with_(expert_ids=ids)
+
+
+def _repeated_rows(ctx, x: Node, ids: Node):
+    """``(h, top_k)`` where ``x`` is ``h.repeat_interleave(k, dim=0)`` and ``ids`` is ``top_k.reshape(-1)``
+    with ``top_k [T, k]``: row ``t * k + j`` of ``x`` is token ``t`` routed to ``top_k[t, j]``; else None."""
+    flat = canonical(ids) if isinstance(ids, Node) else None
+    if flat is None or flat.kind != "reshape" or not isinstance(flat.inputs[0], Node) or \
+            not (x.target in _REPEAT_INTERLEAVE or x.op == "call_method" and x.target == "repeat_interleave"):
+        return None
+    top_k, h = flat.inputs[0], x.args[0]
+    repeats = x.args[1] if len(x.args) > 1 else x.kwargs.get("repeats")
+    dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+    ks, hs = ctx.shape(top_k), ctx.shape(h) if isinstance(h, Node) else None
+    if ks is None or hs is None or len(ks) != 2 or len(hs) != 2 or dim not in (0, -2) or \
+            not isinstance(repeats, int) or not same_size(ks[1], repeats) or not same_size(ks[0], hs[0]):
+        return None
+    return h, top_k
 
 
 @dataclass

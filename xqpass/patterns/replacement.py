@@ -287,7 +287,7 @@ def build_grouped_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     root_val, x_dtype, out_dtype = ctx.val(root), ctx.dtype(x), ctx.dtype(root)
     call = b.call(GROUPED, rows, row_ids, w, scale, zero, PER_CHANNEL, False, None, packed=False)
     result = call
-    if m.expert_rows:
+    if m.expert_rows or len(ctx.shape(ids)) + 1 != len(out_shape):  # ids [T, k] for rows [T * k, N]
         result = b.call(aten.reshape.default, call, [static(d) if static(d) is not None else -1 for d in out_shape])
     if out_dtype is not None and out_dtype != x_dtype:
         result = b.call(aten._to_copy.default, result, dtype=out_dtype, val=root_val)

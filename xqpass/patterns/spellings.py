@@ -312,6 +312,9 @@ _register(_FUNCTIONS, [torch.einsum, *_ops("aten.einsum")], _einsum)
 _register(_FUNCTIONS, [torch.index_select, *_ops("aten.index_select")],
           lambda n: Canon("take", (n.args[0], n.args[2])) if _arg(n, 1, "dim") == 0 else None)
 _register(_FUNCTIONS, [torch.cat, torch.concat, *_ops("aten.cat")], _list_op("cat"))
+_register(_FUNCTIONS, _ops("aten.index.Tensor"),  # bank[ids] at the aten level: one index tensor, on dim 0
+          lambda n: Canon("take", (n.args[0], n.args[1][0])) if len(n.args[1]) == 1 and isinstance(n.args[1][0], Node)
+          else None)
 
 _register(_METHODS, ["to"], _convert(_to_dtype))
 for _name in ("float", "double", "half", "bfloat16", "int", "long", "short", "char", "byte"):
