@@ -8,6 +8,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -208,3 +209,153 @@ def test_an_experts_module_of_another_forward_is_refused(tmp_path):
                                          r".*is not a transformers experts class"):
         load_quantized_checkpoint(model, str(tmp_path))
     assert isinstance(model.experts, HandWritten)
+
+
+# -- float8 experts: per expert (HF fp8, compressed-tensors float-quantized) -------------------------------
+
+def fp8_layer(n, k, rng, fmt, block):
+    """One float8 linear as ``fmt`` stores it: ``weight`` e4m3 ``[N, K]`` and its scale over blocks of
+    ``block`` = (rows, columns) (None: one scale), with its float64 value ``weight * scale``."""
+    weight, values = writers.random_e4m3(rng, (n, k))
+    rows, cols = (n, k) if block is None else block
+    blocks = (-(-n // rows), -(-k // cols))
+    scale = (rng.random(blocks) * 0.01 + 0.001).astype(np.float32)
+    value = values * writers.expand_blocks(scale.astype(np.float64), rows, cols, n, k)
+    if fmt == "fp8":
+        stored = {"weight_scale_inv": torch.from_numpy(scale.reshape(()) if block is None else scale)}
+    else:
+        stored = {"weight_scale": torch.from_numpy(scale.reshape(1) if block is None else scale)}
+    return {"weight": weight, **stored}, value
+
+
+def fp8_config(fmt, block):
+    if fmt == "fp8":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic",
+                "weight_block_size": None if block is None else list(block)}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+               "strategy": "tensor" if block is None else "block", "block_structure": None if block is None else list(block)}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+
+
+def write_fp8_moe_checkpoint(path, float_model, style, fmt="fp8", block=(16, 16), seed=0, shards=1, linears=()):
+    """Every expert of every fused experts module stored as three float8 linears named per ``style``
+    (``writers.MOE_STYLES``), the dense ``linears`` alike; config.json holds the model's own config too (so
+    that transformers can load it). Returns the float64 banks (gate rows first) and linears."""
+    rng = np.random.default_rng(seed)
+    renames, (gate, up, down) = writers.MOE_STYLES[style]
+
+    def rename(key):
+        for old, new in renames:
+            key = key.replace(old, new)
+        return key
+
+    tensors, banks, dense = {}, {}, {}
+    for name in writers.expert_modules(float_model):
+        experts, two_inner, hidden = float_model.get_submodule(name).gate_up_proj.shape
+        inner = two_inner // 2
+        gate_up, down_bank = [], []
+        for e in range(experts):
+            values = {}
+            for proj, (n, k) in ((gate, (inner, hidden)), (up, (inner, hidden)), (down, (hidden, inner))):
+                layer, values[proj] = fp8_layer(n, k, rng, fmt, block)
+                tensors.update({f"{rename(name)}.{e}.{proj}.{s}": v for s, v in layer.items()})
+            gate_up.append(np.concatenate([values[gate], values[up]], axis=0))
+            down_bank.append(values[down])
+        banks[name] = (np.stack(gate_up), np.stack(down_bank))
+    for name in linears:
+        lin = float_model.get_submodule(name)
+        layer, dense[name] = fp8_layer(lin.out_features, lin.in_features, rng, fmt, block)
+        tensors.update({f"{rename(name)}.{s}": v for s, v in layer.items()})
+    config = fp8_config(fmt, block)
+    if fmt == "fp8":  # the float linears: named as transformers matches them
+        config["modules_to_not_convert"] = ["lm_head"] + [
+            n for n, m in float_model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+            and n not in linears and ".experts." not in n]
+    writers.save_checkpoint(path, tensors, float_model, config, shards, (*banks, *linears), rename)
+    full = float_model.config.to_dict() | {"quantization_config": config}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(full, f)
+    return banks, dense
+
+
+#: name: (format, block); blocks of 16 rows tile both models' intermediate sizes (48, 32)
+FP8_FORMATS = {
+    "fp8 blocks 16x16": ("fp8", (16, 16)),
+    "fp8 blocks 16x32 (down's K partial)": ("fp8", (16, 32)),
+    "fp8 per tensor": ("fp8", None),
+    "ct float block 16x16": ("ct", (16, 16)),
+}
+
+
+@pytest.mark.parametrize("fmt", FP8_FORMATS)
+@pytest.mark.parametrize("make", MODELS)
+def test_fp8_moe_checkpoint_loads_and_matches_its_dequantization(tmp_path, make, fmt, xla_device):
+    model = MODELS[make]()
+    reference = copy.deepcopy(model)
+    kind, block = FP8_FORMATS[fmt]
+    linears = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"] if make == "qwen3_moe" else []
+    banks, dense = write_fp8_moe_checkpoint(str(tmp_path), reference, make, kind, block, shards=2, linears=linears)
+    report = load_quantized_checkpoint(model, str(tmp_path))
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        assert isinstance(experts, XlaQuantizedGatedExperts)
+        assert experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+        if block is not None:
+            assert (experts.gate_up_proj.block_n, experts.gate_up_proj.block_size) == block
+    assert all(isinstance(model.get_submodule(name), XlaQuantizedLinear) for name in linears)
+    text = str(report)
+    assert "4 expert banks" in text
+    if block is not None:
+        assert f"float8_e4m3fn blocks {block[0]}x{block[1]}" in text
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float64_twin(reference, banks, dense)(ids).logits
+        on_cpu = model(ids).logits
+        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_fp8_expert_values_are_transformers_own_dequantization(tmp_path, make):
+    """transformers loads the per-expert fp8 checkpoint with dequantize=True (its Fp8Dequantize per expert,
+    then its merge and gate-before-up concatenation): the banks it builds are the float64 oracle's, so the
+    oracle above is the format's own reading."""
+    from transformers import AutoModelForCausalLM
+
+    reference = MODELS[make]()
+    banks, _ = write_fp8_moe_checkpoint(str(tmp_path), reference, make, "fp8", (16, 16))
+    config = json.load(open(tmp_path / "config.json"))
+    config["quantization_config"]["dequantize"] = True
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    for name, (gate_up, down) in banks.items():
+        experts = loaded.get_submodule(name)
+        for got, want in ((experts.gate_up_proj, gate_up), (experts.down_proj, down)):
+            np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=2**-22, atol=0)
+
+
+def test_fp8_blocks_that_cut_gate_from_up_are_refused(tmp_path):
+    model = mixtral()  # intermediate size 48: blocks of 32 rows would hold gate's last 16 rows and up's first 16
+    write_fp8_moe_checkpoint(str(tmp_path), model, "mixtral", "fp8", (32, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.block_sparse_moe.experts.0.w1.weight_scale_inv: 2-D blocks "
+                                         r"of 32 rows do not tile the expert's 48 intermediate features"):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert not any(isinstance(m, XlaQuantizedGatedExperts) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fp8_experts_of_other_blocks_are_named(tmp_path):
+    model = qwen3_moe()
+    write_fp8_moe_checkpoint(str(tmp_path), model, "qwen3_moe", "fp8", (16, 16))
+    file = str(tmp_path / "model.safetensors")
+    tensors = load_file(file)
+    key = "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"
+    tensors[key] = torch.ones(2, 2)  # blocks of 32 x 16 where the config says 16 x 16
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts.2.down_proj.weight_scale_inv: expected shape "
+                                         r"\(4, 2\)"):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert not any(isinstance(m, XlaQuantizedGatedExperts) for m in model.modules())

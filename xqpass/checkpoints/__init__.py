@@ -236,10 +236,12 @@ def load_quantized_checkpoint(model: nn.Module, path: str, *, mesh=None, plan=No
         replacements[banks.name] = banks.module.to(xla_device()) if mesh is not None else banks.module
         used |= banks.used
         for bank in (banks.module.gate_up_proj, banks.module.down_proj):
+            float8 = bank.weight.is_floating_point()  # float8: -1 per channel, said as such
             report.layers.append(LoadedLayer(
                 f"{banks.name}.{'gate_up_proj' if bank is banks.module.gate_up_proj else 'down_proj'}", method,
-                banks.first.bits, bank.in_features if bank.block_size == -1 else bank.block_size, banks.symmetric,
-                False, experts=bank.num_experts))
+                banks.first.bits, bank.in_features if bank.block_size == -1 and not float8 else bank.block_size,
+                banks.symmetric, False, weight_dtype=bank.weight.dtype if float8 else None, block_n=bank.block_n,
+                experts=bank.num_experts))
     # a linear is quantized when any tensor only its format has is there ("weight" and "bias" a float
     # linear has too), so a quantized layer missing one of its tensors is named as such
     markers = [s for s in fmt.TENSORS if s != "weight"]

@@ -24,9 +24,19 @@ well); a model without a known ``model_type`` is matched against :data:`NAMINGS`
 
 Every expert linear is converted by its format's own ``convert`` (the checks, the unpacking), then the
 banks are assembled: gate and up concatenated along N, experts stacked. A bank holds one layout, so
-its experts must agree on bits, group size, zero points and dtypes; act-order (a permuted ``g_idx``)
-and quantized activations have no bank form. Each of these is an error naming the tensor, raised
-before the model is touched.
+its experts must agree on bits, group size, block rows, zero points and dtypes; act-order (a permuted
+``g_idx``) and quantized activations have no bank form. Float8 experts (HF fp8's ``weight`` +
+``weight_scale_inv``, compressed-tensors float-quantized) load per channel, in groups, in 2-D blocks
+(DeepSeek-V3, Qwen3-FP8: 128 x 128 a scale) and per tensor (one scale an expert linear: its one 2-D
+block, ``block_n = N``, ``block_size = K``). Gate and up are concatenated along N with their scales, so
+in 2-D blocks the inner size I must hold whole blocks of rows (a block of ``gate_up_proj`` may not hold
+rows of both). Each of these is an error naming the tensor, raised before the model is touched.
+
+Fused 3-D banks (:func:`plan_fused_banks`): a checkpoint whose tensors carry the model's own names,
+``<experts>.gate_up_proj [E, 2I, H]`` and ``<experts>.down_proj [E, H, I]`` with the format's scale
+suffix (HF fp8: ``gate_up_proj_scale_inv [E, ceil(2I/Bn), ceil(H/B)]``), as transformers 5 saves a
+``FP8Experts`` model it loaded from such a checkpoint (one loaded from per-expert names is saved back
+per expert: its conversion is reversed).
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ import torch
 from torch import nn
 
 from ..experts import XlaQuantizedExperts, XlaQuantizedGatedExperts, gated_experts_reason, is_expert_bank_module
+from ..quant.layouts import PER_TENSOR
 from .format import CheckpointFormat, ConvertedLayer
 
 
@@ -125,22 +136,36 @@ class LoadedBanks:
 
 
 def _bank_key(converted: ConvertedLayer) -> tuple:
-    return (converted.bits, converted.group, converted.zero_point is None, converted.weight.dtype,
+    return (converted.bits, converted.group, converted.block_n, converted.zero_point is None, converted.weight.dtype,
             converted.scale.dtype, None if converted.zero_point is None else converted.zero_point.dtype)
 
 
+def as_bank_layout(converted: ConvertedLayer, in_features: int, out_features: int) -> ConvertedLayer:
+    """A float8 layer scaled per tensor as its one 2-D block (``block_n = N``, group K, scale ``[1, 1]``):
+    the same values in a layout a bank holds (the grouped op has no per-tensor form). Others unchanged."""
+    if converted.block_n != PER_TENSOR:
+        return converted
+    return replace(converted, scale=converted.scale.reshape(1, 1), group=in_features, block_n=out_features)
+
+
 def _check_bank_form(stored: str, converted: ConvertedLayer) -> None:
-    """What a bank cannot hold at all: act-order, quantized activations, float8 per tensor or in 2-D blocks
-    (an expert's bias is not read: it stays among the unexpected tensors)."""
+    """What a bank cannot hold at all: act-order, quantized activations (an expert's bias is not read: it
+    stays among the unexpected tensors)."""
     if converted.perm is not None:
         raise ValueError(f"{stored}.g_idx: act-order (desc_act) experts are not supported: a bank has one input "
                          f"order for all its experts, each expert's g_idx permutes K its own way")
     if converted.quantize_activation:
         raise ValueError(f"{stored}: experts with quantized activations (W8A8) are not supported: the grouped op "
                          f"takes 16- or 32-bit activations")
-    if converted.block_n != 1:
-        raise ValueError(f"{stored}: float8 weights scaled per tensor or in 2-D blocks (block_n={converted.block_n}) "
-                         f"have no expert bank layout")
+
+
+def check_whole_row_blocks(stored: str, converted: ConvertedLayer, inner: int) -> None:
+    """Gate's and up's rows are concatenated into ``gate_up_proj``: in 2-D blocks of Bn rows, I must be a
+    multiple of Bn, else gate's partial last block and up's first would share one block of the bank."""
+    if converted.block_n > 1 and inner % converted.block_n:
+        raise ValueError(f"{stored}: 2-D blocks of {converted.block_n} rows do not tile the expert's {inner} "
+                         f"intermediate features: gate_up_proj concatenates gate's and up's rows, and needs the "
+                         f"intermediate size to be a multiple of the block's rows (weight_block_size[0])")
 
 
 def _check_one_layout(name: str, bank: str, stored: list[str], converted: list[ConvertedLayer]) -> None:
@@ -149,7 +174,8 @@ def _check_one_layout(name: str, bank: str, stored: list[str], converted: list[C
     first = converted[0]
     for where, layer in zip(stored, converted):
         if _bank_key(layer) != _bank_key(first):
-            fields = ("bits", "group size", "zero points (asymmetric)", "weight dtype", "scale dtype", "zero point dtype")
+            fields = ("bits", "group size", "block rows", "zero points (asymmetric)", "weight dtype", "scale dtype",
+                      "zero point dtype")
             differ = [f"{f} {a} vs {b}" for f, a, b in zip(fields, _bank_key(layer), _bank_key(first)) if a != b]
             error = TypeError if any("dtype" in d for d in differ) else ValueError
             raise error(f"{where}: {name}.{bank} holds one layout for all experts, but this expert differs from "
@@ -161,7 +187,8 @@ def _stack(converted: list[ConvertedLayer], in_features: int) -> XlaQuantizedExp
     first = converted[0]
     q = XlaQuantizedExperts(len(converted), in_features, first.weight.shape[0], is_symmetric=first.zero_point is None,
                             block_size=first.group, int4_weight=first.bits == 4, packed=first.bits == 4,
-                            weight_dtype=first.weight.dtype, scale_dtype=first.scale.dtype, device="meta")
+                            weight_dtype=first.weight.dtype, scale_dtype=first.scale.dtype, device="meta",
+                            block_n=first.block_n)
     zero_point = None if first.zero_point is None else torch.stack([c.zero_point for c in converted])
     q.load_quantized_weight(torch.stack([c.weight for c in converted]), torch.stack([c.scale for c in converted]),
                             zero_point)
@@ -201,14 +228,17 @@ def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNam
         stored_prefix = stored_name(stored[0])[: len(stored_name(stored[0])) - len(stored[0]) + len(name)]
         used, layers = set(), []  # (file's name, converted) of gate, up, down, expert by expert
         for e in range(experts):
-            for linear, (k, n) in zip(naming.linears(name, e), ((hidden, inner), (hidden, inner), (inner, hidden))):
+            shapes = ((hidden, inner), (hidden, inner), (inner, hidden))  # (K, N) of gate, up, down
+            for role, linear, (k, n) in zip(("gate", "up", "down"), naming.linears(name, e), shapes):
                 suffixes = [s for s in fmt.TENSORS if f"{linear}.{s}" in keys]
                 if not any(s in markers for s in suffixes):
                     suffixes = []  # an expert not stored quantized: convert names its first missing tensor
                 used.update(f"{linear}.{s}" for s in suffixes)
                 where = stored_prefix + linear[len(name):]
-                converted = fmt.convert(where, {s: read(f"{linear}.{s}") for s in suffixes}, k, n)
+                converted = as_bank_layout(fmt.convert(where, {s: read(f"{linear}.{s}") for s in suffixes}, k, n), k, n)
                 _check_bank_form(where, converted)
+                if role != "down":
+                    check_whole_row_blocks(f"{where}.{suffixes[-1]}", converted, inner)
                 layers.append((where, converted))
         gate_up = [layer for i, layer in enumerate(layers) if i % 3 != 2]
         down = layers[2::3]
