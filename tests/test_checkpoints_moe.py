@@ -359,3 +359,166 @@ def test_fp8_experts_of_other_blocks_are_named(tmp_path):
                                          r"\(4, 2\)"):
         load_quantized_checkpoint(model, str(tmp_path))
     assert not any(isinstance(m, XlaQuantizedGatedExperts) for m in model.modules())
+
+
+# -- fused 3-D float8 banks (transformers' FP8Experts) -------------------------------------------------
+
+def fp8_experts_model(path, monkeypatch):
+    """transformers' own loading of an fp8 checkpoint into FP8Experts banks. Without a GPU its quantizer
+    turns the checkpoint's dequantize on; loading and saving run on CPU, so the check is skipped here."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *args, **kwargs: None)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def transformers_dequantized(bank, scale):
+    """transformers' Fp8Dequantize (the block grid read from the scale's shape), float32, on the fused bank."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    return Fp8Dequantize(None)._dequantize_one(bank.detach(), scale.detach(), torch.float32).double().numpy()
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_fused_fp8_banks_as_transformers_writes_them(tmp_path, monkeypatch, make, xla_device):
+    """(transformers 5.24 fuses per-expert fp8 scales in blocks only: per tensor, its Concatenate(dim=1)
+    of 0-d scales fails; per-tensor fused banks are written by hand below.)"""
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    block = (16, 16)
+    model = MODELS[make]()
+    reference = copy.deepcopy(model)
+    banks, _ = write_fp8_moe_checkpoint(str(tmp_path / "per_expert"), reference, make, "fp8", block)
+    # transformers fuses the per-expert checkpoint into FP8Experts; its state dict holds the fused banks
+    loaded = fp8_experts_model(str(tmp_path / "per_expert"), monkeypatch)
+    assert isinstance(loaded.model.layers[0].mlp.experts, FP8Experts)
+    os.makedirs(tmp_path / "fused")
+    save_file({k: v.contiguous() for k, v in loaded.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors"))
+    json.dump(json.load(open(tmp_path / "per_expert" / "config.json")), open(tmp_path / "fused" / "config.json", "w"))
+    # ... loads them back as they are, and saves them fused
+    fused = fp8_experts_model(str(tmp_path / "fused"), monkeypatch)
+    fused.save_pretrained(str(tmp_path / "saved"))
+    keys = set(load_file(str(tmp_path / "saved" / "model.safetensors")))
+    bank = "model.layers.1.mlp.experts"
+    assert {f"{bank}.gate_up_proj", f"{bank}.gate_up_proj_scale_inv", f"{bank}.down_proj",
+            f"{bank}.down_proj_scale_inv"} <= keys and not any(".experts.0." in k for k in keys)
+
+    report = load_quantized_checkpoint(model, str(tmp_path / "saved"))
+    assert "4 expert banks" in str(report)
+    for name, (gate_up, down) in banks.items():
+        ours, theirs = model.get_submodule(name), fused.get_submodule(name)
+        assert isinstance(ours, XlaQuantizedGatedExperts)
+        for mine, weight, scale, want in ((ours.gate_up_proj, theirs.gate_up_proj, theirs.gate_up_proj_scale_inv, gate_up),
+                                         (ours.down_proj, theirs.down_proj, theirs.down_proj_scale_inv, down)):
+            assert torch.equal(mine.weight.view(torch.uint8), weight.view(torch.uint8))
+            # transformers' own dequantization of its fused bank is the float64 oracle's value
+            np.testing.assert_allclose(transformers_dequantized(weight, scale), want, rtol=2**-22, atol=0)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float64_twin(reference, banks, {})(ids).logits
+        on_cpu = model(ids).logits
+        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_fp8_experts_loaded_per_expert_are_saved_per_expert(tmp_path, monkeypatch):
+    """transformers reverses its conversion when it saves a model it fused from per-expert names: the
+    round trip writes per-expert names again, which load as per-expert checkpoints."""
+    model = qwen3_moe()
+    reference = copy.deepcopy(model)
+    banks, _ = write_fp8_moe_checkpoint(str(tmp_path / "per_expert"), reference, "qwen3_moe", "fp8", (16, 16))
+    fp8_experts_model(str(tmp_path / "per_expert"), monkeypatch).save_pretrained(str(tmp_path / "saved"))
+    keys = set(load_file(str(tmp_path / "saved" / "model.safetensors")))
+    assert "model.layers.1.mlp.experts.5.up_proj.weight_scale_inv" in keys
+    assert "model.layers.1.mlp.experts.gate_up_proj" not in keys
+    load_quantized_checkpoint(model, str(tmp_path / "saved"))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float64_twin(reference, banks, {})(ids).logits
+        out = model(ids).logits
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def _fused_checkpoint(path, model, block=(16, 16), seed=0):
+    """Fused fp8 banks written by hand, the names and shapes transformers' FP8Experts holds (``block`` None:
+    one scale a half, ``[E, 2, 1]`` and ``[E, 1, 1]``); returns ``{experts module: (gate_up, down)}`` in
+    float64, each block's scale repeated over it by hand."""
+    rng = np.random.default_rng(seed)
+    tensors, banks = {}, {}
+    for name in writers.expert_modules(model):
+        module = model.get_submodule(name)
+        values = []
+        for bank, halves in (("gate_up_proj", 2), ("down_proj", 1)):
+            experts, n, k = getattr(module, bank).shape
+            weight, value = writers.random_e4m3(rng, (experts, n, k))
+            rows, cols = (n // halves, k) if block is None else block
+            scale = torch.rand(experts, -(-n // rows), -(-k // cols)) * 0.01 + 0.001
+            tensors[f"{name}.{bank}"] = weight
+            tensors[f"{name}.{bank}_scale_inv"] = scale
+            values.append(np.stack([value[e] * writers.expand_blocks(scale[e].double().numpy(), rows, cols, n, k)
+                                    for e in range(experts)]))
+        banks[name] = tuple(values)
+    writers.save_checkpoint(path, dict(tensors), model, fp8_config("fp8", block) | {"modules_to_not_convert": ["lm_head"]},
+                            layers=writers.expert_modules(model))
+    return tensors, banks
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_fused_fp8_banks_per_tensor(tmp_path, make, xla_device):
+    model = MODELS[make]()
+    reference = copy.deepcopy(model)
+    tensors, banks = _fused_checkpoint(str(tmp_path), reference, None)
+    load_quantized_checkpoint(model, str(tmp_path))
+    for name, (gate_up, down) in banks.items():
+        experts = model.get_submodule(name)
+        assert experts.gate_up_proj.block_n == gate_up.shape[1] // 2  # one block a half: gate's, up's
+        for bank, want in (("gate_up_proj", gate_up), ("down_proj", down)):  # transformers reads the same values
+            got = transformers_dequantized(tensors[f"{name}.{bank}"], tensors[f"{name}.{bank}_scale_inv"])
+            np.testing.assert_allclose(got, want, rtol=2**-22, atol=0)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float64_twin(reference, banks, {})(ids).logits
+        on_cpu = model(ids).logits
+        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("scale shape", ValueError, r"model.layers.1.mlp.experts.down_proj_scale_inv: expected shape \(6, 4, 2\) for 6 "
+                                r"experts, out=64, in=32, weight_block_size=\[16, 16\], got \(6, 2, 2\)"),
+    ("weight dtype", TypeError, r"model.layers.0.mlp.experts.gate_up_proj: expected float8_e4m3fn \(HF fp8\), got "
+                                r"torch.bfloat16"),
+    ("missing scale", ValueError, r"missing tensor model.layers.0.mlp.experts.down_proj_scale_inv"),
+    ("both", ValueError, r"model.layers.0.mlp.experts: the checkpoint stores its experts both fused"),
+    ("halves", ValueError, r"gate_up_proj_scale_inv: 2-D blocks of 64 rows do not tile the bank's halves of 32"),
+])
+def test_damaged_fused_banks_are_named(tmp_path, damage, error, message):
+    model = qwen3_moe()
+    _fused_checkpoint(str(tmp_path), model, (64, 16) if damage == "halves" else (16, 16))
+    file = str(tmp_path / "model.safetensors")
+    tensors = load_file(file)
+    if damage == "scale shape":
+        tensors["model.layers.1.mlp.experts.down_proj_scale_inv"] = torch.ones(6, 2, 2)
+    elif damage == "weight dtype":
+        tensors["model.layers.0.mlp.experts.gate_up_proj"] = torch.zeros(6, 64, 64, dtype=torch.bfloat16)
+    elif damage == "missing scale":
+        del tensors["model.layers.0.mlp.experts.down_proj_scale_inv"]
+    elif damage == "both":
+        tensors["model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"] = torch.ones(2, 4)
+    save_file(tensors, file)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert not any(isinstance(m, XlaQuantizedGatedExperts) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fp4_experts_are_refused():
+    from xqpass.checkpoints.float8 import FineGrainedFP8
+
+    with pytest.raises(ValueError, match=r"fp8 expert_dtype='fp4' is not supported \(known: 'fp8'\): fp4 experts are "
+                                         r"packed e2m1 values"):
+        FineGrainedFP8({"quant_method": "fp8", "weight_block_size": [128, 128], "expert_dtype": "fp4"})

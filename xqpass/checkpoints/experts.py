@@ -216,6 +216,14 @@ def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNam
             continue
         prefix = f"{name}."
         stored = sorted(k for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit())
+        fused_scales = [f"{name}.{bank}{fmt.FUSED_SCALE}" for bank in ("gate_up_proj", "down_proj")
+                        if getattr(fmt, "FUSED_SCALE", None) and f"{name}.{bank}{fmt.FUSED_SCALE}" in keys]
+        if fused_scales and stored:
+            raise ValueError(f"{name}: the checkpoint stores its experts both fused ({stored_name(fused_scales[0])}) "
+                             f"and per expert ({stored_name(stored[0])}, ...)")
+        if fused_scales:
+            planned.append(_plan_fused(name, module, fmt, read, keys, stored_name))
+            continue
         if not stored:
             continue  # float banks: loaded as the model's own tensors
         reason = gated_experts_reason(module)
@@ -249,6 +257,30 @@ def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNam
         every = [c for _, c in layers]
         planned.append(LoadedBanks(name, banks, frozenset(used), every[0], all(c.symmetric for c in every)))
     return planned
+
+
+def _plan_fused(name: str, module: nn.Module, fmt: CheckpointFormat, read, keys: set, stored_name) -> LoadedBanks:
+    """One experts module whose checkpoint holds its fused banks (``gate_up_proj``, ``down_proj`` and the
+    format's scale beside each, ``fmt.FUSED_SCALE``), each converted by the format's ``convert_fused``."""
+    reason = gated_experts_reason(module)
+    if reason is not None:
+        raise ValueError(f"{name}: the checkpoint stores its experts as quantized fused banks, but {reason}")
+    experts, two_inner, hidden = module.gate_up_proj.shape
+    inner = two_inner // 2
+    used, stacked = set(), []
+    for bank, (k, n, halves) in (("gate_up_proj", (hidden, two_inner, 2)), ("down_proj", (inner, hidden, 1))):
+        weight, scale = f"{name}.{bank}", f"{name}.{bank}{fmt.FUSED_SCALE}"
+        for key in (weight, scale):
+            if key not in keys:
+                raise ValueError(f"missing tensor {stored_name(key)} (the checkpoint stores {name}'s banks fused: "
+                                 f"{bank} and {bank}{fmt.FUSED_SCALE} both)")
+        used.update((weight, scale))
+        layers = fmt.convert_fused(stored_name(weight), read(weight), read(scale), k, n, halves, experts)
+        _check_one_layout(name, bank, [f"{stored_name(weight)}[{e}]" for e in range(experts)], layers)
+        stacked.append(layers)
+    gate_up, down = stacked
+    banks = XlaQuantizedGatedExperts(_stack(gate_up, hidden), _stack(down, inner), module.act_fn)
+    return LoadedBanks(name, banks, frozenset(used), gate_up[0], True)
 
 
 __all__ = ["ExpertNaming", "LoadedBanks", "NAMINGS", "naming_for", "naming_from_transformers", "plan_expert_banks"]

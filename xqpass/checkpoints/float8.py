@@ -13,6 +13,11 @@ dynamic, modules_to_not_convert: [...]}``), per quantized linear ``<name>`` (N o
   ``1 / (448 / amax)``); N and K need not be multiples of the block, the last ones are partial;
 * ``<name>.bias`` optional. ``modules_to_not_convert`` (alias ``ignored_layers``) names linears kept in
   float, matched as transformers matches them (a prefix up to a module boundary, a regex, a suffix).
+* fused expert banks, as transformers 5's ``FP8Experts`` holds them (and saves a model loaded from them):
+  ``<experts>.gate_up_proj`` e4m3 ``[E, 2I, H]`` with ``<experts>.gate_up_proj_scale_inv`` ``[E, ceil(2I/Bn),
+  ceil(H/B)]`` and ``<experts>.down_proj`` ``[E, H, I]`` with ``down_proj_scale_inv`` ``[E, ceil(H/Bn),
+  ceil(I/B)]`` (:meth:`FineGrainedFP8.convert_fused`); ``weight_block_size: null``: one scale a half,
+  ``[E, 2, 1]`` (gate's, up's) and ``[E, 1, 1]``. ``expert_dtype: fp4`` (packed e2m1 experts) is refused.
 * ``activation_scheme: dynamic`` quantizes activations to e4m3 per token and per 128-feature group at
   run time (transformers' Triton kernel); the op's W8A8-FP8 is per token over all of K, so the layers
   load weight-only (16-bit activations, the report says so). ``static`` (an ``activation_scale``),
@@ -74,6 +79,8 @@ class FineGrainedFP8(CheckpointFormat):
                      "a static activation_scale is a per-tensor activation scale the op does not take")
         check_config(fmt, "scale_fmt", config.get("scale_fmt", "float"), ("float",),
                      "ue8m0 stores float8_e8m0fnu scales, which are not read")
+        check_config(fmt, "expert_dtype", config.get("expert_dtype", "fp8"), ("fp8",),
+                     "fp4 experts are packed e2m1 values, which the op does not take")
         block = config.get("weight_block_size", [128, 128])
         if block is None:  # one scale for the whole weight
             self.block_n, self.group_size = PER_TENSOR, PER_CHANNEL
@@ -120,6 +127,39 @@ class FineGrainedFP8(CheckpointFormat):
                       optional=("bias",))
         block_size = PER_CHANNEL if self.block_n == PER_TENSOR else group
         return float8_layer(tensors, tensors["weight_scale_inv"], block_size, self.block_n)
+
+
+    #: a fused bank's scale is named ``<bank><FUSED_SCALE>`` (transformers' FP8Experts: gate_up_proj_scale_inv)
+    FUSED_SCALE = "_scale_inv"
+
+    def convert_fused(self, name: str, weight, scale, in_features: int, out_features: int, halves: int,
+                      experts: int) -> list[ConvertedLayer]:
+        """A fused bank ``name`` ``[E, N, K]`` and its ``name_scale_inv``, each expert as one layer (the bank's
+        layout: :meth:`convert`'s). ``halves``: 2 for ``gate_up_proj`` (gate's rows, then up's), 1 for
+        ``down_proj``. Per tensor, transformers keeps one scale a half (``[E, halves, 1]``), each half's one
+        2-D block; in 2-D blocks the halves must hold whole blocks of rows."""
+        n, k, part = out_features, in_features, out_features // halves
+        scale_name = f"{name}{self.FUSED_SCALE}"
+        if weight.dtype not in E4M3:
+            raise TypeError(f"{name}: expected float8_e4m3fn (HF fp8), got {weight.dtype}")
+        if tuple(weight.shape) != (experts, n, k):
+            raise ValueError(f"{name}: expected shape {(experts, n, k)} [experts, out, in] for the model's bank, got "
+                             f"{tuple(weight.shape)}")
+        if self.block_n == PER_TENSOR:
+            block_n, group, shape = part, k, (experts, halves, 1)
+        else:
+            block_n, group = self.block_n, self.group(name, k)
+            if block_n > 1 and part % block_n:
+                raise ValueError(f"{scale_name}: 2-D blocks of {block_n} rows do not tile the bank's halves of {part} "
+                                 f"rows (gate's and up's rows would share a block)")
+            shape = (experts, -(-n // block_n), -(-k // group))
+        if scale.dtype not in SCALE:
+            raise TypeError(f"{scale_name}: expected {' or '.join(str(d) for d in SCALE)} (HF fp8), got {scale.dtype}")
+        if tuple(scale.shape) != shape:
+            blocks = "one scale a half" if self.block_n == PER_TENSOR else f"weight_block_size=[{block_n}, {group}]"
+            raise ValueError(f"{scale_name}: expected shape {shape} for {experts} experts, out={n}, in={k}, {blocks}, "
+                             f"got {tuple(scale.shape)}")
+        return [float8_layer({"weight": weight[e]}, scale[e], group, block_n) for e in range(experts)]
 
 
 class CompressedTensorsFloat(CheckpointFormat):
