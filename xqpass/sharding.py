@@ -20,6 +20,15 @@ an :class:`~xqpass.experts.XlaQuantizedExperts` or both banks of an
 :class:`~xqpass.experts.XlaQuantizedGatedExperts` (``{"*.mlp.experts": "expert"}``): every device
 multiplies the rows by its own experts and GSPMD combines the activations; no weight moves.
 
+**Tensor parallelism inside each expert**: ``"intermediate"`` splits an
+:class:`~xqpass.experts.XlaQuantizedGatedExperts`' intermediate features I over the axis, each device
+holding ``I / n`` of every expert's: ``gate_up_proj`` column-parallel (its rows), ``down_proj``
+row-parallel (its input features), the Megatron MLP pair inside each expert, one all-reduce a layer
+(``{"*.mlp.experts": "intermediate"}``). It fits where E is small or does not divide the devices. The
+gate and up rows are interleaved once, as the bank is placed (:func:`interleave_gate_up`), so that each
+device holds the gate and up rows of the same intermediate features, and the module becomes an
+:class:`IntermediateParallelExperts`, whose forward reads that order.
+
 The mesh is a ``torch_xla.distributed.spmd.Mesh`` with ``axis`` among its axis names; other mesh axes
 (data parallelism) see the weights replicated. torch_xla's SPMD mode (``xr.use_spmd()``) must be on.
 A spec that leaves a tensor whole on every device (a mesh of one device, or ``axis`` of size 1) places
@@ -44,8 +53,12 @@ QUANTIZED_LINEAR_TENSORS = {"weight": "weight", "weight_scaler": "scale", "zero_
 
 #: Megatron tensor parallelism: "column" splits the output features N, "row" the input features K
 SPLIT_STYLES = ("column", "row")
-#: every style a plan takes: the Megatron splits of linears, and "expert" (a bank's experts over the axis)
-PLAN_STYLES = (*SPLIT_STYLES, "expert")
+#: every style a plan takes: the Megatron splits of linears, "expert" (a bank's experts over the axis) and
+#: "intermediate" (a gated experts module's intermediate features I: gate_up's rows and down's inputs).
+#: Each names the dimension it cuts: "column" and "row" a linear's, "expert" and "intermediate" an MoE's.
+PLAN_STYLES = (*SPLIT_STYLES, "expert", "intermediate")
+#: the styles that take an expert module, not a linear
+EXPERT_STYLES = ("expert", "intermediate")
 #: a quantized expert bank's tensors and the dim "expert" cuts (the leading E of each)
 EXPERT_BANK_TENSORS = ("weight", "weight_scaler", "zero_point", "bias")
 
@@ -80,7 +93,7 @@ class ShardingReport:
 
     def __str__(self) -> str:
         devices = f"{self.axis_size} device{'s' if self.axis_size != 1 else ''}"
-        banks = sum(layer.style == "expert" for layer in self.layers)
+        banks = sum(layer.style in EXPERT_STYLES for layer in self.layers)
         what = f"{len(self.layers) - banks} linears" + (f" and {banks} expert modules" if banks else "")
         lines = [f"xqpass: {what} split over mesh axis {self.axis!r} ({devices})"]
         lines += [f"  {layer.name}: {layer.style}" for layer in self.layers]
@@ -89,17 +102,20 @@ class ShardingReport:
 
 def _takes_style(module: nn.Module, style: str) -> bool:
     """Whether a plan entry of ``style`` applies to ``module``: a linear for "column" / "row", a quantized
-    expert bank (or a gated pair of banks) for "expert"."""
+    expert bank (or a gated pair of banks) for "expert", a gated pair for "intermediate" (its gate and up
+    rows and down's inputs are cut together)."""
     if style == "expert":
         return isinstance(module, (XlaQuantizedExperts, XlaQuantizedGatedExperts))
+    if style == "intermediate":
+        return isinstance(module, XlaQuantizedGatedExperts)
     return isinstance(module, (nn.Linear, XlaQuantizedLinear))
 
 
 def resolve_plan(modules: Mapping[str, nn.Module], plan: Mapping[str, str]) -> dict[str, str]:
     """``{module name: style}`` for the linears (``nn.Linear`` / ``XlaQuantizedLinear``; "column" / "row")
-    and quantized expert modules ("expert") of ``modules`` that ``plan``'s globs match (first matching glob
+    and quantized expert modules ("expert", "intermediate") of ``modules`` that ``plan``'s globs match (first matching glob
     wins; the banks of a gated experts module planned whole are not planned again). A glob that matches
-    nothing it can split, or a style other than "column" / "row" / "expert", is a ``ValueError`` (a typo
+    nothing it can split, or a style not in :data:`PLAN_STYLES`, is a ``ValueError`` (a typo
     would otherwise leave layers replicated)."""
     if not isinstance(plan, Mapping):
         raise TypeError(f"plan must be a mapping of module-name globs to 'column' / 'row', got {type(plan).__name__}")
@@ -121,8 +137,10 @@ def resolve_plan(modules: Mapping[str, nn.Module], plan: Mapping[str, str]) -> d
                 break
     unused = [glob for glob in plan if glob not in used]
     if unused:
-        experts = " (an 'expert' entry takes a quantized expert module: quantize_model first)" if any(
-            plan[glob] == "expert" for glob in unused) else ""
+        experts = (" (an 'expert' entry takes a quantized expert module, an 'intermediate' entry an "
+                   "XlaQuantizedGatedExperts: quantize_model or load_quantized_checkpoint first, then shard_model)"
+                   ) if any(
+            plan[glob] in EXPERT_STYLES for glob in unused) else ""
         raise ValueError(f"plan entries matched no linear layer: {unused}{experts}")
     return styles
 
@@ -143,6 +161,149 @@ def expert_partition_specs(name: str, module: nn.Module, axis: str, axis_size: i
             if tensor is not None:
                 specs[prefix + attr] = (axis,) + (None,) * (tensor.dim() - 1)
     return specs
+
+
+def interleave_gate_up(t: torch.Tensor, shards: int) -> torch.Tensor:
+    """``t [E, 2I, ...]`` (a gate_up bank's weight, scales, zero points or bias: gate rows, then up rows)
+    with its rows reordered so that each of ``shards`` equal slices of dim 1 holds the gate rows, then the
+    up rows, of the same ``I / shards`` intermediate features: ``[gate_0; up_0; gate_1; up_1; ...]``.
+    A plain split of dim 1 would give some devices only gate rows and others only up rows, and
+    ``act(gate) * up`` would move them between devices. A permutation: nothing is lost."""
+    experts, rows, *rest = t.shape
+    return t.reshape(experts, 2, shards, rows // (2 * shards), *rest).transpose(1, 2).reshape(experts, rows, *rest)
+
+
+class IntermediateParallelExperts(XlaQuantizedGatedExperts):
+    """An :class:`~xqpass.experts.XlaQuantizedGatedExperts` whose ``gate_up_proj`` rows are interleaved
+    for ``shards`` devices (:func:`interleave_gate_up`); :func:`shard_model`'s "intermediate" style makes
+    one in place (its class swapped, as ``torch.nn.utils.parametrize`` does), after placing
+    ``gate_up_proj`` split by rows and ``down_proj`` by input features. The same value as the module it
+    was (up to one rounding, below), on any device and on one.
+
+    Both banks run through ``xq::quantized_matmul``, each as one weight whose split axis comes first
+    (a transpose, then a merge of the split axis with the unsplit ones after it, which GSPMD keeps split;
+    the grouped op merges ``[experts, N]`` into one axis, which GSPMD cannot keep split along N). The
+    views are annotated split (:meth:`split_view`): a view carries no annotation of its own, and the op's
+    XLA:CPU split-K form on an unannotated split ``down_proj`` moves int8 pieces between devices. Every
+    row meets every expert's slice, as in the expert-parallel form:
+
+    * gate/up: ``[shards * E * 2I/shards, H]`` (the split rows already lead each expert: no copy); each
+      row's experts picked by a one-hot contraction over E (exact: one term is not zero), which keeps the
+      device axis whole, so gate and up meet on the device holding them;
+    * down: ``act(gate) * up``, weighted by the router and spread over the experts ``[T, shards, E,
+      I/shards]``, against the bank as ``[H, shards * E * I/shards]`` (a transpose of E and H on each
+      device; per-channel scales become groups of ``I/shards``): one product a row, not one an expert,
+      and GSPMD adds the partial sums in one all-reduce of ``[T, H]``.
+
+    The router's weights multiply before ``down_proj`` (transformers: after it, each expert's output
+    rounded to the activations' dtype first): the same value up to that rounding."""
+
+    #: the devices gate_up's rows are interleaved for
+    shards: int = 1
+    #: ``str`` of the torch_xla Mesh and the axis split over, for annotating the banks' views (None: no mesh)
+    mesh_text: str | None = None
+    axis: str | None = None
+
+    def split_view(self, t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        """``t`` (a view of a split bank) annotated split over the axis along ``dim``: the op reads the
+        annotation to keep the forms it uses for split weights (``xla::aot_mark_sharding``, which torch.compile
+        traces)."""
+        if t is None or self.mesh_text is None or t.device.type != "xla":
+            return t
+        spec = [None] * t.dim()
+        spec[dim] = self.axis
+        return torch.ops.xla.aot_mark_sharding(t, self.mesh_text, str(tuple(spec)))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        rows, top_k = top_k_index.shape
+        shards, experts, hidden = self.shards, self.num_experts, self.hidden_dim
+        width = self.intermediate_dim // shards  # intermediate features a device holds, of each expert
+        gate_up, down = self.gate_up_proj, self.down_proj
+
+        def by_rows(t):  # [E, 2I, ...] -> [shards * E * 2 width, ...], device-major
+            if t is None:
+                return None
+            return self.split_view(
+                t.reshape(experts, shards, 2 * width, *t.shape[2:]).transpose(0, 1).reshape(-1, *t.shape[2:]), 0)
+
+        y = torch.ops.xq.quantized_matmul.default(
+            hidden_states, by_rows(gate_up.weight), by_rows(gate_up.weight_scaler), by_rows(gate_up.zero_point),
+            gate_up.block_size, gate_up.int4_weight, False, by_rows(gate_up.bias), packed=gate_up.packed)
+        y = y.reshape(rows, shards, experts, 2 * width)
+        chosen = top_k_index[..., None] == torch.arange(experts, device=top_k_index.device)  # [T, k, E]
+        picked = torch.einsum("tke,tsew->tskw", chosen.to(y.dtype), y).reshape(rows, shards, top_k, 2, width)
+        inner = self.act_fn(picked[..., 0, :]) * picked[..., 1, :]  # [T, shards, k, width]
+
+        weights = top_k_weights.to(torch.promote_types(top_k_weights.dtype, torch.float32))
+        routed = chosen.to(weights.dtype) * weights[..., None]  # [T, k, E]: each row's share of each expert
+        spread = torch.einsum("tke,tskw->tsew", routed, inner.to(weights.dtype)).reshape(rows, -1)
+
+        def by_inputs(t):  # [E, H, K'] -> [H, shards * E * K'/shards], device-major along K
+            return self.split_view(t.reshape(experts, hidden, shards, -1).permute(1, 2, 0, 3).reshape(hidden, -1), 1)
+
+        if down.block_size == PER_CHANNEL:  # a scale an (expert, output): groups of `width` along K
+            def grouped(t):
+                return None if t is None else t.t()[:, None, :].expand(hidden, shards, experts).reshape(hidden, -1)
+            scale, zero_point, block_size = grouped(down.weight_scaler), grouped(down.zero_point), width
+        else:
+            scale, zero_point, block_size = by_inputs(down.weight_scaler), None, down.block_size
+            zero_point = None if down.zero_point is None else by_inputs(down.zero_point)
+        out = torch.ops.xq.quantized_matmul.default(spread, by_inputs(down.weight), scale, zero_point, block_size,
+                                                    down.int4_weight, False, None, packed=down.packed)
+        if down.bias is not None:
+            out = out + routed.sum(dim=1) @ down.bias.to(out.dtype)
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gate_up interleaved for {self.shards} devices"
+
+
+def intermediate_partition_specs(name: str, module: nn.Module, axis: str, axis_size: int) -> dict[str, tuple]:
+    """Partition specs of a gated experts module split by intermediate features over ``axis_size`` devices,
+    keyed as :func:`expert_partition_specs`' (``"gate_up_proj.weight"``, ...): ``gate_up_proj`` by rows
+    (column: dim 1 of its weight, scales, zero points, bias), ``down_proj`` by input features (row: the
+    weight's K and the groups of its scales; per-channel scales and the bias whole). Checked: I must
+    divide evenly, and a device's I / n may cut no group and no packed byte of ``down_proj``."""
+    if not isinstance(module, XlaQuantizedGatedExperts):
+        raise TypeError(f"{name}: intermediate-parallel takes an XlaQuantizedGatedExperts, got {type(module).__name__}")
+    inner, down = module.intermediate_dim, module.down_proj
+    if inner % axis_size:
+        raise ValueError(f"{name}: intermediate-parallel over {axis_size} devices needs the intermediate size I "
+                         f"(down_proj's input features, half of gate_up_proj's outputs) divisible by {axis_size}, "
+                         f"got {inner}")
+    unit = down.layout.k_unit
+    if (inner // axis_size) % unit:
+        piece = "a packed int4 byte" if down.block_size == PER_CHANNEL else f"a block of {unit}"
+        raise ValueError(f"{name}.down_proj: intermediate-parallel over {axis_size} devices would split {piece}: "
+                         f"{inner // axis_size} input features a device (I = {inner}) is not a multiple of {unit}")
+    specs = {}
+    for bank_name, style in (("gate_up_proj", "column"), ("down_proj", "row")):
+        bank = getattr(module, bank_name)
+        dims = tensor_parallel_dims(style, bank.layout)
+        for attr, key in QUANTIZED_LINEAR_TENSORS.items():  # a bank's tensors carry a linear's names
+            tensor = getattr(bank, attr, None)
+            if tensor is None or dims[key] is None:
+                continue
+            spec = [None] * tensor.dim()
+            spec[dims[key] + 1] = axis  # the experts lead: a linear's dim d is the bank's d + 1
+            specs[f"{bank_name}.{attr}"] = tuple(spec)
+    return specs
+
+
+def planned_specs(name: str, module: nn.Module, style: str, axis: str, axis_size: int) -> dict[str, tuple]:
+    """The checked partition specs of one planned module, for its style. An expert module split before
+    is refused: its forward already reads its first split (the interleaved rows, the experts apart)."""
+    if isinstance(module, IntermediateParallelExperts):
+        raise ValueError(f"{name}: already split intermediate-parallel (gate_up interleaved for {module.shards} "
+                         f"devices); shard the unsplit model instead")
+    if style in EXPERT_STYLES and any(getattr(bank, "expert_parallel", False) for bank in module.modules()):
+        raise ValueError(f"{name}: already split expert-parallel; shard the unsplit model instead")
+    if style == "expert":
+        return expert_partition_specs(name, module, axis, axis_size)
+    if style == "intermediate":
+        return intermediate_partition_specs(name, module, axis, axis_size)
+    return linear_partition_specs(name, module, style, axis, axis_size)
 
 
 def linear_partition_specs(name: str, module: nn.Module, style: str, axis: str, axis_size: int, *,
@@ -296,16 +457,21 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
     require_spmd()
     modules = dict(model.named_modules())
     styles = resolve_plan(modules, plan)
-    planned = [(name, style, expert_partition_specs(name, modules[name], axis, size) if style == "expert"
-                else linear_partition_specs(name, modules[name], style, axis, size))
-               for name, style in styles.items()]
+    planned = [(name, style, planned_specs(name, modules[name], style, axis, size)) for name, style in styles.items()]
     report = ShardingReport(axis, size)
     for name, style, specs in planned:
         for path, spec in specs.items():
             owner, _, attr = path.rpartition(".")
             module = modules[f"{name}.{owner}" if owner else name]
             tensor = getattr(module, attr)
-            placed = _shard_tensor(tensor.data if isinstance(tensor, nn.Parameter) else tensor, mesh, spec)
+            value = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+            if style == "intermediate" and owner == "gate_up_proj":
+                value = interleave_gate_up(value, size)  # a new tensor: placed, then set below
+                if value.device.type == "xla":  # permuted whole on each device, then split without moving
+                    import torch_xla
+
+                    torch_xla._XLAC._xla_sync_multi([value], devices=[], wait=True)
+            placed = _shard_tensor(value, mesh, spec)
             if isinstance(tensor, nn.Parameter):
                 if placed is not tensor.data:
                     setattr(module, attr, nn.Parameter(placed, requires_grad=tensor.requires_grad))
@@ -315,10 +481,15 @@ def shard_model(model: nn.Module, mesh, plan: Mapping[str, str], axis: str = "mo
             for bank in modules[name].modules():
                 if isinstance(bank, XlaQuantizedExperts):
                     bank.expert_parallel = True  # its forward multiplies every expert: no bytes gathered
+        if style == "intermediate":
+            gated = modules[name]
+            gated.__class__ = IntermediateParallelExperts  # its forward reads the interleaved gate_up rows
+            gated.shards, gated.mesh_text, gated.axis = size, str(mesh), axis
         report.layers.append(ShardedLayer(name, style, specs))
     return report
 
 
-__all__ = ["PLAN_STYLES", "SPLIT_STYLES", "expert_partition_specs", "ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
+__all__ = ["EXPERT_STYLES", "IntermediateParallelExperts", "PLAN_STYLES", "SPLIT_STYLES", "expert_partition_specs",
+           "interleave_gate_up", "intermediate_partition_specs", "planned_specs", "ShardedLayer", "ShardingReport", "linear_partition_specs", "load_local_shards", "local_ranges",
            "local_shard_indices", "place_sharded", "require_spmd", "resolve_plan", "shard_model",
            "tensor_parallel_dims", "xla_device"]
