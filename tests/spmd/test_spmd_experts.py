@@ -161,6 +161,27 @@ def test_intermediate_split_matches_the_float64_oracle(fmt, rows, mesh, compiled
     assert [c for hlo in compiled_hlo() for c in collectives(hlo)] == [("all-reduce", (("f32", rows * HIDDEN),))]
 
 
+def test_intermediate_split_on_a_data_and_model_mesh_from_the_host(compiled_hlo):
+    """A (2, 2) mesh: halves of I over "model", each half on the two devices of its "data" row; placed
+    from host slices."""
+    import torch_xla.distributed.spmd as xs
+
+    mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "model"))
+    module = XlaQuantizedGatedExperts.from_float(float_experts(EXPERTS, HIDDEN, INNER, seed=7), bits=4, block_size=32)
+    x, (ids, weights) = torch.randn((6, HIDDEN), generator=torch.Generator().manual_seed(7)), routing(6, 2, [0, 2], 7)
+    expected = moe_oracle(decoded_bank(module.gate_up_proj), decoded_bank(module.down_proj), x, ids, weights)
+    model = nn.Sequential(module)
+    shard_model(model, mesh, {"0": "intermediate"})
+    model.to(torch_xla.device())
+    assert local_shapes(model[0].gate_up_proj.weight) == [(EXPERTS, INNER, HIDDEN // 2)] * 4
+    assert local_shapes(model[0].down_proj.weight_scaler) == [(EXPERTS, HIDDEN, INNER // 32 // 2)] * 4
+    device = torch_xla.device()
+    with torch.no_grad():
+        out = model[0](x.to(device), ids.to(device), weights.to(device)).cpu()
+    assert_within_oracle(out, expected)
+    assert_weights_stay_put(compiled_hlo(), EXPERTS * 2 * INNER * HIDDEN, all_reduces=1)
+
+
 INTERMEDIATE_PLAN = {"*q_proj": "column", "*k_proj": "column", "*v_proj": "column", "*o_proj": "row",
                      "*.mlp.experts": "intermediate"}
 
