@@ -314,3 +314,90 @@ def test_batched_mm_experts_on_xla_with_xq_openxla():
     out, rewrites, reports = run(copy.deepcopy(module).to(device), x.to(device), ids.to(device), "openxla")
     assert len(rewrites) == 2, "\n".join(map(str, reports))
     assert_close_to_float64(module, x, ids, out.cpu())
+
+
+# ---- Mixtral-style lists of per-expert linears, stacked into a bank --------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """A weight-only int8 linear whose ``weight`` is dequantized on each read (per channel, symmetric)."""
+
+    def __init__(self, out_features, in_features, generator):
+        super().__init__()
+        self.register_buffer("q", torch.randint(-127, 128, (out_features, in_features), generator=generator,
+                                                dtype=torch.int8))
+        self.register_buffer("s", torch.rand(out_features, 1, generator=generator) / 300 + 1e-4)
+
+    @property
+    def weight(self):
+        return self.q.to(self.s.dtype) * self.s
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, dim, hidden, generator):
+        super().__init__()
+        self.w1, self.w3 = Int8Linear(hidden, dim, generator), Int8Linear(hidden, dim, generator)
+        self.w2 = Int8Linear(dim, hidden, generator)
+
+
+class StackedExpertList(nn.Module):
+    """Mixtral's per-expert linears (``experts[e].w1 / w3 / w2``) batched for static shapes: each
+    projection's weights stacked into a bank, gathered by the router's ids, multiplied with einsum."""
+
+    def __init__(self, experts, dim, hidden, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.experts = nn.ModuleList(ExpertMLP(dim, hidden, g) for _ in range(experts))
+
+    def forward(self, x, ids):
+        w1, w3, w2 = (torch.stack([getattr(e, name).weight for e in self.experts]).to(x.dtype)[ids]
+                      for name in ("w1", "w3", "w2"))
+        h = F.silu(torch.einsum("ti,taoi->tao", x, w1)) * torch.einsum("ti,taoi->tao", x, w3)
+        return torch.einsum("tao,taio->tai", h, w2).sum(1)
+
+
+@settings(max_examples=10)
+@given(experts=st.integers(1, 5), top_k=st.integers(1, 3), tokens=st.integers(1, 5),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_a_stacked_list_of_expert_linears_is_one_grouped_op_per_bank(experts, top_k, tokens, dtype, seed):
+    module = StackedExpertList(experts, 32, 24, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 32, generator=gen).to(dtype)
+    ids = torch.randint(0, experts, (tokens, top_k), generator=gen)
+    out, rewrites, reports = run(module, x, ids)
+    assert len(rewrites) == 3 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
+    assert_close_to_float64(module, x, ids, out)
+    index = "*" if experts > 1 else "0"  # the report names the bank by its experts' tensors
+    assert sorted(r.layer for r in rewrites) == [f"experts.{index}.{w}.q" for w in ("w1", "w2", "w3")]
+
+
+def test_a_stacked_bank_is_assembled_once_and_again_when_an_expert_changes():
+    module, ids = StackedExpertList(3, 32, 24, seed=5), torch.tensor([[0, 2], [1, 1]])
+    x = torch.randn(2, 32)
+    torch._dynamo.reset()
+    stacks, reports = [], []
+
+    def compiler(gm, example_inputs):
+        stacks.extend(n for n in gm.graph.nodes if n.target is torch.ops.aten.stack.default)
+        return gm.forward
+
+    compiled = torch.compile(module, backend=make_backend(compiler, reports=reports))
+    with torch.no_grad():
+        compiled(x, ids)
+        assert len([r for rep in reports for r in rep.rewrites]) == 3 and not stacks  # no per-call stacking
+        module.experts[2].w1.q.neg_()  # an expert's storage written in place: the bank is assembled again
+        assert_close_to_float64(module, x, ids, compiled(x, ids))
+
+
+def test_stacked_expert_list_on_xla_with_xq_openxla():
+    import torch_xla
+
+    device = torch_xla.device()
+    module = StackedExpertList(4, 64, 48, seed=3)
+    x, ids = torch.randn(1, 64), torch.tensor([[2, 0]])
+    out, rewrites, reports = run(copy.deepcopy(module).to(device), x.to(device), ids.to(device), "openxla")
+    assert len(rewrites) == 3, "\n".join(map(str, reports))
+    assert_close_to_float64(module, x, ids, out.cpu())

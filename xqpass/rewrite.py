@@ -20,6 +20,7 @@ from .patterns.dsl import Context, Match
 from .patterns.fold import mutates, written
 from .patterns.replacement import Rejected, build_call
 from .patterns.spellings import canonical
+from .patterns.stacks import hoist_stacked_banks
 from .quant.layouts import PER_CHANNEL
 
 log = logging.getLogger("xqpass")
@@ -100,6 +101,10 @@ def _state_name(node: Any) -> str:
     module holds several banks."""
     if isinstance(node, Node) and node.op == "get_attr":
         return str(node.target)
+    if isinstance(node, Node) and node.target is torch.ops.aten.stack.default:  # experts stacked: "experts.*.w1.q"
+        names = [_state_name(item).split(".") for item in node.args[0]]
+        if all(names) and len({len(n) for n in names}) == 1:
+            return ".".join(parts[0] if len(set(parts)) == 1 else "*" for parts in zip(*names))
     source = getattr(node.meta.get("grapharg"), "source", None) if isinstance(node, Node) else None
     return _dotted(source.name()) if source is not None else ""
 
@@ -236,6 +241,7 @@ def rewrite(graph_module, example_inputs: Iterable[Any] | None = None, *, name: 
     values = dict(zip(placeholders, example_inputs)) if example_inputs and len(example_inputs) == len(placeholders) else {}
     ctx = Context(gm, model_state=_model_state(gm, exported, model_state), values=values,
                   may_compute_once=may_compute_once)
+    hoist_stacked_banks(ctx)
     consumed: set[Node] = set()
     failures: dict[Node, list] = {}
 

@@ -241,7 +241,7 @@ def build_grouped_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
     ``m.expert_ids``: the bank as stored ``[E, N, K]``, per-expert per-channel scales ``[E, N]``."""
     x, w, ids = m.activation, m.weight, m.expert_ids
     bank, out_shape, x_shape = ctx.shape(w), ctx.shape(root), ctx.shape(x)
-    if m.weight_layout != ("E", "N", "K") or m.packed or m.unpacked or ctx.dtype(w) not in WEIGHT_DTYPES:
+    if m.weight_layout != ("E", "N", "K") or m.packed or ctx.dtype(w) not in WEIGHT_DTYPES:
         raise Rejected("an expert bank the grouped op reads is stored [E, N, K] (int8, uint8 or float8)")
     if bank is None or out_shape is None or x_shape is None or any(static(d) is None for d in bank):
         raise Rejected("no static shapes for the expert bank")
@@ -258,6 +258,13 @@ def build_grouped_call(ctx: Context, root: Node, m: Match) -> tuple[Node, dict]:
         raise Rejected(reason)
     x_val = ctx.val(x)
     b = Builder(ctx, root, x_val.device if isinstance(x_val, torch.Tensor) else None)
+    if m.unpacked:  # a bank the graph assembles from the model's state (experts stacked): computed once
+        subgraph = state_subgraph(ctx, w)
+        if isinstance(subgraph, str):
+            raise Rejected(f"the expert bank {w.name} is computed in the graph, but {subgraph}")
+        values, unknown = _source_values(ctx, subgraph)
+        if not unknown:  # else the graph assembles it on each call, as it did
+            w = b.computed_once(Fold.of(subgraph, w), w, subgraph, values)
 
     def per_expert(factor: Factor) -> Node:
         value = factor.value
