@@ -265,6 +265,23 @@ def test_model_matches_its_float64_decoding_on_cpu_and_xla(make, fmt, xla_device
         assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("make", [mixtral, qwen3_moe])
+def test_quantize_model_swaps_experts_into_2d_float8_blocks(make, xla_device):
+    model = make()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    float_model = copy.deepcopy(model)
+    quantized, report = xqpass.quantize_model(model, **FORMATS["e4m3 blocks 8x16"], return_report=True,
+                                              filter_fn=lambda m, name: ".experts" in name)
+    assert len(report.experts) == 2 and all(layer.mlp.experts.gate_up_proj.block_n == 8
+                                            for layer in quantized.model.layers)
+    with torch.no_grad():
+        exact = float64_twin(float_model, quantized)(ids).logits
+        on_cpu = quantized(ids).logits
+        on_xla = quantized.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
 def test_compiled_model_keeps_one_graph_whatever_the_routing(xla_device):
     model = xqpass.quantize_model(mixtral(), bits=4, block_size=16, filter_fn=lambda m, name: name != "lm_head")
     compiled = torch.compile(model.to(xla_device), backend="openxla")

@@ -113,7 +113,8 @@ class XlaQuantizedExperts(nn.Module):
         self.int4_weight = int4_weight
         self.packed = packed
         self.block_n = block_n
-        layout = Layout.of(block_size, packed, "rows", block_n)
+        layout = self._layout = Layout.of(block_size, packed, "rows", block_n)  # read in forward: Dynamo keeps
+        # a plain attribute in its graph, where Layout.recognise's interning is a graph break
         w_shape = (num_experts, *layout.weight_shape(output_dim, input_dim))
         s_shape = (num_experts, *layout.scale_shape(output_dim, input_dim))
         if weight_dtype is None:
@@ -132,7 +133,7 @@ class XlaQuantizedExperts(nn.Module):
     @property
     def layout(self) -> Layout:
         """One expert's layout (:mod:`xqpass.quant.layouts`): per-channel, blockwise by rows or 2-D blocks."""
-        return Layout.recognise(self.weight.shape[1:], self.block_size, self.packed, self.block_n)
+        return self._layout
 
     @property
     def in_features(self) -> int:

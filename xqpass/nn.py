@@ -301,9 +301,9 @@ def _why_experts_not_swapped(site: _Site, holders: dict, quantize_activation: bo
     no bank layout); None when it is safe."""
     if quantize_activation:
         return "the grouped op takes no quantized activations (W8A8): the expert banks stay float"
-    if block_n != 1:
-        return (f"block_n={block_n}: float8 per-tensor and 2-D block scales are not a layout of the grouped op "
-                f"(per-channel or groups by rows are)")
+    if block_n == -1:
+        return ("block_n=-1: one float8 scale per tensor is not a layout of the grouped op (per-channel, groups "
+                "by rows and 2-D blocks are)")
     reason = gated_experts_reason(site.linear)
     if reason is not None:
         return reason
@@ -507,7 +507,7 @@ def quantize_model(
             report.skipped.append(SkippedLayer(names, reason))
             continue
         try:
-            check_expert_banks(site.linear, block_size, packed_resolved)
+            check_expert_banks(site.linear, block_size, packed_resolved, block_n)
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_model: {names[0]!r}: {e}; the model is untouched") from e
         expert_swaps.append(site)
@@ -530,7 +530,7 @@ def quantize_model(
         try:
             built_experts.append(XlaQuantizedGatedExperts.from_float(
                 site.linear, bits, block_size, symmetric, packed=packed, scale_dtype=scale_dtype,
-                weight_dtype=weight_dtype))
+                weight_dtype=weight_dtype, block_n=block_n))
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_model: {site.names[0]!r}: {e}; the model is untouched") from e
         except Exception as e:
