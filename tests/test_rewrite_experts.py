@@ -227,13 +227,18 @@ def grouped_calls(model, *inputs):
     return out, reports, id_shapes
 
 
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("asymmetric", [False, True])
-def test_transformers_batched_mm_experts_are_one_grouped_op_per_bank(arch, asymmetric):
+def test_transformers_experts_are_one_grouped_op_per_bank(implementation, arch, asymmetric):
+    """transformers' batched_mm experts and its default, grouped_mm (rows sorted by expert, offsets counted
+    by histc; off CUDA its grouped_mm_fallback op)."""
     model = with_dequantizing_banks(tiny_moe(arch), asymmetric)
-    model.config._experts_implementation = "batched_mm"
+    model.config._experts_implementation = implementation
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
-    out, reports, _ = grouped_calls(model, ids)
+    out, reports, id_shapes = grouped_calls(model, ids)
+    assert len(id_shapes) == 4 and all(len(shape) == (2 if implementation == "batched_mm" and i % 2 == 0 else 1)
+                                       for i, shape in enumerate(id_shapes)), id_shapes
     rewrites = [r for rep in reports for r in rep.rewrites]
     assert sorted(r.layer for r in rewrites) == sorted(f"model.layers.{i}.mlp.experts.{b}_q"
                                                        for i in range(2) for b in ("gate_up", "down")), \
@@ -401,3 +406,51 @@ def test_stacked_expert_list_on_xla_with_xq_openxla():
     out, rewrites, reports = run(copy.deepcopy(module).to(device), x.to(device), ids.to(device), "openxla")
     assert len(rewrites) == 3, "\n".join(map(str, reports))
     assert_close_to_float64(module, x, ids, out.cpu())
+
+
+def test_transformers_grouped_mm_experts_on_xla_with_xq_openxla():
+    """The default experts code on XLA: after the rewrite nothing in it has a data-dependent shape (sort,
+    histc and cumsum are static), one graph whatever the routing."""
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    device = torch_xla.device()
+    model = with_dequantizing_banks(tiny_moe("qwen3_moe", seed=4), asymmetric=True)
+    twin = float64_twin(model)
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model).to(device), backend=make_backend("openxla", reports=reports))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for call in range(3):  # other tokens, other experts: no new compilation after the first call
+            ids = torch.randint(0, 96, (1, 6), generator=gen)
+            out = compiled(ids.to(device)).logits.cpu()
+            if call == 0:
+                compilations = met.metric_data("CompileTime")[0]
+            exact = twin(ids).logits
+            assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+    assert met.metric_data("CompileTime")[0] == compilations
+    assert len([r for rep in reports for r in rep.rewrites]) == 4, "\n".join(map(str, reports))
+
+
+class GroupedMmByHand(nn.Module):
+    """A grouped_mm over offsets the caller passes: nothing proves which expert a row belongs to."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("q", torch.randint(-127, 128, (3, 24, 32), dtype=torch.int8))
+        self.register_buffer("s", torch.rand(3, 24, 1) / 300)
+
+    def forward(self, x, offs):
+        return torch.ops.transformers.grouped_mm_fallback(x, (self.q.to(x.dtype) * self.s).transpose(-2, -1), offs=offs)
+
+
+def test_grouped_mm_over_offsets_not_counted_from_sorted_ids_is_a_near_miss():
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    module, x, offs = GroupedMmByHand(), torch.randn(5, 32), torch.tensor([2, 2, 5], dtype=torch.int32)
+    out, rewrites, reports = run(module, x, offs)
+    assert not rewrites
+    assert any("offsets of grouped_mm" in m.reason for rep in reports for m in rep.misses), "\n".join(map(str, reports))
+    with torch.no_grad():
+        assert torch.equal(out, module(x, offs))

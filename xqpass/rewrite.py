@@ -126,7 +126,7 @@ def _looks_dequantized(node: Node) -> bool:
         return True
     if canon is not None and canon.kind == "einsum":  # with weights gathered by routing ids: an expert bank
         return any((canonical(a) or canon).kind == "take" for a in canon.inputs[0])
-    if canon is None or canon.kind not in _MATMUL_KINDS:
+    if canon is None or canon.kind not in (*_MATMUL_KINDS, "grouped_mm"):  # grouped_mm: (x, bank, offsets)
         return False
     weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]
     value = weight.meta.get("val", weight.meta.get("example_value")) if isinstance(weight, Node) else None
@@ -154,7 +154,7 @@ def _folded_weight(node: Node) -> bool:
     while tracing (``_tensor_constant*``): the dequantization happened at trace time, no integer weight
     is left in the graph to keep."""
     canon = canonical(node)
-    if canon is None or canon.kind not in _MATMUL_KINDS:
+    if canon is None or canon.kind not in (*_MATMUL_KINDS, "grouped_mm"):  # grouped_mm: (x, bank, offsets)
         return False
     weight = canon.inputs[2] if canon.kind == "addmm" else canon.inputs[1]
     if not isinstance(weight, Node) or weight.op != "get_attr" or not str(weight.target).startswith("_tensor_constant"):

@@ -17,6 +17,7 @@ from .dsl import (
     Div,
     ExpertPostScale,
     ExpertProduct,
+    GroupedMm,
     IntWeight,
     Matmul,
     Mul,
@@ -133,6 +134,11 @@ PRODUCT_FORMS = (
         ExpertProduct(DEQUANTIZED),
     ),
     ProductForm(
+        "expert bank, grouped_mm",
+        "grouped_mm(x_g, deq[E, N, K].transpose(-2, -1), offs=cumsum(histc(sorted ids)))",
+        GroupedMm(DEQUANTIZED),
+    ),
+    ProductForm(
         "library op: scaled linear",
         "quanto.qbytes_mm(x, w, s)  (x @ (s * w).t())",
         ScaledLinear(Named("int8 weight, scaled in the op", IntWeight())),
@@ -175,4 +181,4 @@ PRODUCT_FORMS = (
 )
 
 #: the node kinds a product can end in (where the driver starts a match)
-ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add", "scaled_linear", "einsum")
+ROOT_KINDS = ("linear", "matmul", "addmm", "reshape", "mul", "add", "scaled_linear", "einsum", "grouped_mm")

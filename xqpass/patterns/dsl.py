@@ -868,6 +868,84 @@ class ExpertProduct(Pattern):
             yield m.with_(expert_ids=ids)
 
 
+@dataclass
+class GroupedMm(Pattern):
+    """transformers' ``grouped_mm`` experts (its default): rows sorted by expert, a grouped matmul over
+    offsets counted from the sorted ids::
+
+        ids_g, perm = torch.sort(top_k.reshape(-1))
+        offs = torch.cumsum(torch.histc(ids_g.float(), bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+        out = grouped_mm(x_g, deq_bank.transpose(-2, -1), offs=offs)     # bank [E, N, K]
+
+    Rows ``offs[e-1] <= r < offs[e]`` are expert ``e``'s; since the ids are sorted and ``histc`` with E
+    bins over ``[0, E - 1]`` counts each integer id in its own bin, row ``r`` is expert ``ids_g[r]``'s: the
+    grouped op with ``ids_g`` as routing ids, proved from the graph. Rows past ``offs[-1]`` (ids outside
+    ``[0, E)``, expert-parallel sentinels) are unspecified in both."""
+
+    weight: Pattern
+    through_layout = False
+
+    def here(self, ctx, node, layout, st):
+        canon = canonical(node)
+        if canon is None or canon.kind != "grouped_mm":
+            return
+        x, w_t, offs = canon.inputs
+        t = canonical(w_t) if isinstance(w_t, Node) else None
+        bank = t.inputs[0] if t is not None and t.kind == "transpose" and \
+            sorted(d % 3 for d in t.params["dims"]) == [1, 2] else None
+        xs, bank_shape = ctx.shape(x), ctx.shape(bank) if bank is not None else None
+        if bank_shape is None or len(bank_shape) != 3 or xs is None or len(xs) != 2:
+            if bank is None and isinstance(w_t, Node):
+                ctx.fail(f"{node.name}: grouped_mm reads a bank stored [E, K, N] (is_transposed); the grouped op "
+                         f"reads [E, N, K] banks")
+            return
+        ids = _sorted_ids_of_offsets(ctx, offs, static(bank_shape[0]))
+        if ids is None:
+            ctx.fail(f"{node.name}: the offsets of grouped_mm are not cumsum(histc(sorted ids, bins=E, min=0, "
+                     f"max=E-1)) of the rows' expert ids")
+            return
+        if not same_size(ctx.shape(ids)[0], xs[0]):
+            return
+        st = st.with_(node, w_t, activation=x, broadcast_shape=bank_shape)
+        for m in self.weight.match(ctx, bank, ("E", "N", "K"), st):
+            yield m.with_(expert_ids=ids)
+
+
+_SORT = {torch.sort, torch.ops.aten.sort.default, torch.ops.aten.sort.stable}
+_HISTC = {torch.histc, torch.ops.aten.histc.default}
+_CUMSUM = {torch.cumsum, torch.ops.aten.cumsum.default}
+
+
+def _sorted_ids_of_offsets(ctx, offs, experts):
+    """The sorted expert ids ``ids_g`` where ``offs`` is ``cumsum(histc(ids_g.float(), bins=E, min=0,
+    max=E - 1), dim=0)`` and ``ids_g`` is ``torch.sort(ids)[0]`` (ascending) of 1-D integer ids; else None."""
+    def arg(node, i, name, default=None):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    if experts is None or not isinstance(offs, Node) or offs.target not in _CUMSUM and not (
+            offs.op == "call_method" and offs.target == "cumsum") or arg(offs, 1, "dim") not in (0, -1):
+        return None
+    counts = offs.args[0]
+    if not isinstance(counts, Node) or counts.target not in _HISTC or \
+            (arg(counts, 1, "bins", 100), arg(counts, 2, "min", 0), arg(counts, 3, "max", 0)) != (experts, 0, experts - 1):
+        return None
+    ids = counts.args[0]
+    while isinstance(ids, Node) and canonical(ids) is not None and canonical(ids).kind in ("convert", "noop"):
+        ids = canonical(ids).inputs[0]
+    if not isinstance(ids, Node) or ids.target is not operator.getitem or ids.args[1] != 0:
+        return None
+    sort = ids.args[0]
+    if not isinstance(sort, Node) or sort.target not in _SORT and not (sort.op == "call_method" and sort.target == "sort"):
+        return None
+    descending = sort.kwargs.get("descending", False) if sort.target is not torch.ops.aten.sort.default else \
+        arg(sort, 2, "descending", False)
+    shape = ctx.shape(ids)
+    if descending or shape is None or len(shape) != 1 or ctx.dtype(ids) not in (torch.int32, torch.int64) or \
+            arg(sort, 1, "dim", -1) not in (0, -1) or any(isinstance(a, bool) and a for a in sort.args[1:]):
+        return None
+    return ids
+
+
 def _repeated_rows(ctx, x: Node, ids: Node):
     """``(h, top_k)`` where ``x`` is ``h.repeat_interleave(k, dim=0)`` and ``ids`` is ``top_k.reshape(-1)``
     with ``top_k [T, k]``: row ``t * k + j`` of ``x`` is token ``t`` routed to ``top_k[t, j]``; else None."""

@@ -51,6 +51,7 @@ KINDS = (
     "dequantize_per_tensor",  # (w, scale, zero_point) {dtype, out_dtype}
     "scaled_linear",  # (x, w, s): x @ (s * w).t() in one library op, x cast to s's dtype
     "take",  # (src, index)  src[index] along dim 0, index an integer tensor (expert weights by id)
+    "grouped_mm",  # (x, w, offs)  rows of x [S, K] in groups by offs, group e times w[e] [K, N]
     "einsum",  # (operands-tuple,) {equation}
 )
 
@@ -159,6 +160,13 @@ def _getitem(node: Node):
         if not (i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None, None, None))):
             return None
     return Canon("reshape", (src,))
+
+
+def _grouped_mm(node: Node):
+    offs = _arg(node, 2, "offs")
+    if _arg(node, 3, "bias") is not None or _arg(node, 4, "out_dtype") is not None or not isinstance(offs, Node):
+        return None
+    return Canon("grouped_mm", (node.args[0], node.args[1], offs))
 
 
 def _einsum(node: Node):
@@ -312,6 +320,7 @@ _register(_FUNCTIONS, [torch.einsum, *_ops("aten.einsum")], _einsum)
 _register(_FUNCTIONS, [torch.index_select, *_ops("aten.index_select")],
           lambda n: Canon("take", (n.args[0], n.args[2])) if _arg(n, 1, "dim") == 0 else None)
 _register(_FUNCTIONS, [torch.cat, torch.concat, *_ops("aten.cat")], _list_op("cat"))
+_register(_FUNCTIONS, [torch._grouped_mm, *_ops("aten._grouped_mm")], _grouped_mm)
 _register(_FUNCTIONS, _ops("aten.index.Tensor"),  # bank[ids] at the aten level: one index tensor, on dim 0
           lambda n: Canon("take", (n.args[0], n.args[1][0])) if len(n.args[1]) == 1 and isinstance(n.args[1][0], Node)
           else None)
@@ -363,6 +372,8 @@ _register_pt2e()
 _LIBRARY_OPS: dict[str, Callable[[Node], Canon | None]] = {
     # optimum-quanto's W8A16 op: its CPU kernel computes matmul(x.to(s.dtype), (s * w).t())
     "quanto::qbytes_mm": lambda n: Canon("scaled_linear", (n.args[0], n.args[1], n.args[2])),
+    # transformers' grouped_mm experts off CUDA: torch._grouped_mm's meaning, a loop over the groups
+    "transformers::grouped_mm_fallback": lambda n: _grouped_mm(n),
 }
 
 
