@@ -25,7 +25,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# benchmarks (not tests): about 20 minutes on the 2-core machine (bench_generate most of it); results and the plot go to the repo
+# benchmarks (not tests): about 40 minutes on the 2-core machine (bench_generate most of it); results and the plot go to the repo
 bench: setup
 	DISABLE_CUDA=1 $(PY) -m pip install --quiet -e '.[test,bench]'
 	mkdir -p benchmarks/results
@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/bench_load.py --runs 5 --json benchmarks/results/load.json
 	$(PY) benchmarks/bench_pass.py --runs 7 --json benchmarks/results/pass.json
 	$(PY) benchmarks/bench_generate.py --sizes 1024x8 --batches 1 8 --json benchmarks/results/generate.json
+	$(PY) benchmarks/bench_generate.py --sizes 2048x16 --batches 1 --rounds 2 --runs 3 --paths "eager bf16" "openxla bf16" "xq_openxla int8" "xq_openxla int4 g128" --json benchmarks/results/generate_2048.json
 	$(PY) benchmarks/bench_moe.py --tokens 1 16 256 --json benchmarks/results/moe.json
 	$(PY) benchmarks/bench_moe.py --decode --hidden 1024 --n 2816 --layers 2 --runs 3 --json benchmarks/results/moe_decode.json
 	$(PY) benchmarks/plot.py benchmarks/results/matmul.json docs/benchmarks.png
