@@ -42,7 +42,9 @@ from bench_matmul import bench_paths  # noqa: E402
 from xqpass.ops import GroupedTuning, grouped_tuning  # noqa: E402
 
 op = torch.ops.xq.quantized_grouped_matmul
-ROUTES = {"auto": None, "gather": GroupedTuning(gather_max_rows=10**9), "dense": GroupedTuning(gather_max_rows=-1)}
+ROUTES = {"auto": None, "gather": GroupedTuning(gather_max_rows=10**9),
+          "dense": GroupedTuning(gather_max_rows=-1, each_row_max_rows=-1),
+          "each row": GroupedTuning(gather_max_rows=-1, each_row_max_rows=10**9)}
 
 
 def quantized_bank(w: torch.Tensor, bits: int, block: int):

@@ -22,7 +22,8 @@ FORMATS = [("int8", torch.int8, False, False), ("uint8", torch.uint8, False, Fal
            ("int4", torch.int8, True, False), ("uint4", torch.uint8, True, False),
            ("int4 packed", torch.int8, True, True), ("uint4 packed", torch.uint8, True, True),
            ("e4m3", E4M3, False, False), ("e5m2", E5M2, False, False)]
-ROUTES = {"gather": GroupedTuning(gather_max_rows=10**9), "dense": GroupedTuning(gather_max_rows=-1)}
+ROUTES = {"gather": GroupedTuning(gather_max_rows=10**9), "dense": GroupedTuning(gather_max_rows=-1, each_row_max_rows=-1),
+          "each row": GroupedTuning(gather_max_rows=-1, each_row_max_rows=10**9)}
 
 
 class Case:
@@ -209,7 +210,7 @@ def test_2d_blocks_cpu_match_the_float64_oracle(case):
     assert_within(out, expected, allowance, case.name)
 
 
-@pytest.mark.parametrize("route", ["gather", "dense"])
+@pytest.mark.parametrize("route", ["gather", "dense", "each row"])
 @pytest.mark.parametrize("form", ["cpu", "canonical"])
 @settings(max_examples=8)
 @given(case=block_cases(rows=(1, 3, 7)))
@@ -221,7 +222,7 @@ def test_2d_blocks_on_xla_match_the_oracle(form, route, case, xla_device):
 
 
 @pytest.mark.parametrize("n,k", [(32, 48), (30, 40), (6, 20)])  # whole blocks; partial N and K; one partial block
-@pytest.mark.parametrize("route", ["gather", "dense"])
+@pytest.mark.parametrize("route", ["gather", "dense", "each row"])
 @pytest.mark.parametrize("form", ["cpu", "canonical"])
 def test_2d_blocks_on_xla_whole_and_partial(form, route, n, k, xla_device):
     case = BlockCase(E4M3, 5, n, k, 16, 16, 4, 2, True, torch.bfloat16, [0, 2, 3], seed=n + k)
@@ -327,7 +328,7 @@ def test_a_bad_call_fails_at_trace_time_on_xla_too(xla_device):
 
 # -- XLA ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("route", ["gather", "dense"])
+@pytest.mark.parametrize("route", ["gather", "dense", "each row"])
 @pytest.mark.parametrize("form", ["cpu", "canonical"])
 @settings(max_examples=12)
 @given(case=cases(rows=(0, 1, 3, 7)))
@@ -342,10 +343,13 @@ def test_xla_matches_the_oracle_and_the_cpu(form, route, case, xla_device):
 def test_the_route_follows_the_rows():
     from xqpass.ops.grouped_xla import route_for
 
-    assert route_for(1) == "one row" and route_for(2) == "dense"  # the default: XLA:CPU's measured best
+    # the default: XLA:CPU's measured best (docs/ops.md)
+    assert route_for(1) == "one row" and route_for(2) == "each row" and route_for(3) == "dense"
     with grouped_tuning(GroupedTuning(gather_max_rows=4)):
         assert route_for(1) == "one row" and route_for(2) == "gather" and route_for(4) == "gather"
         assert route_for(5) == "dense"
+    with grouped_tuning(GroupedTuning(gather_max_rows=1, each_row_max_rows=3)):
+        assert route_for(3) == "each row" and route_for(4) == "dense"
 
 
 def _hlo(out):
@@ -363,6 +367,17 @@ def test_gather_reads_the_selected_experts_bytes_dense_the_bank(form, xla_device
     with xla_lowering(form), grouped_tuning(ROUTES["dense"]):
         hlo = _hlo(case.call(xla_device))
     assert not re.search(r"s8\[2,48,32\]\{[\d,]*\} gather\(", hlo)
+
+
+@pytest.mark.parametrize("form", ["cpu", "canonical"])
+def test_each_row_reads_its_own_experts_bytes(form, xla_device):
+    """Decode's down projection: two rows (a token's two slots), one expert each; by default each row is a
+    product with its own expert's bytes, two of the eight experts read."""
+    case = Case(FORMATS[4], 8, 48, 64, 16, 2, 1, False, False, torch.bfloat16, list(range(8)), seed=7)
+    with xla_lowering(form):
+        hlo = _hlo(case.call(xla_device))
+    assert len(re.findall(r"s8\[1,48,32\]\{[\d,]*\} gather\(", hlo)) == 2, "one expert's bytes gathered a row"
+    assert not re.search(r"(f32|bf16)\[8,48,(64|32)\]", hlo), "no float copy of the bank"
 
 
 def test_export_keeps_one_node_with_symbolic_rows():

@@ -27,6 +27,9 @@ class GroupedTuning:
     #: rows (T) up to which each row's experts are gathered; past it the whole bank meets every row. 1: on
     #: XLA:CPU the dense route (split-K over the bank) beats the batched gather from 2 rows (docs/ops.md)
     gather_max_rows: int = 1
+    #: rows (T) up to which each row past ``gather_max_rows`` is a product with its own experts' bytes
+    #: (``rows * top_k`` experts read); past it the dense route
+    each_row_max_rows: int = 2
 
 
 _tuning: contextvars.ContextVar[GroupedTuning] = contextvars.ContextVar("xqpass_grouped_tuning",
@@ -44,10 +47,13 @@ def grouped_tuning(tuning: GroupedTuning):
 
 
 def route_for(rows) -> str:
-    """"one row", "gather" or "dense" for ``rows`` (T; a symbolic T: "dense")."""
-    if not isinstance(rows, int) or rows > _tuning.get().gather_max_rows:
+    """"one row", "gather", "each row" or "dense" for ``rows`` (T; a symbolic T: "dense")."""
+    tuning = _tuning.get()
+    if not isinstance(rows, int) or rows > max(tuning.gather_max_rows, tuning.each_row_max_rows):
         return "dense"
-    return "one row" if rows == 1 else "gather"
+    if rows == 1:
+        return "one row"
+    return "gather" if rows <= tuning.gather_max_rows else "each row"
 
 
 @quantized_grouped_matmul.register_kernel("xla")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -153,13 +153,27 @@ def _matmul(call: GroupedCall, w, scale, zero_point, bias) -> torch.Tensor:
     return flat_bank_matmul(bank, call.int4_weight, call.packed)
 
 
+def _own_experts(call: GroupedCall) -> torch.Tensor:
+    """``call``'s rows times the experts they select, gathered and multiplied as one weight
+    ``[rows * top_k * N, K]`` by the matmul op: ``[rows, rows * top_k * N]``."""
+    zero_point, bias = (None if t is None else call.selected(t) for t in (call.zero_point, call.bias))
+    scale = call.selected(call.scale if call.block_scale is None else call.block_scale)
+    return _matmul(call, call.selected(call.w), scale, zero_point, bias)
+
+
 def one_row(call: GroupedCall) -> torch.Tensor:
     """One row (decode at batch 1): its ``top_k`` experts' stored bytes gathered and multiplied as one
     weight ``[top_k * N, K]`` by the matmul op."""
-    zero_point, bias = (None if t is None else call.selected(t) for t in (call.zero_point, call.bias))
-    scale = call.selected(call.scale if call.block_scale is None else call.block_scale)
-    out = _matmul(call, call.selected(call.w), scale, zero_point, bias)
-    return out.reshape(call.spec.out_shape)
+    return _own_experts(call).reshape(call.spec.out_shape)
+
+
+def each_row(call: GroupedCall) -> torch.Tensor:
+    """A few rows (decode's down projection: a row per token and slot), each one :func:`one_row` product
+    of its own: ``rows * top_k`` experts' bytes read, where the dense route reads ``E`` and the batched
+    gather is slow on XLA:CPU."""
+    rows = [_own_experts(replace(call, x=call.x[r:r + 1], x_values=call.x_values[r:r + 1], ids=call.ids[r:r + 1]))
+            for r in range(call.x.shape[0])]
+    return torch.cat(rows).reshape(call.spec.out_shape)
 
 
 def dense(call: GroupedCall) -> torch.Tensor:
@@ -172,5 +186,5 @@ def dense(call: GroupedCall) -> torch.Tensor:
 
 
 #: form -> route -> lowering
-ROUTES = {"canonical": {"one row": one_row, "gather": canonical_gather, "dense": dense},
-          "cpu": {"one row": one_row, "gather": cpu_gather, "dense": dense}}
+ROUTES = {"canonical": {"one row": one_row, "each row": each_row, "gather": canonical_gather, "dense": dense},
+          "cpu": {"one row": one_row, "each row": each_row, "gather": cpu_gather, "dense": dense}}
