@@ -27,8 +27,10 @@ ROUTES = {"gather": GroupedTuning(gather_max_rows=10**9), "dense": GroupedTuning
 
 
 class Case:
-    def __init__(self, fmt, experts, n, k, block_size, rows, top_k, asym, with_bias, dtype, used, seed):
-        self.name = f"{fmt[0]} E={experts} N={n} K={k} B={block_size} T={rows} top_k={top_k} {dtype}"
+    def __init__(self, fmt, experts, n, k, block_size, rows, top_k, asym, with_bias, dtype, used, seed,
+                 with_perm=False):
+        self.name = (f"{fmt[0]} E={experts} N={n} K={k} B={block_size} T={rows} top_k={top_k} {dtype}"
+                     f"{' perm' if with_perm else ''}")
         _, wdtype, int4, packed = fmt
         gen = torch.Generator().manual_seed(seed)
         groups = 1 if block_size == -1 else k // block_size
@@ -51,10 +53,26 @@ class Case:
         self.kwargs = dict(expert_ids=ids, w=w, scale=scale, zero_point=zero, block_size=block_size,
                            int4_weight=int4, bias=torch.randn((experts, n), generator=gen) if with_bias else None,
                            packed=packed)
+        if with_perm:
+            self.kwargs["perm"] = act_order_perms(experts, k, block_size, gen)
 
     def call(self, device=None):
         move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) and device is not None else t)
         return op(move(self.x), **{key: move(v) for key, v in self.kwargs.items()})
+
+
+def act_order_perms(experts, k, block_size, gen):
+    """``[E, K]`` int64: each expert's own GPTQ act-order, a shuffled ``g_idx`` with every group
+    ``block_size`` features (per channel, one group: any permutation), sorted by group (a stable argsort)."""
+    perms = []
+    for _ in range(experts):
+        shuffle = torch.randperm(k, generator=gen)
+        if block_size == -1:
+            perms.append(shuffle)
+        else:
+            g_idx = (torch.arange(k) // block_size)[shuffle]
+            perms.append(torch.argsort(g_idx, stable=True))
+    return torch.stack(perms)
 
 
 def np_pack(q):
@@ -87,18 +105,20 @@ def oracle(case, roundings=1):
     ids = kw["expert_ids"].numpy()
     ids2 = ids if ids.ndim == 2 else ids[:, None]
     x = case.x.double().numpy()
+    perm = kw.get("perm")
     n = w_deq.shape[1]
     expected, mag = np.zeros((*ids2.shape, n)), np.zeros((*ids2.shape, n))
     for t, j in np.ndindex(*ids2.shape):
         e = ids2[t, j]
-        expected[t, j] = w_deq[e] @ x[t] + (0 if kw["bias"] is None else kw["bias"][e].double().numpy())
-        mag[t, j] = w_mag[e] @ np.abs(x[t]) + (0 if kw["bias"] is None else np.abs(kw["bias"][e].double().numpy()))
+        row = x[t] if perm is None else x[t][perm[e].numpy()]  # expert e reads x[t, perm[e, k]] as its k
+        expected[t, j] = w_deq[e] @ row + (0 if kw["bias"] is None else kw["bias"][e].double().numpy())
+        mag[t, j] = w_mag[e] @ np.abs(row) + (0 if kw["bias"] is None else np.abs(kw["bias"][e].double().numpy()))
     allowance = (roundings * EPS[case.x.dtype] + 8 * k * 2.0**-24) * mag + roundings * SUBNORMAL[case.x.dtype] / 2
     return expected.reshape(*ids.shape, n), allowance.reshape(*ids.shape, n) + 1e-30
 
 
 @st.composite
-def cases(draw, dtypes=(torch.float32, torch.bfloat16), formats=FORMATS, rows=(0, 1, 2, 3, 7, 20)):
+def cases(draw, dtypes=(torch.float32, torch.bfloat16), formats=FORMATS, rows=(0, 1, 2, 3, 7, 20), with_perm=False):
     fmt = draw(st.sampled_from(formats))
     block = draw(st.sampled_from([-1, 2, 4, 8, 16]))
     k = draw(st.integers(1, 4)) * (16 if block == -1 else block)  # even: packed per-channel takes it
@@ -106,7 +126,7 @@ def cases(draw, dtypes=(torch.float32, torch.bfloat16), formats=FORMATS, rows=(0
     used = sorted(draw(st.sets(st.integers(0, experts - 1), min_size=1)))  # the others receive no row
     return Case(fmt, experts, draw(st.integers(1, 9)), k, block, draw(st.sampled_from(rows)),
                 draw(st.sampled_from([None, 1, 2, 3])), not fmt[1].is_floating_point and fmt[1] == torch.uint8,
-                draw(st.booleans()), draw(st.sampled_from(dtypes)), used, draw(st.integers(0, 2**16)))
+                draw(st.booleans()), draw(st.sampled_from(dtypes)), used, draw(st.integers(0, 2**16)), with_perm)
 
 
 # -- CPU --------------------------------------------------------------------------------------------------------
@@ -424,3 +444,87 @@ def test_openxla_compiles_once_for_the_same_shapes(rows, xla_device):
     assert _metric_count("CompileTime") == compiles, "a later call with the same shapes recompiled"
     expected, allowance = oracle(case)
     assert_within(first, expected, allowance, "first call")
+
+
+# -- each expert's input order (perm: GPTQ act-order) -------------------------------------------------------------
+
+@settings(max_examples=25)
+@given(case=cases(with_perm=True))
+def test_perm_cpu_matches_the_float64_oracle(case):
+    expected, allowance = oracle(case)
+    assert_within(case.call(), expected, allowance, case.name)
+
+
+#: every route, forced: with perm the route is picked by the T * top_k rows, each of one expert
+PERM_ROUTES = {"one row": (GroupedTuning(), (1,), (None, 1)), **{
+    route: (tuning, (2, 3, 7), (None, 1, 2, 3)) for route, tuning in ROUTES.items()}}
+
+
+@pytest.mark.parametrize("route", list(PERM_ROUTES))
+@pytest.mark.parametrize("form", ["cpu", "canonical"])
+@settings(max_examples=8)
+@given(data=st.data())
+def test_perm_on_xla_matches_the_oracle_on_every_route(form, route, data, xla_device):
+    from xqpass.ops.grouped_xla import route_for
+
+    tuning, rows, top_ks = PERM_ROUTES[route]
+    fmt = data.draw(st.sampled_from(FORMATS))
+    block = data.draw(st.sampled_from([-1, 2, 4, 8]))
+    k = data.draw(st.integers(1, 3)) * (16 if block == -1 else block)
+    experts = data.draw(st.integers(1, 5))
+    used = sorted(data.draw(st.sets(st.integers(0, experts - 1), min_size=1)))
+    t, top_k = data.draw(st.sampled_from(rows)), data.draw(st.sampled_from(top_ks))
+    case = Case(fmt, experts, data.draw(st.integers(1, 7)), k, block, t, top_k, fmt[1] == torch.uint8,
+                data.draw(st.booleans()), data.draw(st.sampled_from([torch.float32, torch.bfloat16])), used,
+                data.draw(st.integers(0, 2**16)), with_perm=True)
+    with xla_lowering(form), grouped_tuning(tuning):
+        assert route_for(t * (top_k or 1)) == route, case.name
+        out = case.call(xla_device).cpu()
+    expected, allowance = oracle(case, roundings=2)
+    assert_within(out, expected, allowance, f"{form} {route} {case.name}")
+
+
+def test_an_identity_perm_changes_nothing_and_the_orders_are_gathers(xla_device):
+    case = Case(FORMATS[0], 3, 5, 16, 8, 3, 2, False, True, torch.float32, [0, 2], seed=4)
+    base = case.call()
+    without = _hlo(case.call(xla_device))
+    case.kwargs["perm"] = torch.arange(16).expand(3, 16).contiguous()
+    assert torch.equal(case.call(), base)
+    with_perm = _hlo(case.call(xla_device))
+    # perm's rows of each slot's expert, and x's values in those orders: two gathers more than without
+    assert with_perm.count(" gather(") >= without.count(" gather(") + 2, with_perm
+
+
+def test_perm_fake_kernel_and_empty_calls(xla_device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = Case(FORMATS[4], 3, 5, 16, 8, 7, 2, False, True, torch.bfloat16, [0, 2], seed=3, with_perm=True)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
+        out = op(mode.from_tensor(case.x), **fake)
+    assert out.shape == (7, 2, 5) and out.dtype == torch.bfloat16
+    for rows, top_k in ((0, 2), (0, None)):
+        empty = Case(FORMATS[0], 3, 5, 16, -1, rows, top_k, False, False, torch.float32, [1], seed=1, with_perm=True)
+        assert empty.call().shape == empty.call(xla_device).shape == (*empty.kwargs["expert_ids"].shape, 5)
+
+
+PERM_BAD = [
+    (torch.arange(16), ValueError, "perm must have shape (3, 16) [E, K], one input order an expert, got (16,) "
+                                   "(one order for all experts: perm.expand(E, K))"),
+    (torch.zeros(3, 12, dtype=torch.long), ValueError, "perm must have shape (3, 16) [E, K]"),
+    (torch.zeros(3, 16), TypeError, "perm must be torch.int32 or torch.int64"),
+    (torch.zeros(3, 16, dtype=torch.long), ValueError, "perm[0] is not a permutation of range(K=16)"),
+]
+
+
+@pytest.mark.parametrize("perm,kind,message", PERM_BAD, ids=[b[2][:30] for b in PERM_BAD])
+def test_perm_mistakes_are_named(perm, kind, message):
+    with pytest.raises(kind, match=re.escape(message)):
+        op(**_base(), perm=perm)
+
+
+def test_a_perm_that_is_no_tensor_is_named():
+    from xqpass.ops import check_grouped_inputs  # the dispatcher refuses a list before any kernel
+
+    with pytest.raises(TypeError, match=re.escape("perm must be a torch.Tensor or None, got list")):
+        check_grouped_inputs(**_base(), perm=[0, 1])

@@ -4,7 +4,7 @@ Schema::
 
     xq::quantized_grouped_matmul(Tensor x, Tensor expert_ids, Tensor w, Tensor scale,
                                  Tensor? zero_point=None, SymInt block_size=-1,
-                                 bool int4_weight=False, Tensor? bias=None, *,
+                                 bool int4_weight=False, Tensor? bias=None, Tensor? perm=None, *,
                                  bool packed=False, SymInt block_n=1) -> Tensor
 
 ``x [T, K]`` float (T rows: tokens); ``expert_ids`` int32 / int64, ``[T]`` (one expert a row) or
@@ -38,6 +38,15 @@ weights in 2-D blocks of Bn output x ``block_size`` input features (HF fp8 / Dee
 K need not be multiples of the block, each expert's last blocks are partial. Per-tensor (-1) has no
 bank form here: one expert's tensor scale is its one 2-D block, ``block_n=N, block_size=K`` with
 ``scale[:, None, None]``.
+
+``perm`` (optional, int32 / int64 ``[E, K]``): each expert's own input order, for weights stored with K
+permuted (GPTQ act-order: K sorted by group so groups are contiguous). Expert ``e`` reads row ``t`` as
+``x[t, perm[e]]``::
+
+    out[t, j, n] = sum_k x[t, perm[e, k]] * w_deq[e, n, k] + bias[e, n]      e = expert_ids[t, j]
+
+Each ``perm[e]`` is a permutation of ``range(K)``: a check of values, made where the values are at hand
+(the CPU kernel), as for the ids.
 """
 from __future__ import annotations
 
@@ -50,6 +59,7 @@ from ..quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, WEIGHT_DTYPE
 from .checks import ACTIVATION_DTYPES, compute_dtype
 
 EXPERT_ID_DTYPES = (torch.int32, torch.int64)
+PERM_DTYPES = (torch.int32, torch.int64)
 _NAME = "quantized_grouped_matmul"
 
 
@@ -105,7 +115,8 @@ def _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_wei
 
 
 def check_grouped_inputs(x, expert_ids, w, scale, zero_point=None, block_size: int = PER_CHANNEL,
-                         int4_weight: bool = False, bias=None, packed: bool = False, block_n: int = 1) -> GroupedSpec:
+                         int4_weight: bool = False, bias=None, packed: bool = False, block_n: int = 1,
+                         perm=None) -> GroupedSpec:
     """Validate one call on shapes and dtypes only (every kernel, so at trace time): ``TypeError`` for a
     wrong kind, ``ValueError`` for a wrong shape or value, each naming what was expected and what came."""
     _check_kinds(x, expert_ids, w, scale, zero_point, bias, block_size, int4_weight, packed, block_n)
@@ -153,7 +164,36 @@ def check_grouped_inputs(x, expert_ids, w, scale, zero_point=None, block_size: i
         _fail(ValueError, f"zero_point must have shape {expected} like scale, got {tuple(zero_point.shape)}")
     if bias is not None and tuple(bias.shape) != (experts, n):
         _fail(ValueError, f"bias must have shape {(experts, n)} [E, N], got {tuple(bias.shape)}")
+    if perm is not None:
+        _check_perm(perm, experts, k, device)
     return GroupedSpec(experts, k, n, layout, (*expert_ids.shape, n))
+
+
+def _check_perm(perm, experts: int, k: int, device) -> None:
+    """``perm`` is each expert's input order: an integer ``[E, K]`` on x's device."""
+    if not isinstance(perm, torch.Tensor):
+        _fail(TypeError, f"perm must be a torch.Tensor or None, got {type(perm).__name__}")
+    if perm.dtype not in PERM_DTYPES:
+        _fail(TypeError, f"perm must be torch.int32 or torch.int64 (each expert's input order, e.g. "
+                         f"argsort(g_idx)), got {perm.dtype}")
+    if tuple(perm.shape) != (experts, k):
+        hint = " (one order for all experts: perm.expand(E, K))" if tuple(perm.shape) == (k,) else ""
+        _fail(ValueError, f"perm must have shape {(experts, k)} [E, K], one input order an expert, got "
+                          f"{tuple(perm.shape)}{hint}")
+    if perm.device != device:
+        _fail(ValueError, f"perm is on {perm.device}, expected x's device {device}")
+
+
+def check_perm_values(perm: Tensor) -> None:
+    """Each ``perm[e]`` a permutation of ``range(K)``: a check of values, so only where they are at hand."""
+    if perm.numel() == 0:
+        return
+    k = perm.shape[1]
+    ordered = torch.arange(k, dtype=perm.dtype, device=perm.device).expand_as(perm)
+    bad = (perm.sort(dim=1).values != ordered).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        _fail(ValueError, f"perm[{bad[0]}] is not a permutation of range(K={k}) (each expert reads every input "
+                          f"feature once)")
 
 
 def check_expert_ids(expert_ids: Tensor, experts: int) -> None:
@@ -167,18 +207,23 @@ def check_expert_ids(expert_ids: Tensor, experts: int) -> None:
 
 
 def quantized_grouped_matmul_reference(x, expert_ids, w, scale, zero_point=None, block_size=PER_CHANNEL,
-                                       int4_weight=False, bias=None, packed=False, block_n=1) -> Tensor:
+                                       int4_weight=False, bias=None, packed=False, block_n=1, perm=None) -> Tensor:
     """Each expert that receives a row dequantized exactly (:meth:`Layout.dequantize` in the compute
-    dtype), its rows multiplied by it, its bias added; one rounding to ``x.dtype``."""
-    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n)
+    dtype), its rows (in its own input order, ``perm``) multiplied by it, its bias added; one rounding to
+    ``x.dtype``."""
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n,
+                                perm)
     check_expert_ids(expert_ids, spec.experts)
+    if perm is not None:
+        check_perm_values(perm)
     cdt = compute_dtype(x.dtype)
     ids = expert_ids if expert_ids.dim() == 2 else expert_ids[:, None]  # [T, k]
     out = torch.zeros((*ids.shape, spec.out_features), dtype=cdt, device=x.device)
     for e in ids.unique().tolist():
         rows, slots = (ids == e).nonzero(as_tuple=True)
         w_deq = spec.layout.dequantize(w[e], scale[e], None if zero_point is None else zero_point[e], cdt)  # [N, K]
-        y = x[rows].to(cdt) @ w_deq.t()
+        x_rows = x[rows] if perm is None else x[rows][:, perm[e].long()]
+        y = x_rows.to(cdt) @ w_deq.t()
         out[rows, slots] = y if bias is None else y + bias[e].to(cdt)
     return out.reshape(spec.out_shape).to(x.dtype)
 
@@ -235,17 +280,20 @@ def quantized_grouped_matmul(
     block_size: int = -1,
     int4_weight: bool = False,
     bias: Optional[Tensor] = None,
+    perm: Optional[Tensor] = None,  # positional: custom_op takes no keyword-only tensors; pass it by name
     *,
     packed: bool = False,
     block_n: int = 1,
 ) -> Tensor:
-    """Row ``t`` (slot ``j``) times expert ``expert_ids[t, j]``'s dequantized weight, plus its bias."""
+    """Row ``t`` (slot ``j``, read in ``perm[e]``'s order) times expert ``e = expert_ids[t, j]``'s
+    dequantized weight, plus its bias."""
     return quantized_grouped_matmul_reference(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias,
-                                              packed, block_n)
+                                              packed, block_n, perm)
 
 
 @quantized_grouped_matmul.register_fake
 def _quantized_grouped_matmul_fake(x, expert_ids, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                                   bias=None, *, packed=False, block_n=1):
-    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n)
+                                   bias=None, perm=None, *, packed=False, block_n=1):
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n,
+                                perm)
     return x.new_empty(spec.out_shape)

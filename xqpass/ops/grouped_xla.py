@@ -3,7 +3,9 @@
 op, ``xla_lowering`` included) and by route: **one row** / **gather** (the selected experts' bytes) while
 the rows T are at most :attr:`GroupedTuning.gather_max_rows`, else **dense** over the whole bank (and
 always dense while T is symbolic). ``grouped_tuning(GroupedTuning(...))`` sets the threshold while a
-graph is traced (benchmarks/bench_moe.py measures both routes).
+graph is traced (benchmarks/bench_moe.py measures both routes). With ``perm`` (each expert's input
+order) every (row, slot) first becomes a row of its own in its expert's order
+(:func:`.lowering.grouped.in_own_order`), and the route is picked by those ``T * top_k`` rows.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from .checks import compute_dtype
 from .grouped import check_grouped_inputs, quantized_grouped_matmul
-from .lowering.grouped import ROUTES, GroupedCall
+from .lowering.grouped import ROUTES, GroupedCall, in_own_order
 from .xla import lowering_for
 
 __all__ = ["GroupedTuning", "grouped_tuning", "route_for"]
@@ -58,12 +60,16 @@ def route_for(rows) -> str:
 
 @quantized_grouped_matmul.register_kernel("xla")
 def quantized_grouped_matmul_xla(x, expert_ids, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                                 bias=None, *, packed=False, block_n=1):
-    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n)
+                                 bias=None, perm=None, *, packed=False, block_n=1):
+    spec = check_grouped_inputs(x, expert_ids, w, scale, zero_point, block_size, int4_weight, bias, packed, block_n,
+                                perm)
     ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, 1)  # [T, top_k]
     rows, top_k = ids.shape
     if (isinstance(rows, int) and rows == 0) or (isinstance(top_k, int) and top_k == 0):
         return x.new_empty(spec.out_shape)  # XLA has no implementation of the views of an empty tensor
+    if perm is not None:
+        x, ids = in_own_order(x, ids, perm)  # [T * top_k, K], [T * top_k, 1]
+        rows = ids.shape[0]
     cdt = compute_dtype(x.dtype)
     layout = spec.layout
     e, n, groups = spec.experts, spec.out_features, layout.num_groups(spec.in_features)
