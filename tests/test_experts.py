@@ -340,3 +340,63 @@ def test_a_bank_that_does_not_fit_leaves_the_model_untouched():
         xqpass.quantize_model(model, bits=4, block_size=32, filter_fn=lambda m, name: "experts" in name)
     assert isinstance(model.model.layers[0].mlp.experts, MixtralExperts)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- act-order banks: each expert's own input order ---------------------------------------------------------
+
+def act_order_bank(fmt: str, experts: int, n: int, k: int, seed: int):
+    """(a bank whose experts' K is stored permuted, its perms ``[E, K]``, the float64 weights in the
+    original order ``[E, N, K]``): expert e's stored column i is original input feature ``perm[e, i]``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = XlaQuantizedExperts.from_float(torch.randn(experts, n, k, generator=gen), **FORMATS[fmt])
+    perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(experts)])
+    stored = decoded_bank(q)
+    original = np.zeros_like(stored)
+    for e in range(experts):
+        original[e][:, perm[e].numpy()] = stored[e]
+    q.set_input_permutation(perm)
+    return q, perm, original
+
+
+@pytest.mark.parametrize("fmt", ["int8", "uint4 packed g8 asym", "e4m3 blocks 8x16"])
+def test_act_order_bank_reads_each_experts_order(fmt, xla_device):
+    q, _, original = act_order_bank(fmt, 4, 24, 32, seed=5)
+    assert q.input_perm.dtype == torch.int64 and "act-order" in repr(q)
+    gen = torch.Generator().manual_seed(6)
+    for rows, top_k in ((1, 2), (2, 1), (7, 2)):  # one row, each row, dense on XLA's default tuning
+        x = torch.randn(rows, 32, generator=gen)
+        ids = torch.randint(0, 3, (rows, top_k), generator=gen)  # expert 3 receives no row
+        expected = np.einsum("tk,tjnk->tjn", x.double().numpy(), original[ids.numpy()])
+        tolerance = 1e-5 * np.abs(expected).max()
+        outs = [q(x, ids), q.to(xla_device)(x.to(xla_device), ids.to(xla_device)).cpu()]
+        q.expert_parallel = True  # every row against every expert, each row in its slot's expert's order
+        outs += [q(x.to(xla_device), ids.to(xla_device)).cpu()]
+        q.expert_parallel = False
+        q = q.cpu()
+        for out in outs:
+            assert np.abs(out.double().numpy() - expected).max() <= tolerance, (fmt, rows, top_k)
+
+
+def test_act_order_gated_experts_compile_into_one_graph(xla_device):
+    gate_up, _, gate_up_original = act_order_bank("int4 packed g8", 3, 32, 16, seed=7)
+    down, _, down_original = act_order_bank("int8", 3, 16, 16, seed=8)
+    module = XlaQuantizedGatedExperts(gate_up, down, nn.SiLU())
+    ids, weights = routing(5, 2, [0, 1, 2], seed=9)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(10))
+    expected = moe_oracle(gate_up_original, down_original, x, ids, weights)
+    compiled = torch.compile(module.to(xla_device), backend="openxla", fullgraph=True)  # no graph break
+    with torch.no_grad():
+        out = compiled(x.to(xla_device), ids.to(xla_device), weights.to(xla_device)).cpu()
+    assert np.abs(out.double().numpy() - expected).max() <= 2e-5 * np.abs(expected).max()
+
+
+def test_act_order_permutation_errors():
+    q = XlaQuantizedExperts.from_float(torch.randn(2, 8, 16), bits=8)
+    with pytest.raises(ValueError, match=re_escape("perm must have shape (2, 16) [E, K], one input order an expert, "
+                                                   "got (16,)")):
+        q.set_input_permutation(torch.arange(16))
+    with pytest.raises(TypeError, match="perm must be torch.int32 or torch.int64"):
+        q.set_input_permutation(torch.zeros(2, 16))
+    with pytest.raises(ValueError, match=re_escape("perm[1] is not a permutation of range(K=16)")):
+        q.set_input_permutation(torch.stack([torch.arange(16), torch.zeros(16, dtype=torch.long)]))
+    assert q.input_perm is None

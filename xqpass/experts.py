@@ -17,6 +17,10 @@ blockwise by rows (B)        ``[E, N, K]`` (``K/2``)  ``[E, N, K/B]``           
 2-D blocks (``block_n=Bn``, HF fp8 / DeepSeek 128 x 128) are each expert's own: a block never holds rows
 of two experts, and N and K need not be multiples of the block.
 
+Act-order banks (GPTQ ``desc_act``): each expert's K stored sorted by its own groups, and an
+``input_perm`` buffer ``[E, K]`` int64 (:meth:`XlaQuantizedExperts.set_input_permutation`) that the
+grouped op reads as ``perm``: expert ``e`` reads ``x[t, input_perm[e]]``.
+
 ``transformers`` 5 keeps a MoE layer's experts as one module with two fused banks (``MixtralExperts``,
 ``Qwen3MoeExperts``, ``Qwen2MoeExperts``, ``OlmoeExperts``, ...: every class decorated with
 ``use_experts_implementation``): ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` parameters, and
@@ -39,7 +43,8 @@ import torch
 from torch import nn
 
 from .ops import check_grouped_inputs  # importing .ops registers torch.ops.xq.quantized_grouped_matmul
-from .ops.grouped import flat_bank, flat_bank_matmul
+from .ops.grouped import check_perm_values, flat_bank, flat_bank_matmul
+from .ops.lowering.grouped import in_own_order
 from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, Layout
 from .quant.quantize import QuantizedWeight, check_weight, quantize_weight
 
@@ -126,6 +131,9 @@ class XlaQuantizedExperts(nn.Module):
         else:
             self.register_buffer("zero_point", torch.zeros(s_shape, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(num_experts, output_dim, dtype=scale_dtype, device=device)) if bias else None
+        # act-order checkpoints (GPTQ desc_act): each expert's K was sorted by its groups at load; the op
+        # reads each row in the order of the expert it meets
+        self.register_buffer("input_perm", None)
         #: set by :func:`xqpass.shard_model`'s "expert" style: the experts are split over devices, and
         #: forward multiplies every row by every expert (see :meth:`every_expert`)
         self.expert_parallel = False
@@ -178,12 +186,26 @@ class XlaQuantizedExperts(nn.Module):
         self.weight_scaler = weight_scaler
         self.zero_point = zero_point
 
+    def set_input_permutation(self, perm: torch.Tensor) -> None:
+        """Expert ``e`` reads input feature ``perm[e, i]`` as its feature ``i`` (``x[..., perm[e]]``): for
+        banks whose experts' K was reordered at load, each its own way (act-order checkpoints). ``perm``:
+        integer ``[E, K]``, each row a permutation of ``range(K)``; kept as int64 on the weight's device."""
+        probe = torch.empty((0, self.input_dim), dtype=torch.float32, device=self.weight.device)
+        ids = torch.empty((0,), dtype=torch.int64, device=self.weight.device)
+        if isinstance(perm, torch.Tensor) and perm.device != self.weight.device:
+            raise ValueError(f"set_input_permutation: perm is on {perm.device}, the bank on {self.weight.device}")
+        check_grouped_inputs(probe, ids, self.weight, self.weight_scaler, self.zero_point, self.block_size,
+                             self.int4_weight, None, self.packed, self.block_n, perm)
+        if perm.device.type != "meta":
+            check_perm_values(perm)
+        self.input_perm = perm.to(torch.int64)
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel:
             return self.every_expert(x, expert_ids)
         return torch.ops.xq.quantized_grouped_matmul.default(
             x, expert_ids, self.weight, self.weight_scaler, self.zero_point, self.block_size, self.int4_weight,
-            self.bias, packed=self.packed, block_n=self.block_n)
+            self.bias, self.input_perm, packed=self.packed, block_n=self.block_n)
 
     def every_expert(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The expert-parallel form: the bank as one ``[E * N, K]`` weight through
@@ -191,11 +213,15 @@ class XlaQuantizedExperts(nn.Module):
         columns; the bias per column), then each row's experts picked from ``[T, E, N]``. The grouped
         op's few-row routes gather the chosen experts' bytes, which GSPMD would fetch from the devices
         holding them (an integer all-reduce as large as the experts); this form moves activations only.
-        The same value as the grouped op (one rounding to ``x.dtype``, before the pick)."""
+        The same value as the grouped op (one rounding to ``x.dtype``, before the pick). With an input
+        permutation each (row, slot) is a row of its own in its expert's order (as the op's XLA routes
+        do), and only that expert's product is picked."""
         experts, n = self.num_experts, self.output_dim
+        ids = expert_ids if expert_ids.dim() == 2 else expert_ids[:, None]
+        if self.input_perm is not None:
+            x, ids = in_own_order(x, ids, self.input_perm)  # [T * top_k, K], [T * top_k, 1]
         bank = flat_bank(self.layout, x, self.weight, self.weight_scaler, self.zero_point, self.bias)
         y = flat_bank_matmul(bank, self.int4_weight, self.packed)
-        ids = expert_ids if expert_ids.dim() == 2 else expert_ids[:, None]
         rows, top_k = ids.shape
         picked = y.reshape(rows, experts, n).gather(1, ids[..., None].expand(rows, top_k, n))
         return picked.reshape(*expert_ids.shape, n)
@@ -211,7 +237,8 @@ class XlaQuantizedExperts(nn.Module):
             bits += " packed" if self.packed else " (one a byte)"
         return (f"num_experts={self.num_experts}, in_features={self.input_dim}, out_features={self.output_dim}, "
                 f"weight={bits} {self.weight.dtype}, {self.layout.name}{self._blocks()}, "
-                f"symmetric={self.zero_point is None}, bias={self.bias is not None}")
+                f"symmetric={self.zero_point is None}, bias={self.bias is not None}"
+                f"{', act-order' if self.input_perm is not None else ''}")
 
 
 class XlaQuantizedGatedExperts(nn.Module):
