@@ -159,7 +159,7 @@ def _damage(tensors, damage):
                                rf"experts, but this expert differs from model.layers.1.block_sparse_moe.experts.0.w1: scale dtype torch.float32 vs torch.float16"),
     ("qweight dtype", TypeError, rf"{EXPERT}.w2.qweight: expected int32 \(GPTQ\), got torch.int64"),
     ("extra expert", ValueError, r"unexpected tensors \['model.layers.1.block_sparse_moe.experts.4.w1.g_idx'"),
-    ("act-order", ValueError, rf"{EXPERT}.w1.g_idx: act-order \(desc_act\) experts are not supported"),
+    ("act-order", ValueError, rf"{EXPERT}.w1.g_idx and {EXPERT}.w3.g_idx differ \(an act-order vs k // group_size\)"),
     ("router twice", ValueError, r"both are the model's model.layers.0.mlp.gate.weight"),
     ("float expert", ValueError, rf"missing tensor {EXPERT}.w3.qweight"),
 ])
@@ -209,6 +209,94 @@ def test_an_experts_module_of_another_forward_is_refused(tmp_path):
                                          r".*is not a transformers experts class"):
         load_quantized_checkpoint(model, str(tmp_path))
     assert isinstance(model.experts, HandWritten)
+
+
+# -- act-order (desc_act) GPTQ experts -------------------------------------------------------------------
+
+def unpack_gptq_words(words: torch.Tensor, bits: int, axis: int) -> np.ndarray:
+    """int32 words, ``32 / bits`` values of ``bits`` bits a word along ``axis``, value ``i * (32/bits) + j``
+    in bits ``[bits*j, bits*j + bits)`` of word ``i`` (docs/checkpoints.md), unpacked by hand in numpy."""
+    w = np.moveaxis(words.numpy().view(np.uint32).astype(np.uint64), axis, 0)
+    per = 32 // bits
+    v = np.stack([(w >> np.uint64(bits * j)) & np.uint64(2**bits - 1) for j in range(per)], axis=1)
+    return np.moveaxis(v.reshape(w.shape[0] * per, *w.shape[1:]).astype(np.int64), 0, axis)
+
+
+def gptq_decoded(tensors: dict, prefix: str, bits: int) -> np.ndarray:
+    """``W [N, K]`` float64 from a GPTQ (v1) linear's tensors: ``(q[k, n] - zero[g_idx[k], n]) *
+    scale[g_idx[k], n]``, K in the file's order."""
+    q = unpack_gptq_words(tensors[f"{prefix}.qweight"], bits, 0)  # [K, N]
+    zeros = unpack_gptq_words(tensors[f"{prefix}.qzeros"], bits, 1) + 1  # v1 stores zero - 1
+    scales = tensors[f"{prefix}.scales"].double().numpy()
+    g_idx = tensors[f"{prefix}.g_idx"].numpy().astype(np.int64)
+    return ((q - zeros[g_idx]) * scales[g_idx]).T
+
+
+def write_act_order_checkpoint(path, model, make, bits):
+    """A GPTQ ``desc_act: true`` MoE checkpoint as GPTQ writes one: every expert linear its own shuffled
+    ``g_idx``, but gate and up of one expert the same (they see the same inputs, so the same act-order).
+    Returns the experts' float64 banks decoded by hand from the file and the dense linears' weights."""
+    linears = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"] if make == "qwen3_moe" else []
+    _, dense = writers.write_moe_checkpoint(str(path), model, "gptq", make, bits=bits, group=16, act_order=True,
+                                            linears=linears)
+    file = str(path / "model.safetensors")
+    tensors = load_file(file)
+    renames, (gate, up, down) = writers.MOE_STYLES[make]
+    banks = {}
+    for name in writers.expert_modules(model):
+        stored = name
+        for old, new in renames:
+            stored = stored.replace(old, new)
+        experts = model.get_submodule(name).gate_up_proj.shape[0]
+        for e in range(experts):  # up takes gate's act-order: its qweight rows are read in that order
+            tensors[f"{stored}.{e}.{up}.g_idx"] = tensors[f"{stored}.{e}.{gate}.g_idx"].clone()
+        gate_up = [np.concatenate([gptq_decoded(tensors, f"{stored}.{e}.{p}", bits) for p in (gate, up)])
+                   for e in range(experts)]
+        banks[name] = (np.stack(gate_up), np.stack([gptq_decoded(tensors, f"{stored}.{e}.{down}", bits)
+                                                    for e in range(experts)]))
+    save_file(tensors, file)
+    return banks, dense, tensors
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("make", MODELS)
+def test_act_order_gptq_experts_load_and_match_their_dequantization(tmp_path, make, bits, xla_device):
+    model = MODELS[make]()
+    reference = copy.deepcopy(model)
+    banks, dense, tensors = write_act_order_checkpoint(tmp_path, reference, make, bits)
+    assert json.load(open(tmp_path / "config.json"))["quantization_config"]["desc_act"] is True
+    g_idx = [v for k, v in tensors.items() if k.endswith("g_idx")]
+    assert all(not torch.equal(g.long(), torch.arange(len(g)) // 16) for g in g_idx)  # every linear act-ordered
+    load_quantized_checkpoint(model, str(tmp_path))
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        assert isinstance(experts, XlaQuantizedGatedExperts)
+        for bank in (experts.gate_up_proj, experts.down_proj):
+            assert bank.input_perm.shape == (bank.num_experts, bank.in_features)
+            assert len({tuple(p) for p in bank.input_perm.tolist()}) == bank.num_experts  # each expert its own
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = float64_twin(reference, banks, dense)(ids).logits
+        on_cpu = model(ids).logits
+        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
+        decode = model(ids[:1, :1].to(xla_device)).logits.cpu()  # one row: the per-slot route
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+    exact_one = float64_twin(reference, banks, dense)(ids[:1, :1]).logits
+    assert ((decode.double() - exact_one).norm() / exact_one.norm()).item() < 1e-5
+
+
+def test_act_order_experts_whose_gate_and_up_differ_are_refused(tmp_path):
+    model = mixtral()
+    writers.write_moe_checkpoint(str(tmp_path), model, "gptq", "mixtral", bits=4, group=16, act_order=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    first = "model.layers.0.block_sparse_moe.experts.0"
+    with pytest.raises(ValueError, match=rf"{first}.w1.g_idx and {first}.w3.g_idx differ \(two different act-orders\)"
+                                         r": gate and up of one expert are fused"):
+        load_quantized_checkpoint(model, str(tmp_path))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 # -- float8 experts: per expert (HF fp8, compressed-tensors float-quantized) -------------------------------

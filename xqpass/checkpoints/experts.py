@@ -24,8 +24,12 @@ well); a model without a known ``model_type`` is matched against :data:`NAMINGS`
 
 Every expert linear is converted by its format's own ``convert`` (the checks, the unpacking), then the
 banks are assembled: gate and up concatenated along N, experts stacked. A bank holds one layout, so
-its experts must agree on bits, group size, block rows, zero points and dtypes; act-order (a permuted
-``g_idx``) and quantized activations have no bank form. Float8 experts (HF fp8's ``weight`` +
+its experts must agree on bits, group size, block rows, zero points and dtypes; quantized activations
+have no bank form. Act-order experts (GPTQ ``desc_act``: a permuted ``g_idx``) load with each expert's K
+sorted by its groups and the bank's ``input_perm [E, K]`` (each expert reads the row in its own order;
+an expert whose ``g_idx`` is ``k // g`` reads it as it comes). Gate and up of one expert become one
+expert of ``gate_up_proj``, which reads one order, so their ``g_idx`` must agree (GPTQ gives them the
+same act-order: both see the same inputs, hence the same Hessian); when they differ the load is refused. Float8 experts (HF fp8's ``weight`` +
 ``weight_scale_inv``, compressed-tensors float-quantized) load per channel, in groups, in 2-D blocks
 (DeepSeek-V3, Qwen3-FP8: 128 x 128 a scale) and per tensor (one scale an expert linear: its one 2-D
 block, ``block_n = N``, ``block_size = K``). Gate and up are concatenated along N with their scales, so
@@ -149,11 +153,8 @@ def as_bank_layout(converted: ConvertedLayer, in_features: int, out_features: in
 
 
 def _check_bank_form(stored: str, converted: ConvertedLayer) -> None:
-    """What a bank cannot hold at all: act-order, quantized activations (an expert's bias is not read: it
-    stays among the unexpected tensors)."""
-    if converted.perm is not None:
-        raise ValueError(f"{stored}.g_idx: act-order (desc_act) experts are not supported: a bank has one input "
-                         f"order for all its experts, each expert's g_idx permutes K its own way")
+    """What a bank cannot hold at all: quantized activations (an expert's bias is not read: it stays among
+    the unexpected tensors)."""
     if converted.quantize_activation:
         raise ValueError(f"{stored}: experts with quantized activations (W8A8) are not supported: the grouped op "
                          f"takes 16- or 32-bit activations")
@@ -182,8 +183,26 @@ def _check_one_layout(name: str, bank: str, stored: list[str], converted: list[C
                         f"{stored[0]}: {', '.join(differ)}")
 
 
+def check_one_input_order(gate_where: str, gate: ConvertedLayer, up_where: str, up: ConvertedLayer) -> None:
+    """Gate and up of one expert are one expert of ``gate_up_proj``, which reads x in one order: their
+    act-orders (``perm``, from ``g_idx``) must be the same, else a ``ValueError`` naming both tensors."""
+    if gate.perm is None and up.perm is None:
+        return
+    if gate.perm is None or up.perm is None or not torch.equal(gate.perm, up.perm):
+        if gate.perm is not None and up.perm is not None:
+            how = "two different act-orders"
+        else:
+            how = f"{'k // group_size' if gate.perm is None else 'an act-order'} vs " \
+                  f"{'k // group_size' if up.perm is None else 'an act-order'}"
+        raise ValueError(f"{gate_where}.g_idx and {up_where}.g_idx differ ({how}): gate and "
+                         f"up of one expert are fused into one gate_up_proj expert that reads its input in one order, "
+                         f"so act-order (desc_act) experts need the same g_idx for both (GPTQ gives them the same one, "
+                         f"as they see the same inputs); this checkpoint's cannot be fused")
+
+
 def _stack(converted: list[ConvertedLayer], in_features: int) -> XlaQuantizedExperts:
-    """One bank from its experts' converted layers, one layout (:func:`_check_one_layout`)."""
+    """One bank from its experts' converted layers, one layout (:func:`_check_one_layout`); act-order
+    experts' orders stacked into the bank's ``input_perm`` (the others in their own order, ``arange(K)``)."""
     first = converted[0]
     q = XlaQuantizedExperts(len(converted), in_features, first.weight.shape[0], is_symmetric=first.zero_point is None,
                             block_size=first.group, int4_weight=first.bits == 4, packed=first.bits == 4,
@@ -192,6 +211,9 @@ def _stack(converted: list[ConvertedLayer], in_features: int) -> XlaQuantizedExp
     zero_point = None if first.zero_point is None else torch.stack([c.zero_point for c in converted])
     q.load_quantized_weight(torch.stack([c.weight for c in converted]), torch.stack([c.scale for c in converted]),
                             zero_point)
+    if any(c.perm is not None for c in converted):
+        ordered = torch.arange(in_features, device=first.weight.device)
+        q.set_input_permutation(torch.stack([ordered if c.perm is None else c.perm.to(torch.int64) for c in converted]))
     return q
 
 
@@ -252,6 +274,8 @@ def plan_expert_banks(model: nn.Module, fmt: CheckpointFormat, naming: ExpertNam
         down = layers[2::3]
         for bank, members in (("gate_up_proj", gate_up), ("down_proj", down)):
             _check_one_layout(name, bank, [where for where, _ in members], [c for _, c in members])
+        for (gate_where, gate), (up_where, up) in zip(gate_up[0::2], gate_up[1::2]):
+            check_one_input_order(gate_where, gate, up_where, up)
         fused = [_fuse(gate, up) for (_, gate), (_, up) in zip(gate_up[0::2], gate_up[1::2])]
         banks = XlaQuantizedGatedExperts(_stack(fused, hidden), _stack([c for _, c in down], inner), module.act_fn)
         every = [c for _, c in layers]
