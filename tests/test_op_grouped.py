@@ -488,8 +488,10 @@ def test_an_identity_perm_changes_nothing_and_the_orders_are_gathers(xla_device)
     case = Case(FORMATS[0], 3, 5, 16, 8, 3, 2, False, True, torch.float32, [0, 2], seed=4)
     base = case.call()
     without = _hlo(case.call(xla_device))
-    case.kwargs["perm"] = torch.arange(16).expand(3, 16).contiguous()
+    case.kwargs["perm"] = torch.arange(16, dtype=torch.int32).expand(3, 16).contiguous()  # int32 is taken too
     assert torch.equal(case.call(), base)
+    torch.testing.assert_close(case.call(xla_device).cpu(), base, rtol=1e-5, atol=1e-5)  # XLA sums otherwise
+    case.kwargs["perm"] = case.kwargs["perm"].long()
     with_perm = _hlo(case.call(xla_device))
     # perm's rows of each slot's expert, and x's values in those orders: two gathers more than without
     assert with_perm.count(" gather(") >= without.count(" gather(") + 2, with_perm

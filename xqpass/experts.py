@@ -43,8 +43,7 @@ import torch
 from torch import nn
 
 from .ops import check_grouped_inputs  # importing .ops registers torch.ops.xq.quantized_grouped_matmul
-from .ops.grouped import check_perm_values, flat_bank, flat_bank_matmul
-from .ops.lowering.grouped import in_own_order
+from .ops.grouped import check_perm_values, flat_bank, flat_bank_matmul, in_own_order
 from .quant.layouts import FLOAT8_DTYPES, PER_CHANNEL, PER_TENSOR, Layout
 from .quant.quantize import QuantizedWeight, check_weight, quantize_weight
 

@@ -29,10 +29,10 @@ have no bank form. Act-order experts (GPTQ ``desc_act``: a permuted ``g_idx``) l
 sorted by its groups and the bank's ``input_perm [E, K]`` (each expert reads the row in its own order;
 an expert whose ``g_idx`` is ``k // g`` reads it as it comes). Gate and up of one expert become one
 expert of ``gate_up_proj``, which reads one order, so their ``g_idx`` must agree (GPTQ gives them the
-same act-order: both see the same inputs, hence the same Hessian); when they differ the load is refused. Float8 experts (HF fp8's ``weight`` +
-``weight_scale_inv``, compressed-tensors float-quantized) load per channel, in groups, in 2-D blocks
-(DeepSeek-V3, Qwen3-FP8: 128 x 128 a scale) and per tensor (one scale an expert linear: its one 2-D
-block, ``block_n = N``, ``block_size = K``). Gate and up are concatenated along N with their scales, so
+same act-order: both see the same inputs, hence the same Hessian); when they differ the load is refused.
+Float8 experts (HF fp8's ``weight`` + ``weight_scale_inv``, compressed-tensors float-quantized) load per
+channel, in groups, in 2-D blocks (DeepSeek-V3, Qwen3-FP8: 128 x 128 a scale) and per tensor (one scale
+an expert linear: its one 2-D block, ``block_n = N``, ``block_size = K``). Gate and up are concatenated along N with their scales, so
 in 2-D blocks the inner size I must hold whole blocks of rows (a block of ``gate_up_proj`` may not hold
 rows of both). Each of these is an error naming the tensor, raised before the model is touched.
 

@@ -270,6 +270,18 @@ def flat_bank_matmul(bank: FlatBank, int4_weight: bool, packed: bool) -> Tensor:
                                                  int4_weight, False, bank.bias, packed=packed, block_n=bank.block_n)
 
 
+def in_own_order(x: Tensor, ids: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [T, K]`` with ids ``[T, top_k]`` as ``T * top_k`` rows, row ``(t, j)`` read in its expert's order
+    ``x[t, perm[ids[t, j]]]``, and their ids ``[T * top_k, 1]`` (one expert a row, in the same order as the
+    output's ``[T, top_k]``)."""
+    rows, top_k = ids.shape
+    k = x.shape[1]
+    flat_ids = ids.reshape(-1)
+    order = torch.index_select(perm, 0, flat_ids).to(torch.int64)  # [T * top_k, K]: torch.gather takes int64
+    repeated = x[:, None, :].expand(rows, top_k, k).reshape(rows * top_k, k)
+    return torch.gather(repeated, 1, order), flat_ids.reshape(-1, 1)
+
+
 @torch.library.custom_op("xq::quantized_grouped_matmul", mutates_args=())
 def quantized_grouped_matmul(
     x: Tensor,

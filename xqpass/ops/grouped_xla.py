@@ -5,7 +5,7 @@ the rows T are at most :attr:`GroupedTuning.gather_max_rows`, else **dense** ove
 always dense while T is symbolic). ``grouped_tuning(GroupedTuning(...))`` sets the threshold while a
 graph is traced (benchmarks/bench_moe.py measures both routes). With ``perm`` (each expert's input
 order) every (row, slot) first becomes a row of its own in its expert's order
-(:func:`.lowering.grouped.in_own_order`), and the route is picked by those ``T * top_k`` rows.
+(:func:`.grouped.in_own_order`), and the route is picked by those ``T * top_k`` rows.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import contextvars
 from dataclasses import dataclass
 
 from .checks import compute_dtype
-from .grouped import check_grouped_inputs, quantized_grouped_matmul
-from .lowering.grouped import ROUTES, GroupedCall, in_own_order
+from .grouped import check_grouped_inputs, in_own_order, quantized_grouped_matmul
+from .lowering.grouped import ROUTES, GroupedCall
 from .xla import lowering_for
 
 __all__ = ["GroupedTuning", "grouped_tuning", "route_for"]

@@ -11,12 +11,12 @@
   experts' bytes read once, ``E / top_k`` times the products a row needs), each row's experts picked from
   ``[T, E, N]`` by a gather of rows.
 
-**Each expert's input order** (``perm``, GPTQ act-order): every (row, slot) is taken out as a row of its
-own, read in its expert's order (:func:`in_own_order`: one gather of ``perm``'s rows, one gather of x's
-values), with one expert a row; then the routes above run unchanged on those ``T * top_k`` rows. The
-dense route thereby multiplies ``top_k`` times the rows (each row's products with the other experts are
-computed in the wrong order and not picked); it is the simplest form that is correct on every route,
-not a measured one.
+**Each expert's input order** (``perm``, GPTQ act-order): the XLA kernel first takes every (row, slot)
+out as a row of its own, read in its expert's order (:func:`~xqpass.ops.grouped.in_own_order`: a gather
+of ``perm``'s rows, a gather of x's values), one expert a row; the routes here then run unchanged on
+those ``T * top_k`` rows. The dense route thereby does ``top_k`` times the products (each row also meets
+the other experts, in the wrong order, and those results are not picked): the simplest form correct on
+every route, not a measured one.
 
 Every layout is seen as groups: ``G`` groups of ``B`` values along K (per-channel: one group of K).
 Float8 2-D blocks (Bn x B) are groups too, each scale repeated over its Bn rows (the gather routes), or
@@ -74,18 +74,6 @@ class GroupedCall:
         # a concatenate: torch_xla pads a float8 array with a float64 constant, which XLA refuses
         return (torch.cat([x, x.new_zeros((x.shape[0], padding))], dim=1),
                 torch.cat([w, w.new_zeros((*w.shape[:-1], padding))], dim=-1))
-
-
-def in_own_order(x: torch.Tensor, ids: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [T, K]`` with ids ``[T, top_k]`` as ``T * top_k`` rows, row ``(t, j)`` read in its expert's order
-    ``x[t, perm[ids[t, j]]]``, and their ids ``[T * top_k, 1]`` (one expert a row, in the same order as the
-    output's ``[T, top_k]``)."""
-    rows, top_k = ids.shape
-    k = x.shape[1]
-    flat_ids = ids.reshape(-1)
-    order = torch.index_select(perm, 0, flat_ids).to(torch.int64)  # [T * top_k, K]: torch.gather takes int64
-    repeated = x[:, None, :].expand(rows, top_k, k).reshape(rows * top_k, k)
-    return torch.gather(repeated, 1, order), flat_ids.reshape(-1, 1)
 
 
 def finish(call: GroupedCall, out: torch.Tensor) -> torch.Tensor:
