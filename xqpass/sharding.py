@@ -268,6 +268,14 @@ def intermediate_partition_specs(name: str, module: nn.Module, axis: str, axis_s
     if not isinstance(module, XlaQuantizedGatedExperts):
         raise TypeError(f"{name}: intermediate-parallel takes an XlaQuantizedGatedExperts, got {type(module).__name__}")
     inner, down = module.intermediate_dim, module.down_proj
+    for bank_name in ("gate_up_proj", "down_proj"):  # what the split forward (xq::quantized_matmul) cannot read
+        bank = getattr(module, bank_name)
+        if bank.input_perm is not None:
+            raise ValueError(f"{name}.{bank_name}: intermediate-parallel does not take act-order banks (input_perm: "
+                             f"each expert reads x in its own order); use 'expert', or load without desc_act")
+        if bank.block_n != 1:
+            raise ValueError(f"{name}.{bank_name}: intermediate-parallel does not take float8 2-D blocks "
+                             f"(block_n={bank.block_n}: a device's rows may cut a block); use 'expert'")
     if inner % axis_size:
         raise ValueError(f"{name}: intermediate-parallel over {axis_size} devices needs the intermediate size I "
                          f"(down_proj's input features, half of gate_up_proj's outputs) divisible by {axis_size}, "

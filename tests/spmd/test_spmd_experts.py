@@ -259,7 +259,18 @@ def gated(experts, inner, **fmt):
     return XlaQuantizedGatedExperts.from_float(float_experts(experts, 32, inner, seed=0), **fmt)
 
 
+def act_order(module):
+    """``module`` with each expert of its up projection reading x in an order of its own (GPTQ desc_act)."""
+    bank = module.gate_up_proj
+    bank.set_input_permutation(torch.stack([torch.randperm(bank.input_dim, generator=torch.Generator().manual_seed(e))
+                                            for e in range(bank.num_experts)]))
+    return module
+
+
 @pytest.mark.parametrize("module, message", [
+    (act_order(gated(2, 64)), r"0.gate_up_proj: intermediate-parallel does not take act-order banks"),
+    (gated(2, 64, weight_dtype=torch.float8_e4m3fn, block_size=16, block_n=8),
+     r"0.gate_up_proj: intermediate-parallel does not take float8 2-D blocks \(block_n=8"),
     (gated(2, 18), r"0: intermediate-parallel over 4 devices needs the intermediate size I \(down_proj's input "
                    r"features, half of gate_up_proj's outputs\) divisible by 4, got 18"),
     (gated(2, 20, bits=4), r"0.down_proj: intermediate-parallel over 4 devices would split a packed int4 byte: 5 "
