@@ -42,6 +42,24 @@ def test_expert_split_bank_matches_unsharded(fmt, rows, mesh, compiled_hlo):
     assert torch.equal(q.weight.cpu(), bank.weight)
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_expert_split_act_order_bank_matches_unsharded(rows, mesh, compiled_hlo):
+    """Experts reading x in orders of their own (GPTQ desc_act): the orders stay whole on every device."""
+    bank = XlaQuantizedExperts.from_float(torch.randn(E, N, K) / K**0.5, bits=4, block_size=32)
+    bank.set_input_permutation(torch.stack([torch.randperm(K, generator=torch.Generator().manual_seed(e))
+                                            for e in range(E)]))
+    x, ids = torch.randn(rows, K), torch.randint(0, E, (rows, 2))
+    w = torch.from_numpy(decoded_bank(bank))  # float64 [E, N, K] in each expert's sorted order
+    order = bank.input_perm
+    expected = torch.stack([torch.stack([w[e] @ x[t, order[e]].double() for e in ids[t].tolist()])
+                            for t in range(rows)])
+    model = torch.nn.Sequential(copy.deepcopy(bank)).to(torch_xla.device())
+    shard_model(model, mesh, {"0": "expert"})
+    out = model[0](x.to(torch_xla.device()), ids.to(torch_xla.device())).cpu()
+    assert relative_error(out, expected) < 1e-5
+    assert_weights_stay_put(compiled_hlo(), E * N * K)
+
+
 def mixtral():
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
