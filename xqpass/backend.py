@@ -6,7 +6,9 @@
 
 Both run the pass twice: on Dynamo's torch-level graph (where layers keep their module names), then,
 inside AOT autograd, on the aten-level graph (where tensor subclasses such as torchao's have been
-flattened into plain ops). Registered on ``import xqpass`` and through the ``torch_dynamo_backends``
+flattened into plain ops). ``xq_eager`` skips AOT where the aten level has nothing to find (no miss at
+the torch level, no tensor subclass, no higher-order op): the rewritten graph then runs as Dynamo's own
+``eager`` backend runs a graph, without AOT's per-call wrappers. Registered on ``import xqpass`` and through the ``torch_dynamo_backends``
 entry point, so ``torch.compile(model, backend="xq_openxla")`` works in a fresh process.
 
 The compiler after the pass is a parameter of the public factory :func:`make_backend`: a name from
@@ -54,6 +56,7 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
     ``compiler(gm, example_inputs)``, with ``boxed`` saying whether it returns a boxed function (AOT's
     calling convention). Each graph's :class:`~xqpass.rewrite.RewriteReport` is appended to ``reports``
     when given; ``name`` prefixes the reports' graph names."""
+    runs_as_python = compiler == "eager"
     if isinstance(compiler, str):
         if compiler not in COMPILERS:
             raise ValueError(f"make_backend: unknown compiler {compiler!r}; expected one of {sorted(COMPILERS)} "
@@ -86,13 +89,30 @@ def make_backend(compiler: str | Compiler = "openxla", *, boxed: bool = False, r
         correct_shifts(gm)
         state.update(dynamo_graph=gm, inputs=example_inputs)
         try:
-            compiled = aot(gm, example_inputs)
+            if runs_as_python and not _needs_aten_level(gm, example_inputs, report):
+                compiled = gm.forward  # as Dynamo's own "eager": AOT's wrappers cost ~150 us a call
+            else:
+                compiled = aot(gm, example_inputs)
         finally:
             state.update(graphs=state["graphs"] + 1, dynamo_graph=None, inputs=None)
         folds = gm.meta.get(FOLDS)
         return folds.guard(gm, compiled) if folds else compiled
 
     return backend
+
+
+def _needs_aten_level(gm: torch.fx.GraphModule, example_inputs, report: RewriteReport) -> bool:
+    """Whether the aten level may find what the torch level cannot: a product the torch-level pass missed,
+    a tensor subclass (its dequantization is only seen once AOT flattens it), a higher-order op (an
+    ``autograd.Function`` or other body Dynamo keeps as a subgraph). Otherwise the rewritten torch-level
+    graph runs as it is: the eager compiler would run the same ops."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if report.misses or any(is_traceable_wrapper_subclass(v) for v in example_inputs):
+        return True
+    if any(is_traceable_wrapper_subclass(v) for v in (*gm.parameters(), *gm.buffers())):
+        return True
+    return any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in gm.graph.nodes)
 
 
 def _on_one_device(values) -> bool:
