@@ -26,7 +26,7 @@ import torch
 from torch.fx import Node
 
 from .bounds import exact_bounds, value_bounds
-from .spellings import Canon, canonical
+from .spellings import Canon, arg, canonical
 
 Axes = tuple  # axis tags, each "N", "K", "G" or "g" (not xqpass.quant.Layout, the op's layout)
 NK: Axes = ("N", "K")
@@ -556,6 +556,13 @@ class Operand(Pattern):
 _REPEAT_INTERLEAVE = {torch.repeat_interleave, torch.ops.aten.repeat_interleave.self_int}
 
 
+def _repeat_interleave(node: Node):
+    """``(source, repeats, dim)`` of ``source.repeat_interleave(repeats, dim)`` in any spelling; else None."""
+    if node.target in _REPEAT_INTERLEAVE or node.op == "call_method" and node.target == "repeat_interleave":
+        return node.args[0], arg(node, 1, "repeats"), arg(node, 2, "dim")
+    return None
+
+
 def expanded_along_k(ctx: Context, node: Node, layout: Axes, weight_shape: tuple) -> tuple | None:
     """A scale or zero point given per input feature by repeating each group's value along the weight's K
     axis: ``s.repeat_interleave(g, dim)`` (groups of g in order) or ``s[g_idx]`` (the group of each input
@@ -565,10 +572,9 @@ def expanded_along_k(ctx: Context, node: Node, layout: Axes, weight_shape: tuple
     if shape is None or weight_shape is None or len(shape) > len(layout):
         return None
     pad = len(layout) - len(shape)
-    if node.target in _REPEAT_INTERLEAVE or node.op == "call_method" and node.target == "repeat_interleave":
-        source = node.args[0]
-        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    repeated = _repeat_interleave(node)
+    if repeated is not None:
+        source, repeats, dim = repeated
         if not isinstance(repeats, int) or not isinstance(dim, int) or not isinstance(source, Node):
             return None
         axis, index = pad + dim % len(shape), None
@@ -919,9 +925,6 @@ _CUMSUM = {torch.cumsum, torch.ops.aten.cumsum.default}
 def _sorted_ids_of_offsets(ctx, offs, experts):
     """The sorted expert ids ``ids_g`` where ``offs`` is ``cumsum(histc(ids_g.float(), bins=E, min=0,
     max=E - 1), dim=0)`` and ``ids_g`` is ``torch.sort(ids)[0]`` (ascending) of 1-D integer ids; else None."""
-    def arg(node, i, name, default=None):
-        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
     if experts is None or not isinstance(offs, Node) or offs.target not in _CUMSUM and not (
             offs.op == "call_method" and offs.target == "cumsum") or arg(offs, 1, "dim") not in (0, -1):
         return None
@@ -950,12 +953,10 @@ def _repeated_rows(ctx, x: Node, ids: Node):
     """``(h, top_k)`` where ``x`` is ``h.repeat_interleave(k, dim=0)`` and ``ids`` is ``top_k.reshape(-1)``
     with ``top_k [T, k]``: row ``t * k + j`` of ``x`` is token ``t`` routed to ``top_k[t, j]``; else None."""
     flat = canonical(ids) if isinstance(ids, Node) else None
-    if flat is None or flat.kind != "reshape" or not isinstance(flat.inputs[0], Node) or \
-            not (x.target in _REPEAT_INTERLEAVE or x.op == "call_method" and x.target == "repeat_interleave"):
+    repeated = _repeat_interleave(x)
+    if flat is None or flat.kind != "reshape" or not isinstance(flat.inputs[0], Node) or repeated is None:
         return None
-    top_k, h = flat.inputs[0], x.args[0]
-    repeats = x.args[1] if len(x.args) > 1 else x.kwargs.get("repeats")
-    dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+    (h, repeats, dim), top_k = repeated, flat.inputs[0]
     ks, hs = ctx.shape(top_k), ctx.shape(h) if isinstance(h, Node) else None
     if ks is None or hs is None or len(ks) != 2 or len(hs) != 2 or dim not in (0, -2) or \
             not isinstance(repeats, int) or not same_size(ks[1], repeats) or not same_size(ks[0], hs[0]):

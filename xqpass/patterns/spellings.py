@@ -56,7 +56,8 @@ KINDS = (
 )
 
 
-def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument by position, else by name (the patterns read ops' parameters the same way)."""
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -88,7 +89,7 @@ class _DtypeOf:
 
 def _binary(kind: str, alpha_ok: bool = False):
     def make(node: Node):
-        if alpha_ok and _arg(node, 2, "alpha", 1) != 1:
+        if alpha_ok and arg(node, 2, "alpha", 1) != 1:
             return None
         return Canon(kind, (node.args[0], node.args[1]))
 
@@ -96,7 +97,7 @@ def _binary(kind: str, alpha_ok: bool = False):
 
 
 def _rsub(node: Node):
-    if _arg(node, 2, "alpha", 1) != 1:
+    if arg(node, 2, "alpha", 1) != 1:
         return None
     return Canon("sub", (node.args[1], node.args[0]))
 
@@ -120,7 +121,7 @@ def _to_copy(node: Node):
 
 
 def _transpose(node: Node):
-    a, b = _arg(node, 1, "dim0", 0), _arg(node, 2, "dim1", 1)
+    a, b = arg(node, 1, "dim0", 0), arg(node, 2, "dim1", 1)
     return Canon("transpose", (node.args[0],), {"dims": (a, b)})
 
 
@@ -129,7 +130,7 @@ def _t(node: Node):
 
 
 def _permute(node: Node):
-    dims = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else _arg(node, 1, "dims")
+    dims = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else arg(node, 1, "dims")
     if isinstance(dims, int):
         dims = (dims,)
     return Canon("permute", (node.args[0],), {"dims": tuple(dims)})
@@ -163,8 +164,8 @@ def _getitem(node: Node):
 
 
 def _grouped_mm(node: Node):
-    offs = _arg(node, 2, "offs")
-    if _arg(node, 3, "bias") is not None or _arg(node, 4, "out_dtype") is not None or not isinstance(offs, Node):
+    offs = arg(node, 2, "offs")
+    if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None or not isinstance(offs, Node):
         return None
     return Canon("grouped_mm", (node.args[0], node.args[1], offs))
 
@@ -179,32 +180,32 @@ def _einsum(node: Node):
 
 
 def _linear(node: Node):
-    return Canon("linear", (node.args[0], node.args[1], _arg(node, 2, "bias")))
+    return Canon("linear", (node.args[0], node.args[1], arg(node, 2, "bias")))
 
 
 def _addmm(node: Node):
-    if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+    if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
         return None
     return Canon("addmm", (node.args[0], node.args[1], node.args[2]))
 
 
 def _list_op(kind: str):
     def make(node: Node):
-        tensors = _arg(node, 0, "tensors")
-        return Canon(kind, (tuple(tensors),), {"dim": _arg(node, 1, "dim", 0)})
+        tensors = arg(node, 0, "tensors")
+        return Canon(kind, (tuple(tensors),), {"dim": arg(node, 1, "dim", 0)})
 
     return make
 
 
 def _clamp(node: Node):
-    return Canon("clamp", (node.args[0],), {"min": _arg(node, 1, "min"), "max": _arg(node, 2, "max")})
+    return Canon("clamp", (node.args[0],), {"min": arg(node, 1, "min"), "max": arg(node, 2, "max")})
 
 
 def _reduce(kind: str):
     def make(node: Node):
-        dim = _arg(node, 1, "dim", ())
+        dim = arg(node, 1, "dim", ())
         dim = tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
-        return Canon(kind, (node.args[0],), {"dim": dim, "keepdim": bool(_arg(node, 2, "keepdim", False))})
+        return Canon(kind, (node.args[0],), {"dim": dim, "keepdim": bool(arg(node, 2, "keepdim", False))})
 
     return make
 
@@ -213,7 +214,7 @@ _amax = _reduce("amax")
 
 
 def _full_like(node: Node):
-    return Canon("zeros_like", (node.args[0],)) if _arg(node, 1, "fill_value") == 0 else None
+    return Canon("zeros_like", (node.args[0],)) if arg(node, 1, "fill_value") == 0 else None
 
 
 def _max_values(node: Node):
@@ -224,10 +225,10 @@ def _max_values(node: Node):
     if not (src.op == "call_method" and src.target == "max" or src.op == "call_function" and src.target in
             (torch.max, *_ops("aten.max.dim"))):
         return None
-    dim = _arg(src, 1, "dim")
+    dim = arg(src, 1, "dim")
     if dim is None:
         return None
-    return Canon("amax", (src.args[0],), {"dim": (dim,), "keepdim": bool(_arg(src, 2, "keepdim", False))})
+    return Canon("amax", (src.args[0],), {"dim": (dim,), "keepdim": bool(arg(src, 2, "keepdim", False))})
 
 
 def _dq_per_channel(node: Node):
@@ -270,7 +271,7 @@ def _ops(*names):
 
 _register(_FUNCTIONS, [torch.Tensor.to], _convert(_to_dtype))
 _register(_FUNCTIONS, _ops("aten._to_copy"), _to_copy)
-_register(_FUNCTIONS, _ops("aten.to.dtype", "prims.convert_element_type"), _convert(lambda n: _arg(n, 1, "dtype")))
+_register(_FUNCTIONS, _ops("aten.to.dtype", "prims.convert_element_type"), _convert(lambda n: arg(n, 1, "dtype")))
 _register(_FUNCTIONS, [torch.t, *_ops("aten.t", "aten.numpy_T")], _t)
 _register(_FUNCTIONS, [torch.transpose, *_ops("aten.transpose.int")], _transpose)
 _register(_FUNCTIONS, [torch.permute, *_ops("aten.permute")], _permute)
@@ -285,7 +286,7 @@ _register(_FUNCTIONS, [torch.clone, *_ops("aten.clone", "aten.alias", "aten.deta
                                           "aten.lift_fresh_copy")], _unary("noop"))
 _register(_FUNCTIONS, [operator.mul, torch.mul, *_ops("aten.mul.Tensor", "aten.mul.Scalar")], _binary("mul"))
 _register(_FUNCTIONS, [operator.truediv, torch.div, *_ops("aten.div.Tensor", "aten.div.Scalar")],
-          lambda n: None if _arg(n, 2, "rounding_mode") is not None else Canon("div", (n.args[0], n.args[1])))
+          lambda n: None if arg(n, 2, "rounding_mode") is not None else Canon("div", (n.args[0], n.args[1])))
 _register(_FUNCTIONS, [operator.add, torch.add, *_ops("aten.add.Tensor", "aten.add.Scalar")], _binary("add", True))
 _register(_FUNCTIONS, [operator.sub, torch.sub, *_ops("aten.sub.Tensor", "aten.sub.Scalar")], _binary("sub", True))
 _register(_FUNCTIONS, [torch.rsub, *_ops("aten.rsub.Tensor", "aten.rsub.Scalar")], _rsub)
@@ -318,7 +319,7 @@ _register(_FUNCTIONS, [operator.lshift, torch.bitwise_left_shift,
 _register(_FUNCTIONS, [torch.stack, *_ops("aten.stack")], _list_op("stack"))
 _register(_FUNCTIONS, [torch.einsum, *_ops("aten.einsum")], _einsum)
 _register(_FUNCTIONS, [torch.index_select, *_ops("aten.index_select")],
-          lambda n: Canon("take", (n.args[0], n.args[2])) if _arg(n, 1, "dim") == 0 else None)
+          lambda n: Canon("take", (n.args[0], n.args[2])) if arg(n, 1, "dim") == 0 else None)
 _register(_FUNCTIONS, [torch.cat, torch.concat, *_ops("aten.cat")], _list_op("cat"))
 _register(_FUNCTIONS, [torch._grouped_mm, *_ops("aten._grouped_mm")], _grouped_mm)
 _register(_FUNCTIONS, _ops("aten.index.Tensor"),  # bank[ids] at the aten level: one index tensor, on dim 0
@@ -338,7 +339,7 @@ _register(_METHODS, ["contiguous", "clone", "detach"], _unary("noop"))
 _register(_METHODS, ["mul"], _binary("mul"))
 _register(_METHODS, ["add"], _binary("add", True))
 _register(_METHODS, ["sub"], _binary("sub", True))
-_register(_METHODS, ["div"], lambda n: None if _arg(n, 2, "rounding_mode") is not None else Canon("div", n.args[:2]))
+_register(_METHODS, ["div"], lambda n: None if arg(n, 2, "rounding_mode") is not None else Canon("div", n.args[:2]))
 _register(_METHODS, ["matmul", "mm", "bmm"], _binary("matmul"))
 _register(_METHODS, ["round"], _unary("round"))
 _register(_METHODS, ["abs"], _unary("abs"))
