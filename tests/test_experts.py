@@ -229,6 +229,16 @@ def float64_twin(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
     return twin
 
 
+def assert_matches_float64_on_cpu_and_xla(float_model, quantized, ids, xla_device):
+    """The quantized model's logits, on the CPU and on XLA, against its float64 decoding."""
+    with torch.no_grad():
+        exact = float64_twin(float_model, quantized)(ids).logits
+        on_cpu = quantized(ids).logits
+        on_xla = quantized.to(xla_device)(ids.to(xla_device)).logits.cpu()
+    for out in (on_cpu, on_xla):
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe])
 @pytest.mark.parametrize("fmt", ["e4m3 blocks 8x16", "e5m2 blocks 12x12 partial"])
 def test_model_with_2d_block_banks_matches_its_float64_decoding(make, fmt, xla_device):
@@ -237,12 +247,7 @@ def test_model_with_2d_block_banks_matches_its_float64_decoding(make, fmt, xla_d
     float_model = copy.deepcopy(model)
     for layer in model.model.layers:
         layer.mlp.experts = XlaQuantizedGatedExperts.from_float(layer.mlp.experts, **FORMATS[fmt])
-    with torch.no_grad():
-        exact = float64_twin(float_model, model)(ids).logits
-        on_cpu = model(ids).logits
-        on_xla = model.to(xla_device)(ids.to(xla_device)).logits.cpu()
-    for out in (on_cpu, on_xla):
-        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+    assert_matches_float64_on_cpu_and_xla(float_model, model, ids, xla_device)
 
 
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe])
@@ -257,12 +262,7 @@ def test_model_matches_its_float64_decoding_on_cpu_and_xla(make, fmt, xla_device
                                             for layer in quantized.model.layers)
     assert not any(isinstance(m, (nn.Linear, MixtralExperts)) and name.startswith("model.layers")
                    for name, m in quantized.named_modules())
-    with torch.no_grad():
-        exact = float64_twin(float_model, quantized)(ids).logits
-        on_cpu = quantized(ids).logits
-        on_xla = quantized.to(xla_device)(ids.to(xla_device)).logits.cpu()
-    for out in (on_cpu, on_xla):
-        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+    assert_matches_float64_on_cpu_and_xla(float_model, quantized, ids, xla_device)
 
 
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe])
@@ -274,12 +274,7 @@ def test_quantize_model_swaps_experts_into_2d_float8_blocks(make, xla_device):
                                               filter_fn=lambda m, name: ".experts" in name)
     assert len(report.experts) == 2 and all(layer.mlp.experts.gate_up_proj.block_n == 8
                                             for layer in quantized.model.layers)
-    with torch.no_grad():
-        exact = float64_twin(float_model, quantized)(ids).logits
-        on_cpu = quantized(ids).logits
-        on_xla = quantized.to(xla_device)(ids.to(xla_device)).logits.cpu()
-    for out in (on_cpu, on_xla):
-        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+    assert_matches_float64_on_cpu_and_xla(float_model, quantized, ids, xla_device)
 
 
 def test_compiled_model_keeps_one_graph_whatever_the_routing(xla_device):
