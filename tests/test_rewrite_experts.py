@@ -64,14 +64,19 @@ def assert_close_to_float64(module, x, ids, out):
     assert err <= 4 * max(original, EPS[x.dtype] * scale) + 1e-6 * scale + 1e-9, (err, original, scale)
 
 
+def routed(tokens, dim, experts, top_k, dtype, seed):
+    """Activations ``[tokens, dim]`` and router ids ``[tokens, top_k]``, experts without a token included."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=gen).to(dtype)
+    return x, torch.randint(0, experts, (tokens, top_k), generator=gen)
+
+
 @settings(max_examples=15)
 @given(experts=st.integers(1, 6), top_k=st.integers(1, 3), tokens=st.integers(1, 7),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 def test_gpt_fast_experts_are_one_grouped_op_per_bank(experts, top_k, tokens, dtype, seed):
     module = GptFastInt8Experts(experts, 32, 48, seed)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 32, generator=gen).to(dtype)
-    ids = torch.randint(0, experts, (tokens, top_k), generator=gen)  # experts without a token included
+    x, ids = routed(tokens, 32, experts, top_k, dtype, seed)
     out, rewrites, reports = run(module, x, ids)
     assert len(rewrites) == 3 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
     assert_close_to_float64(module, x, ids, out)
@@ -211,7 +216,7 @@ def float64_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def grouped_calls(model, *inputs):
+def grouped_calls(model, *inputs, fullgraph=False):
     """Compile ``model`` with the pass (eager compiler); returns (output, reports, the shapes of the expert
     ids each grouped op call reads)."""
     reports, id_shapes = [], []
@@ -223,7 +228,7 @@ def grouped_calls(model, *inputs):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(model, backend=make_backend(compiler, reports=reports))(*inputs)
+        out = torch.compile(model, backend=make_backend(compiler, reports=reports), fullgraph=fullgraph)(*inputs)
     return out, reports, id_shapes
 
 
@@ -277,16 +282,13 @@ class BatchedLinearExperts(nn.Module):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 def test_batched_linear_experts_read_each_token_once(experts, top_k, tokens, dtype, seed):
     module = BatchedLinearExperts(experts, 32, 24, seed)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 32, generator=gen).to(dtype)
-    ids = torch.randint(0, experts, (tokens, top_k), generator=gen)  # experts without a token included
-    out, rewrites, reports = run(module, x, ids)
+    x, ids = routed(tokens, 32, experts, top_k, dtype, seed)
+    out, reports, id_shapes = grouped_calls(module, x, ids, fullgraph=True)
+    rewrites = [r for rep in reports for r in rep.rewrites]
     assert len(rewrites) == 2 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
     assert_close_to_float64(module, x, ids, out)
     # the up projection reads the token once with its top-k ids (the op's one-row route at one token); the
     # down projection a row per (token, slot)
-    with torch.no_grad():
-        _, _, id_shapes = grouped_calls(module, x, ids)
     assert sorted(id_shapes) == sorted([(tokens, top_k), (tokens * top_k,)]), id_shapes
 
 
@@ -369,9 +371,7 @@ class StackedExpertList(nn.Module):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 def test_a_stacked_list_of_expert_linears_is_one_grouped_op_per_bank(experts, top_k, tokens, dtype, seed):
     module = StackedExpertList(experts, 32, 24, seed)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 32, generator=gen).to(dtype)
-    ids = torch.randint(0, experts, (tokens, top_k), generator=gen)
+    x, ids = routed(tokens, 32, experts, top_k, dtype, seed)
     out, rewrites, reports = run(module, x, ids)
     assert len(rewrites) == 3 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
     assert_close_to_float64(module, x, ids, out)
