@@ -108,9 +108,8 @@ def _needs_aten_level(gm: torch.fx.GraphModule, example_inputs, report: RewriteR
     graph runs as it is: the eager compiler would run the same ops."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    if report.misses or any(is_traceable_wrapper_subclass(v) for v in example_inputs):
-        return True
-    if any(is_traceable_wrapper_subclass(v) for v in (*gm.parameters(), *gm.buffers())):
+    if report.misses or any(is_traceable_wrapper_subclass(v)
+                            for v in (*example_inputs, *gm.parameters(), *gm.buffers())):
         return True
     return any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in gm.graph.nodes)
 
