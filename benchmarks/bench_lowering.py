@@ -103,7 +103,9 @@ def main(argv=None) -> None:
             for i, settings in enumerate(variants):
                 label = ", ".join(f"{a}={b}" for a, b in settings.items()) or "as is"
                 fn = compiled_op(f"{fmt_name}_{m}_{i}", op_kw)
-                with xla_lowering("cpu", XlaCpuTuning(**settings)):  # traced (and compiled) with this tuning
+                # traced (and compiled) with this tuning, and under no_grad as bench_paths calls it: a call
+                # in another grad mode fails Dynamo's guard and retraces outside this tuning
+                with xla_lowering("cpu", XlaCpuTuning(**settings)), torch.no_grad():
                     out = fn(x.to(dev), *dev_args).cpu().double()
                 errors[label] = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
                 paths[label] = (fn, (x.to(dev), *dev_args))

@@ -96,28 +96,33 @@ def _computed_once(x: torch.Tensor, pairs: bool) -> torch.Tensor:
 
 
 def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
-    """Per-group products ``acc[m, n, g] = sum_b values(w)[n, g*B + b] * x[m, g*B + b]`` of a weight stored
-    by rows (``groups`` of B values a row), ``[M, N, groups]``, without a dot: each group is cut into ``r``
+    """Per-group products ``acc[n, g, m] = sum_b values(w)[n, g*B + b] * x[m, g*B + b]`` of a weight stored
+    by rows (``groups`` of B values a row), ``[N, groups, M]``, without a dot: each group is cut into ``r``
     equal pieces summed as ``r`` terms of one fused multiply-and-reduce, which XLA:CPU then iterates B/r
-    times a group instead of B (its reduction over the minor dimension is one serial chain). Exact
-    float32 products, float32 accumulation in another order than a dot."""
+    times a group instead of B (its reduction over the minor dimension is one serial chain). The rows are
+    the minor dimension of the result, so a group's weight bytes are read from memory once and from cache
+    for every other row. Exact float32 products, float32 accumulation in another order than a dot."""
     w, cdt = call.w, call.compute_dtype
     (n, width), (m, k) = w.shape, call.x_values.shape
     per_group = width // groups  # bytes a group
     r = tuning.pieces(per_group, call.packed, grouped=groups > 1)
     piece = per_group // r
+
+    def by_groups(x):  # [M, groups * per_group] -> [1, groups, M, per_group]
+        return x.reshape(m, groups, per_group).permute(1, 0, 2).reshape(1, groups, m, per_group)
+
     if not call.packed:
-        x = _computed_once(call.x_values, pairs=False) if k % 2 == 0 else call.x_values
-        x, w = x.reshape(m, 1, groups, per_group), w.reshape(1, n, groups, per_group)
+        x = by_groups(_computed_once(call.x_values, pairs=False) if k % 2 == 0 else call.x_values)
+        w = w.reshape(n, groups, 1, per_group)
         terms = (values(take(w, 3, j * piece, (j + 1) * piece), cdt) * take(x, 3, j * piece, (j + 1) * piece)
                  for j in range(r))
         return functools.reduce(operator.add, terms).sum(dim=-1)
     offset = w.dtype == torch.int8  # signed nibbles v read as unsigned v + 8 (w ^ 0x88: two ops fewer a
     if offset:  # byte, 10-30% faster); 8 * sum(x) comes off each group's sum
         w = w.to(torch.uint8) ^ 0x88
-    w = w.reshape(1, n, groups, per_group)
+    w = w.reshape(n, groups, 1, per_group)
     pairs = _computed_once(call.x_values, pairs=True)
-    x_even, x_odd = (take(pairs, 0, i, i + 1).reshape(m, 1, groups, per_group) for i in (0, 1))
+    x_even, x_odd = (by_groups(take(pairs, 0, i, i + 1).reshape(m, -1)) for i in (0, 1))
 
     def term(j):  # nibbles in 32-bit lanes: XLA:CPU's vector code has no 8-bit shift (10-20% faster)
         byte = take(w, 3, j * piece, (j + 1) * piece).to(torch.int32)
@@ -149,11 +154,11 @@ def per_channel(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     if _split_k_rows(call, tuning) and not is_split(call.w):
         group = tuning.row_group_packed if call.packed else tuning.row_group
         virtual = call.w.shape[1] // group if call.w.shape[1] % group == 0 else 1
-        acc = split_k(call, tuning, virtual)  # [M, N, virtual]
+        acc = split_k(call, tuning, virtual)  # [N, virtual, M]
         # the groups are summed by a dot with ones: a sum would merge with the pieces' reduce into one
         # long reduce, 4x slower
-        acc = dot(acc, torch.ones(virtual, dtype=cdt, device=acc.device), ([2], [0]), out=cdt)
-        return epilogue(call, acc, False, call.scale, call.zero_point)
+        acc = dot(acc, torch.ones(virtual, dtype=cdt, device=acc.device), ([1], [0]), out=cdt)
+        return epilogue(call, acc, True, call.scale, call.zero_point)
     acc = functools.reduce(operator.add, (dot(values(w, cdt), x, ([1], [1]), out=cdt) for w, x in _halves(call)))
     return epilogue(call, acc, True, call.scale, call.zero_point)
 
@@ -163,10 +168,11 @@ def blockwise_by_rows(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     packed), then the dot -> ``[N, M]``."""
     n, s, cdt = call.spec.out_features, call.spec.num_blocks, call.compute_dtype
     if _split_k_rows(call, tuning):
-        acc = split_k(call, tuning, s) * call.scale  # [M, N, S]
+        acc = split_k(call, tuning, s) * call.scale[:, :, None]  # [N, S, M]
         if call.zero_point is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
-            acc = acc - call.x_values.reshape(-1, 1, s, call.spec.block_size).sum(dim=-1) * call.zero_point
-        return epilogue(call, acc.sum(dim=-1), False)
+            x_sums = call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1).t()  # [S, M]
+            acc = acc - x_sums * call.zero_point[:, :, None]
+        return epilogue(call, acc.sum(dim=1), True)
 
     def dequantized(w):
         w_deq = values(w, cdt).reshape(n, s, -1) * call.scale[:, :, None]
