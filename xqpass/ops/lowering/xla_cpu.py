@@ -34,6 +34,10 @@ class XlaCpuTuning:
     #: rows up to which weights stored by rows take split-K (packed int4: ``split_k_max_m_packed``)
     split_k_max_m: int = 32
     split_k_max_m_packed: int = 16
+    #: packed groups of fewer bytes than this (g32: 16) take one short reduce a group, ~3x the cost a row
+    #: of g64's: split-K to ``split_k_max_m_small_groups`` rows only (and never past the packed limit)
+    small_group_bytes: int = 32
+    split_k_max_m_small_groups: int = 4
     #: a per-channel row is cut into virtual groups of this many values (packed: bytes), cut into pieces
     #: as a real group is and summed after by a dot with ones
     row_group: int = 128
@@ -133,8 +137,10 @@ def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
     return acc - 8 * (x_even.sum(dim=-1) + x_odd.sum(dim=-1)) if offset else acc
 
 
-def _split_k_rows(call: Call, tuning: XlaCpuTuning) -> bool:
+def _split_k_rows(call: Call, tuning: XlaCpuTuning, group_bytes: int) -> bool:
     limit = tuning.split_k_max_m_packed if call.packed else tuning.split_k_max_m
+    if call.packed and group_bytes < tuning.small_group_bytes:
+        limit = min(limit, tuning.split_k_max_m_small_groups)
     return call.rows is not None and call.rows <= limit
 
 
@@ -151,7 +157,7 @@ def per_channel(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     """Split-K over virtual groups, unless GSPMD splits the weight (it would move int8 pieces between
     devices); else ``sum over halves of convert(w) [N, K'] . x [M, K'] -> [N, M]``; the scales after."""
     cdt = call.compute_dtype
-    if _split_k_rows(call, tuning) and not is_split(call.w):
+    if _split_k_rows(call, tuning, tuning.row_group_packed) and not is_split(call.w):
         group = tuning.row_group_packed if call.packed else tuning.row_group
         virtual = call.w.shape[1] // group if call.w.shape[1] % group == 0 else 1
         acc = split_k(call, tuning, virtual)  # [N, virtual, M]
@@ -167,11 +173,13 @@ def blockwise_by_rows(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     """Split-K, the block scales after; past it ``w [N, K]`` dequantized (each half on its own when
     packed), then the dot -> ``[N, M]``."""
     n, s, cdt = call.spec.out_features, call.spec.num_blocks, call.compute_dtype
-    if _split_k_rows(call, tuning):
+    if _split_k_rows(call, tuning, call.w.shape[1] // s):
         acc = split_k(call, tuning, s) * call.scale[:, :, None]  # [N, S, M]
         if call.zero_point is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
             x_sums = call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1).t()  # [S, M]
             acc = acc - x_sums * call.zero_point[:, :, None]
+        if call.packed:  # a dot with ones: a sum would merge with the nibbles' short reduce into one long one
+            return epilogue(call, dot(acc, torch.ones(s, dtype=cdt, device=acc.device), ([1], [0]), out=cdt), True)
         return epilogue(call, acc.sum(dim=1), True)
 
     def dequantized(w):
