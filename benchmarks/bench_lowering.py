@@ -109,7 +109,9 @@ def main(argv=None) -> None:
                     out = fn(x.to(dev), *dev_args).cpu().double()
                 errors[label] = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
                 paths[label] = (fn, (x.to(dev), *dev_args))
-            medians, fastest = bench_paths(paths, args.runs, args.passes)
+            # a retrace while timing would run outside the variant's tuning: make it an error, not a figure
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                medians, fastest = bench_paths(paths, args.runs, args.passes)
             print(f"{fmt_name} {fmt.name}, {n}x{k}, M={m}")
             for label in paths:
                 print(f"  {label:48s} {medians[label]:9.3f} ({fastest[label]:.3f}) ms   "
