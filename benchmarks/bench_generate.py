@@ -16,6 +16,7 @@ calls (median, every call waited for). Each path runs in a process of its own, s
   xq_openxla int4 g128  hand-written packed int4 dequant linears, groups of 128, through the pass
   openxla qm int8       xqpass.quantize_model(bits=8) + openxla
   openxla qm int4 g128  xqpass.quantize_model(bits=4, block_size=128, by rows) + openxla
+  openxla qm int8 all   the same as qm int8 with the output head quantized too (not in the default paths)
 
     python benchmarks/bench_generate.py --sizes 1024x8 --batches 1 8 --json benchmarks/results/generate.json
 """
@@ -80,6 +81,8 @@ def build(path: str, hidden: int, layers: int):
     not_head = lambda module, name: name != "lm_head"  # noqa: E731
     if path == "eager int8" or path == "openxla qm int8":
         xqpass.quantize_model(model, bits=8, filter_fn=not_head)
+    elif path == "openxla qm int8 all":
+        xqpass.quantize_model(model, bits=8)
     elif path == "openxla qm int4 g128":
         xqpass.quantize_model(model, bits=4, block_size=128, block_layout="rows", filter_fn=not_head)
     elif path == "xq_openxla int8":
@@ -131,7 +134,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="every path this many times, interleaved")
-    parser.add_argument("--paths", nargs="+", default=list(PATHS))
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=[*PATHS, "openxla qm int8 all"])
     parser.add_argument("--json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: "path|hidden|layers|batch"
     args = parser.parse_args()
