@@ -140,7 +140,7 @@ def op_cases(
 # ----------------------------------------------------------------------------------------------
 # dequantize -> matmul modules, for testing rewrites
 
-from .modules import DequantLinear, DequantMLP, DequantSpec  # noqa: E402
+from .modules import NEAR_MISSES, PRODUCT_FORMS, SCALE_SPELLINGS, DequantLinear, DequantMLP, DequantSpec  # noqa: E402
 
 
 @st.composite
@@ -149,8 +149,7 @@ def dequant_specs(draw, near_miss: bool | None = False):
     (``True``) or either (``None``)."""
     miss = draw(st.booleans()) if near_miss is None else near_miss
     if miss:
-        kind = draw(st.sampled_from(["wrong_axis", "float_weight", "scale_from_x", "interleaved_groups",
-                                     "per_tensor_activation"]))
+        kind = draw(st.sampled_from(NEAR_MISSES))
         return DequantSpec(
             weight_form="scale",
             product_form="w8a8_matmul" if kind == "per_tensor_activation" else draw(
@@ -160,8 +159,7 @@ def dequant_specs(draw, near_miss: bool | None = False):
             signed=True,
             near_miss=kind,
         )
-    product = draw(st.sampled_from(["linear", "matmul_t", "matmul_T", "transpose", "bmm", "addmm", "scale_after",
-                                    "seed_layout", "w8a8_int_mm", "w8a8_matmul"]))
+    product = draw(st.sampled_from(PRODUCT_FORMS))
     if product.startswith("w8a8"):
         return DequantSpec(product_form=product, bias=draw(st.sampled_from([None, "after"])))
     if product == "scale_after":
@@ -183,7 +181,7 @@ def dequant_specs(draw, near_miss: bool | None = False):
         bits=bits,
         group=group,
         signed=signed,
-        scale_spelling=draw(st.sampled_from(["index", "unsqueeze", "view", "column"])),
+        scale_spelling=draw(st.sampled_from(SCALE_SPELLINGS)),
         bias=draw(st.sampled_from([None, "inside", "after"])),
     )
 
