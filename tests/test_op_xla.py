@@ -293,19 +293,22 @@ SPLIT_K_FORMATS = [
     xst.WeightFormat(8, -1, True, False, True),
     xst.WeightFormat(8, 128, False, False, False, by_rows=True),
     xst.WeightFormat(4, 64, True, True, False, by_rows=True),
-    # packed groups of 16, 64 and 96 bytes: one piece, two of 32, three of 32
+    # packed groups of 16, 64 and 96 bytes: one piece, two of 32, three of 32; groups of 16 and 32 bytes
+    # are scaled inside virtual groups of 64 bytes (a zero point: after, by a dot)
     xst.WeightFormat(4, 32, True, True, False, by_rows=True),
+    xst.WeightFormat(4, 32, False, True, False, by_rows=True),
+    xst.WeightFormat(4, 32, True, True, True, by_rows=True),
     xst.WeightFormat(4, 128, False, True, False, by_rows=True),
     xst.WeightFormat(4, 192, True, True, False, by_rows=True),
 ]
 
 
-@pytest.mark.parametrize("rows", [1, 7, 32])
+@pytest.mark.parametrize("rows", [1, 4, 7, 32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("fmt", SPLIT_K_FORMATS, ids=lambda f: f.name)
 def test_split_k_with_rows_long_enough_for_virtual_groups(fmt, dtype, rows, xla_device):
     """Per-channel rows of 384 values (3 virtual groups of 128; packed: 3 of 64 bytes) and the
-    groupwise pieces, at the row counts split-K covers (packed int4 up to 16, int8 up to 32)."""
+    groupwise pieces, at the row counts split-K covers (packed int4 up to 16, int8 up to 32) and past."""
     qw = xst.random_quantized_weight(fmt, 24, 384, seed=16)
     x = torch.randn(rows, 384).to(dtype)
     out = op(x.to(xla_device), quantize_activation=fmt.quantize_activation, **_to(qw.op_kwargs(), xla_device)).cpu()

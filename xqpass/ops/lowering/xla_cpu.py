@@ -34,8 +34,9 @@ class XlaCpuTuning:
     #: rows up to which weights stored by rows take split-K (packed int4: ``split_k_max_m_packed``)
     split_k_max_m: int = 32
     split_k_max_m_packed: int = 16
-    #: packed groups of fewer bytes than this (g32: 16) take one short reduce a group, ~3x the cost a row
-    #: of g64's: split-K to ``split_k_max_m_small_groups`` rows only (and never past the packed limit)
+    #: packed groups of fewer bytes than this (g32: 16) in rows that are not whole virtual groups (K not a
+    #: multiple of 128) take one short reduce a group, ~3x the cost a row of g64's: split-K to
+    #: ``split_k_max_m_small_groups`` rows only (and never past the packed limit)
     small_group_bytes: int = 32
     split_k_max_m_small_groups: int = 4
     #: a per-channel row is cut into virtual groups of this many values (packed: bytes), cut into pieces
@@ -99,18 +100,25 @@ def _computed_once(x: torch.Tensor, pairs: bool) -> torch.Tensor:
     return dot(x3, eye, ([2], [0]), out=x.dtype).reshape(m, k)
 
 
-def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
+def split_k(call: Call, tuning: XlaCpuTuning, groups: int, piece_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group products ``acc[n, g, m] = sum_b values(w)[n, g*B + b] * x[m, g*B + b]`` of a weight stored
     by rows (``groups`` of B values a row), ``[N, groups, M]``, without a dot: each group is cut into ``r``
     equal pieces summed as ``r`` terms of one fused multiply-and-reduce, which XLA:CPU then iterates B/r
     times a group instead of B (its reduction over the minor dimension is one serial chain). The rows are
     the minor dimension of the result, so a group's weight bytes are read from memory once and from cache
-    for every other row. Exact float32 products, float32 accumulation in another order than a dot."""
+    for every other row. Exact float32 products, float32 accumulation in another order than a dot.
+
+    ``piece_scale [N, groups, 1, r]``: each group is cut into its ``r`` pieces instead, and piece ``j``'s
+    products are multiplied by ``piece_scale[..., j]`` inside the loop (small real groups, one a piece,
+    summed in larger ``groups``: fewer, longer reduces)."""
     w, cdt = call.w, call.compute_dtype
     (n, width), (m, k) = w.shape, call.x_values.shape
     per_group = width // groups  # bytes a group
-    r = tuning.pieces(per_group, call.packed, grouped=groups > 1)
+    r = tuning.pieces(per_group, call.packed, grouped=groups > 1) if piece_scale is None else piece_scale.shape[-1]
     piece = per_group // r
+
+    def scaled(term, j):
+        return term if piece_scale is None else term * take(piece_scale, 3, j, j + 1)
 
     def by_groups(x):  # [M, groups * per_group] -> [1, groups, M, per_group]
         return x.reshape(m, groups, per_group).permute(1, 0, 2).reshape(1, groups, m, per_group)
@@ -118,7 +126,7 @@ def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
     if not call.packed:
         x = by_groups(_computed_once(call.x_values, pairs=False) if k % 2 == 0 else call.x_values)
         w = w.reshape(n, groups, 1, per_group)
-        terms = (values(take(w, 3, j * piece, (j + 1) * piece), cdt) * take(x, 3, j * piece, (j + 1) * piece)
+        terms = (scaled(values(take(w, 3, j * piece, (j + 1) * piece), cdt) * take(x, 3, j * piece, (j + 1) * piece), j)
                  for j in range(r))
         return functools.reduce(operator.add, terms).sum(dim=-1)
     offset = w.dtype == torch.int8  # signed nibbles v read as unsigned v + 8 (w ^ 0x88: two ops fewer a
@@ -130,11 +138,16 @@ def split_k(call: Call, tuning: XlaCpuTuning, groups: int) -> torch.Tensor:
 
     def term(j):  # nibbles in 32-bit lanes: XLA:CPU's vector code has no 8-bit shift (10-20% faster)
         byte = take(w, 3, j * piece, (j + 1) * piece).to(torch.int32)
-        return ((byte & 15).to(cdt) * take(x_even, 3, j * piece, (j + 1) * piece)
-                + (byte >> 4).to(cdt) * take(x_odd, 3, j * piece, (j + 1) * piece))
+        return scaled((byte & 15).to(cdt) * take(x_even, 3, j * piece, (j + 1) * piece)
+                      + (byte >> 4).to(cdt) * take(x_odd, 3, j * piece, (j + 1) * piece), j)
 
     acc = functools.reduce(operator.add, (term(j) for j in range(r))).sum(dim=-1)
-    return acc - 8 * (x_even.sum(dim=-1) + x_odd.sum(dim=-1)) if offset else acc
+    if not offset:
+        return acc
+    if piece_scale is None:
+        return acc - 8 * (x_even.sum(dim=-1) + x_odd.sum(dim=-1))
+    x_pieces = (x_even + x_odd).reshape(1, groups, m, r, piece).sum(dim=-1)  # [1, groups, M, r]
+    return acc - 8 * (piece_scale * x_pieces).sum(dim=-1)
 
 
 def _split_k_rows(call: Call, tuning: XlaCpuTuning, group_bytes: int) -> bool:
@@ -170,10 +183,23 @@ def per_channel(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
 
 
 def blockwise_by_rows(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
-    """Split-K, the block scales after; past it ``w [N, K]`` dequantized (each half on its own when
-    packed), then the dot -> ``[N, M]``."""
+    """Split-K, the block scales after (packed groups under a virtual group: inside, see :func:`split_k`);
+    past it ``w [N, K]`` dequantized (each half on its own when packed), then the dot -> ``[N, M]``."""
     n, s, cdt = call.spec.out_features, call.spec.num_blocks, call.compute_dtype
-    if _split_k_rows(call, tuning, call.w.shape[1] // s):
+    group_bytes, virtual_bytes = call.w.shape[1] // s, tuning.row_group_packed
+    small = call.packed and group_bytes < virtual_bytes and call.w.shape[1] % virtual_bytes == 0
+    if small and _split_k_rows(call, tuning, virtual_bytes) and not is_split(call.w):
+        # groups smaller than a virtual group (packed g32, g64): each scaled inside the loop and summed in
+        # virtual groups: fewer and longer reduces than one a group (not when GSPMD splits the weight: the
+        # regrouping costs an all-gather there, where the form below needs one f32 all-reduce)
+        v = call.w.shape[1] // virtual_bytes
+        acc = split_k(call, tuning, v, piece_scale=call.scale.reshape(n, v, 1, -1))  # [N, V, M]
+        acc = dot(acc, torch.ones(v, dtype=cdt, device=acc.device), ([1], [0]), out=cdt)
+        if call.zero_point is not None:  # sum over groups of zero * the group's activation sum: a dot
+            x_sums = call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1)  # [M, S]
+            acc = acc - dot(call.zero_point, x_sums, ([1], [1]), out=cdt)
+        return epilogue(call, acc, True)
+    if _split_k_rows(call, tuning, group_bytes):
         acc = split_k(call, tuning, s) * call.scale[:, :, None]  # [N, S, M]
         if call.zero_point is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
             x_sums = call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1).t()  # [S, M]
