@@ -71,15 +71,21 @@ def routed(tokens, dim, experts, top_k, dtype, seed):
     return x, torch.randint(0, experts, (tokens, top_k), generator=gen)
 
 
+def three_banks_rewritten(module, x, ids, experts):
+    """Runs ``module`` through the pass: its three banks of ``experts`` each one grouped op, the output
+    close to the module's own float64 result; returns the rewrites."""
+    out, rewrites, reports = run(module, x, ids)
+    assert len(rewrites) == 3 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
+    assert_close_to_float64(module, x, ids, out)
+    return rewrites
+
+
 @settings(max_examples=15)
 @given(experts=st.integers(1, 6), top_k=st.integers(1, 3), tokens=st.integers(1, 7),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 def test_gpt_fast_experts_are_one_grouped_op_per_bank(experts, top_k, tokens, dtype, seed):
     module = GptFastInt8Experts(experts, 32, 48, seed)
-    x, ids = routed(tokens, 32, experts, top_k, dtype, seed)
-    out, rewrites, reports = run(module, x, ids)
-    assert len(rewrites) == 3 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
-    assert_close_to_float64(module, x, ids, out)
+    three_banks_rewritten(module, *routed(tokens, 32, experts, top_k, dtype, seed), experts)
 
 
 @settings(max_examples=10)
@@ -371,10 +377,7 @@ class StackedExpertList(nn.Module):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 def test_a_stacked_list_of_expert_linears_is_one_grouped_op_per_bank(experts, top_k, tokens, dtype, seed):
     module = StackedExpertList(experts, 32, 24, seed)
-    x, ids = routed(tokens, 32, experts, top_k, dtype, seed)
-    out, rewrites, reports = run(module, x, ids)
-    assert len(rewrites) == 3 and all(r.format["experts"] == experts for r in rewrites), "\n".join(map(str, reports))
-    assert_close_to_float64(module, x, ids, out)
+    rewrites = three_banks_rewritten(module, *routed(tokens, 32, experts, top_k, dtype, seed), experts)
     index = "*" if experts > 1 else "0"  # the report names the bank by its experts' tensors
     assert sorted(r.layer for r in rewrites) == [f"experts.{index}.{w}.q" for w in ("w1", "w2", "w3")]
 
