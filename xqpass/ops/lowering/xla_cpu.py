@@ -150,9 +150,9 @@ def split_k(call: Call, tuning: XlaCpuTuning, groups: int, piece_scale: torch.Te
     return acc - 8 * (piece_scale * x_pieces).sum(dim=-1)
 
 
-def _split_k_rows(call: Call, tuning: XlaCpuTuning, group_bytes: int) -> bool:
+def _split_k_rows(call: Call, tuning: XlaCpuTuning, short_groups: bool = False) -> bool:
     limit = tuning.split_k_max_m_packed if call.packed else tuning.split_k_max_m
-    if call.packed and group_bytes < tuning.small_group_bytes:
+    if short_groups:
         limit = min(limit, tuning.split_k_max_m_small_groups)
     return call.rows is not None and call.rows <= limit
 
@@ -170,7 +170,7 @@ def per_channel(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     """Split-K over virtual groups, unless GSPMD splits the weight (it would move int8 pieces between
     devices); else ``sum over halves of convert(w) [N, K'] . x [M, K'] -> [N, M]``; the scales after."""
     cdt = call.compute_dtype
-    if _split_k_rows(call, tuning, tuning.row_group_packed) and not is_split(call.w):
+    if _split_k_rows(call, tuning) and not is_split(call.w):
         group = tuning.row_group_packed if call.packed else tuning.row_group
         virtual = call.w.shape[1] // group if call.w.shape[1] % group == 0 else 1
         acc = split_k(call, tuning, virtual)  # [N, virtual, M]
@@ -188,22 +188,24 @@ def blockwise_by_rows(call: Call, tuning: XlaCpuTuning) -> torch.Tensor:
     n, s, cdt = call.spec.out_features, call.spec.num_blocks, call.compute_dtype
     group_bytes, virtual_bytes = call.w.shape[1] // s, tuning.row_group_packed
     small = call.packed and group_bytes < virtual_bytes and call.w.shape[1] % virtual_bytes == 0
-    if small and _split_k_rows(call, tuning, virtual_bytes) and not is_split(call.w):
+
+    def x_sums():  # [M, S]: each group's activation sum, which its zero point multiplies
+        return call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1)
+
+    if small and _split_k_rows(call, tuning) and not is_split(call.w):
         # groups smaller than a virtual group (packed g32, g64): each scaled inside the loop and summed in
         # virtual groups: fewer and longer reduces than one a group (not when GSPMD splits the weight: the
         # regrouping costs an all-gather there, where the form below needs one f32 all-reduce)
         v = call.w.shape[1] // virtual_bytes
         acc = split_k(call, tuning, v, piece_scale=call.scale.reshape(n, v, 1, -1))  # [N, V, M]
         acc = dot(acc, torch.ones(v, dtype=cdt, device=acc.device), ([1], [0]), out=cdt)
-        if call.zero_point is not None:  # sum over groups of zero * the group's activation sum: a dot
-            x_sums = call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1)  # [M, S]
-            acc = acc - dot(call.zero_point, x_sums, ([1], [1]), out=cdt)
+        if call.zero_point is not None:  # the sum over groups of zero * x_sums: a dot
+            acc = acc - dot(call.zero_point, x_sums(), ([1], [1]), out=cdt)
         return epilogue(call, acc, True)
-    if _split_k_rows(call, tuning, group_bytes):
+    if _split_k_rows(call, tuning, short_groups=call.packed and group_bytes < tuning.small_group_bytes):
         acc = split_k(call, tuning, s) * call.scale[:, :, None]  # [N, S, M]
         if call.zero_point is not None:  # per block, before the one sum (one all-reduce when GSPMD splits K)
-            x_sums = call.x_values.reshape(-1, s, call.spec.block_size).sum(dim=-1).t()  # [S, M]
-            acc = acc - x_sums * call.zero_point[:, :, None]
+            acc = acc - x_sums().t() * call.zero_point[:, :, None]
         if call.packed:  # a dot with ones: a sum would merge with the nibbles' short reduce into one long one
             return epilogue(call, dot(acc, torch.ones(s, dtype=cdt, device=acc.device), ([1], [0]), out=cdt), True)
         return epilogue(call, acc.sum(dim=1), True)
