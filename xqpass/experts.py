@@ -174,10 +174,7 @@ class XlaQuantizedExperts(nn.Module):
     def load_quantized_weight(self, weight, weight_scaler, zero_point=None) -> None:
         """Load quantized tensors in this module's layout (checked as the grouped op checks a call: shapes
         and dtypes, each error naming what was expected)."""
-        probe = torch.empty((0, self.input_dim), dtype=torch.float32, device=weight.device)
-        ids = torch.empty((0,), dtype=torch.int64, device=weight.device)
-        spec = check_grouped_inputs(probe, ids, weight, weight_scaler, zero_point, self.block_size, self.int4_weight,
-                                    None, self.packed, self.block_n)
+        spec = self._check_bank(weight, weight_scaler, zero_point)
         if (spec.experts, spec.out_features) != (self.num_experts, self.output_dim):
             raise ValueError(f"load_quantized_weight: expected {self.num_experts} experts of {self.output_dim} output "
                              f"features, got {spec.experts} of {spec.out_features}")
@@ -185,16 +182,20 @@ class XlaQuantizedExperts(nn.Module):
         self.weight_scaler = weight_scaler
         self.zero_point = zero_point
 
+    def _check_bank(self, weight, weight_scaler, zero_point, perm=None):
+        """The grouped op's checks of a call on this module's layout, made on an empty activation."""
+        probe = torch.empty((0, self.input_dim), dtype=torch.float32, device=weight.device)
+        ids = torch.empty((0,), dtype=torch.int64, device=weight.device)
+        return check_grouped_inputs(probe, ids, weight, weight_scaler, zero_point, self.block_size, self.int4_weight,
+                                    None, self.packed, self.block_n, perm)
+
     def set_input_permutation(self, perm: torch.Tensor) -> None:
         """Expert ``e`` reads input feature ``perm[e, i]`` as its feature ``i`` (``x[..., perm[e]]``): for
         banks whose experts' K was reordered at load, each its own way (act-order checkpoints). ``perm``:
         integer ``[E, K]``, each row a permutation of ``range(K)``; kept as int64 on the weight's device."""
-        probe = torch.empty((0, self.input_dim), dtype=torch.float32, device=self.weight.device)
-        ids = torch.empty((0,), dtype=torch.int64, device=self.weight.device)
         if isinstance(perm, torch.Tensor) and perm.device != self.weight.device:
             raise ValueError(f"set_input_permutation: perm is on {perm.device}, the bank on {self.weight.device}")
-        check_grouped_inputs(probe, ids, self.weight, self.weight_scaler, self.zero_point, self.block_size,
-                             self.int4_weight, None, self.packed, self.block_n, perm)
+        self._check_bank(self.weight, self.weight_scaler, self.zero_point, perm)
         if perm.device.type != "meta":
             check_perm_values(perm)
         self.input_perm = perm.to(torch.int64)
